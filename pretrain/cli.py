@@ -1,0 +1,33 @@
+"""Command line: `accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]`.
+
+Bad input ends the run with one line on stderr that names the key, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pretrain.config import ConfigError, load_config, parse_cli
+
+USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]
+
+Trains the model that the YAML config describes (default: configs/default.yaml).
+Any config key can be overridden; values are parsed as YAML, for example
+  --train.gradient_accumulation_steps=4 --train.lr=1e-3 --model.num_hidden_layers=6
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return 0
+    try:
+        cfg = load_config(*parse_cli(argv))
+        from pretrain.train import train  # heavy imports (torch, transformers) only once the config is sound
+
+        train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

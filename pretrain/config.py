@@ -1,0 +1,251 @@
+"""Typed run configuration: dataclasses per section, loaded from YAML plus `--section.key=value` overrides.
+
+Unknown keys and wrong types raise ConfigError naming the key, so a typo never silently
+falls back to a default. The `model` section is open-ended on purpose: besides `type`, its
+keys go to the transformers config of that model type and are checked there (pretrain.models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line that names the key and says what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    type: str = "llama"  # "embedding_linear", or any transformers model_type (llama, gpt2, qwen2, ...)
+    # Every other key under `model:` goes to the transformers config of `type` (hidden_size, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"  # a text/JSONL/Parquet file, a directory or glob of them, or a Hub dataset name
+    tokenizer: str = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
+    seq_len: int = 128  # tokens per training sequence (each sequence has seq_len target tokens)
+    text_column: str = "text"  # field holding the text in JSONL/Parquet/Hub data
+    split: str = "train"  # split of a Hub dataset
+    repeat: bool = True  # start another epoch when the data runs out; false: stop training there
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8  # N: sequences per process per forward pass
+    gradient_accumulation_steps: int = 2  # K: micro-batches per optimizer step; global batch = P x K x N
+    max_steps: int = 200  # optimizer steps to train for
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 20  # optimizer steps of linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # clip the full-batch gradient to this norm; 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    seed: int = 1337  # seeds init, data order and sampling: same seed and config, same run
+    log_every: int = 10  # print a line every this many optimizer steps (metrics and W&B get every step)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True  # log every optimizer step to Weights & Biases
+    project: str = "pretrain"  # W&B project name
+    run_name: str | None = None  # W&B run name; default: W&B picks one
+    wandb_mode: str = "auto"  # auto (online with credentials, else offline) | online | offline
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "ROMEO:"  # text the trained model continues at the end of the run
+    max_new_tokens: int = 80  # length of that sample in tokens; 0 skips sampling
+    temperature: float = 0.8  # sampling temperature (> 0)
+    top_k: int = 50  # sample from the k most likely tokens; 0: from all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, final/ and W&B files go here
+    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+
+
+CHOICES = {
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "tracking.wandb_mode": ("auto", "online", "offline"),
+}
+POSITIVE = ("data.seq_len", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_steps",
+            "train.lr", "train.log_every", "sample.temperature")
+NON_NEGATIVE = ("train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+                "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read YAML at `path` (default configs/default.yaml), apply dotted overrides, check and return it."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}; give a YAML file such as configs/default.yaml")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config: {path} is not valid YAML ({_one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, not {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split `[--config FILE] [--section.key=value | --section.key value ...]`; values are parsed as YAML."""
+    config_path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE and --section.key=value")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key}: missing value; write --{key}=VALUE")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config_path = value
+        else:
+            try:
+                overrides[key] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--{key}: {value!r} is not a valid YAML value ({_one_line(err)})") from None
+    return config_path, overrides
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data, with the model options flattened back into the `model` section."""
+    out = dataclasses.asdict(cfg)
+    out["model"] = {"type": cfg.model.type, **cfg.model.options}
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """`{"train.lr": 0.003, ...}`: the form trackers want for hyperparameters."""
+    return {f"{section}.{key}" if isinstance(values, dict) else section: value
+            for section, values in to_dict(cfg).items()
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for dotted, allowed in CHOICES.items():
+        value = _get_dotted(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
+    for dotted in POSITIVE:
+        if not _get_dotted(cfg, dotted) > 0:
+            raise ConfigError(f"{dotted}: must be > 0, got {_get_dotted(cfg, dotted)!r}")
+    for dotted in NON_NEGATIVE:
+        if _get_dotted(cfg, dotted) < 0:
+            raise ConfigError(f"{dotted}: must be >= 0, got {_get_dotted(cfg, dotted)!r}")
+    if cfg.train.min_lr_ratio > 1:
+        raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio!r}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir: must be a directory path, got an empty string")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Turn a mapping into dataclass `cls`, checking every key and value type."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if cls is ModelConfig:  # open section: everything but `type` is a transformers config option
+        options = {k: v for k, v in raw.items() if k != "type"}
+        raw = {k: v for k, v in raw.items() if k == "type"}
+        if options:
+            raw["options"] = options
+    kwargs = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"{prefix}{key}: unknown key in {where}; valid keys are: {valid}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(dotted: str, value: Any, hint: Any) -> Any:
+    """Return `value` if it fits `hint` (int, float, bool, str, dict, or X | None); ints pass as floats."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return None
+        if typing.get_origin(kind) is dict and isinstance(value, dict):
+            return value
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *sections, key = dotted.split(".")
+    node = raw
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted}: {section!r} is not a section")
+        node = child
+    node[key] = value
+
+
+def _get_dotted(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,39 @@
+"""The optimizer (AdamW with no-decay groups) and the learning rate as a function of the optimizer step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight matrices and embeddings decay, vectors (biases, norm weights) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def lr_at(completed_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate for the optimizer step after `completed_steps` steps: linear warm-up, then cosine decay.
+
+    Computed from the optimizer step itself, never from micro-batches or a prepared scheduler
+    (Accelerate steps a prepared scheduler once per process).
+    """
+    if completed_steps < cfg.warmup_steps:
+        return cfg.lr * (completed_steps + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (completed_steps - cfg.warmup_steps) / decay_steps)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
