@@ -36,6 +36,7 @@ class DataConfig:
     tokenizer: str = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
     seq_len: int = 128  # tokens per training sequence (each sequence has seq_len target tokens)
     text_column: str = "text"  # field holding the text in JSONL/Parquet/Hub data
+    name: str | None = None  # configuration name of a Hub dataset (e.g. sample-10BT), if it has several
     split: str = "train"  # split of a Hub dataset
     repeat: bool = True  # start another epoch when the data runs out; false: stop training there
 
@@ -56,6 +57,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
     seed: int = 1337  # seeds init, data order and sampling: same seed and config, same run
     log_every: int = 10  # print a line every this many optimizer steps (metrics and W&B get every step)
+    cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
 
 
 @dataclass
@@ -93,6 +95,7 @@ POSITIVE = ("data.seq_len", "train.micro_batch_size", "train.gradient_accumulati
             "train.lr", "train.log_every", "sample.temperature")
 NON_NEGATIVE = ("train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
+POSITIVE_OR_NULL = ("train.cpu_threads",)
 
 
 # --------------------------------------------------------------------------- loading
@@ -134,9 +137,12 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
             config_path = value
         else:
             try:
-                overrides[key] = yaml.safe_load(value)
+                parsed = yaml.safe_load(value)
             except yaml.YAMLError as err:
                 raise ConfigError(f"--{key}: {value!r} is not a valid YAML value ({_one_line(err)})") from None
+            # YAML 1.1 reads no/yes/on/off as booleans; on the command line only true/false mean that.
+            is_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
+            overrides[key] = value if is_word else parsed
     return config_path, overrides
 
 
@@ -173,6 +179,9 @@ def validate(cfg: Config) -> None:
     for dotted in NON_NEGATIVE:
         if _get_dotted(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}: must be >= 0, got {_get_dotted(cfg, dotted)!r}")
+    for dotted in POSITIVE_OR_NULL:
+        if _get_dotted(cfg, dotted) is not None and _get_dotted(cfg, dotted) < 1:
+            raise ConfigError(f"{dotted}: must be >= 1 or null, got {_get_dotted(cfg, dotted)!r}")
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio!r}")
     if not cfg.output_dir:
@@ -226,7 +235,8 @@ def _check_type(dotted: str, value: Any, hint: Any) -> Any:
         if kind is str and isinstance(value, str):
             return value
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}")
+    hint = ' (YAML reads bare no/yes/on/off as booleans: quote it, e.g. "no")' if isinstance(value, bool) else ""
+    raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}{hint}")
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -46,7 +46,7 @@ def open_documents(cfg: DataConfig) -> tuple[datasets.IterableDataset, str]:
     files = _local_files(cfg.path)
     try:
         if files is None:  # not a local path: a Hub dataset name
-            dataset = datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
+            dataset = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
             column = cfg.text_column
         else:
             builder = _builder_for(files)

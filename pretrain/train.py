@@ -43,6 +43,8 @@ def train(cfg: Config) -> None:
     accelerator.wait_for_everyone()  # every rank has checked the output dir before rank 0 writes to it
 
     K, N, P = cfg.train.gradient_accumulation_steps, cfg.train.micro_batch_size, accelerator.num_processes
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.train.cpu_threads)
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -152,6 +154,13 @@ def check_output_dir(cfg: Config) -> None:
         os.remove(probe)
     except OSError as err:
         raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
+
+
+def set_cpu_threads(requested: int | None) -> None:
+    """Use the cores: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, leaving CPUs idle."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(requested or max(1, cores // local_processes))
 
 
 @torch.no_grad()
