@@ -27,8 +27,9 @@ def count_target_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> torch.T
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of per-token cross-entropy over target tokens. Labels are already shifted by the data."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    # At least float32: a bf16/fp16 cross-entropy over a large vocabulary loses digits; float64 stays float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def backward_scale(global_target_tokens: int, accumulation_steps: int, num_processes: int) -> float:

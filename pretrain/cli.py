@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from pretrain.config import ConfigError, load_config, parse_cli
+from pretrain.train import train
 
 USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]
 
@@ -23,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     try:
-        cfg = load_config(*parse_cli(argv))
-        from pretrain.train import train  # heavy imports (torch, transformers) only once the config is sound
-
-        train(cfg)
+        train(load_config(*parse_cli(argv)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -57,6 +57,8 @@ def open_documents(cfg: DataConfig) -> tuple[datasets.IterableDataset, str]:
         first = next(iter(dataset), None)
     except ConfigError:
         raise
+    except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
+        first = None
     except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
         raise ConfigError(f"data.path: cannot read {cfg.path!r} ({_first_line(err)})") from None
     if first is None:

@@ -111,14 +111,14 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     # is divided by that one total, so the step optimises the mean over all its tokens.
     global_tokens = int(accelerator.reduce(count_target_tokens(micro_batches).to(accelerator.device), "sum"))
     scale = backward_scale(global_tokens, accelerator.gradient_accumulation_steps, accelerator.num_processes)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    micro_losses = []
     for micro_batch in micro_batches:
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
             logits = model(input_ids=micro_batch["input_ids"]).logits
             micro_loss = summed_token_loss(logits, micro_batch["labels"])
             accelerator.backward(micro_loss * scale)
-        loss_sum += micro_loss.detach()
+        micro_losses.append(micro_loss.detach())
     if not accelerator.sync_gradients:
         raise RuntimeError("Accelerate's accumulation counter is out of step with the K micro-batches of this step")
 
@@ -126,7 +126,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
+    loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
     return loss, float(grad_norm), global_tokens
 
 

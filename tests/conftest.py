@@ -1,0 +1,57 @@
+"""Shared test helpers: the repository root, a tiny model override, and running the real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "pretrain.py"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+# A llama small enough that a dozen optimizer steps take seconds on 2 CPU cores.
+TINY_LLAMA = ["--model.hidden_size=64", "--model.num_hidden_layers=2", "--model.num_attention_heads=2",
+              "--model.num_key_value_heads=2", "--model.intermediate_size=128"]
+QUIET = ["--sample.max_new_tokens=8", "--train.log_every=1000"]
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a new user: no W&B credentials (so W&B must go offline by itself), no GPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded; fail fast instead of retrying the network
+    return env
+
+
+def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch scripts/pretrain.py ARGS`, from the repository root, as a user runs it."""
+    if num_processes == 1:
+        launch = ["--num_processes", "1"]
+    else:  # on CPU, --cpu --num_processes 2 starts ONE process; --multi_gpu with ACCELERATE_USE_CPU starts two
+        launch = ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    env = clean_env()
+    if num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [str(ACCELERATE), "launch", *launch, "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(SCRIPT), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,143 @@
+"""Config loading: shipped files load, overrides parse as YAML, unknown keys and wrong types name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import Config, ConfigError, load_config, parse_cli, to_yaml
+from pretrain.models import build_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_a_model_config(path):
+    cfg = load_config(str(path))
+    model_config = build_model_config(cfg.model, vocab_size=4096, special_tokens=SPECIAL)
+    assert model_config.model_type == cfg.model.type
+    assert model_config.max_position_embeddings >= cfg.data.seq_len
+
+
+def test_the_shipped_configs_are_the_ones_the_docs_name():
+    names = {p.name for p in (REPO / "configs").glob("*.yaml")}
+    assert {"default.yaml", "embedding_linear.yaml", "llama-125m.yaml", "gpt2-124m.yaml"} <= names
+
+
+def test_every_key_of_default_yaml_has_a_comment():
+    for line in (REPO / "configs" / "default.yaml").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, f"no comment on: {line}"
+
+
+def test_contract_keys_exist_with_their_names():
+    cfg = load_config()
+    for dotted in ("model.type", "data.path", "data.seq_len", "train.micro_batch_size",
+                   "train.gradient_accumulation_steps", "train.max_steps", "train.lr", "train.seed", "output_dir"):
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+
+
+def test_no_config_means_default_yaml():
+    cfg = load_config(None)
+    assert cfg.model.type == "llama" and cfg.data.path == "data/shakespeare"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.gradient_acumulation_steps: unknown key .*gradient_accumulation_steps"):
+        load_config(write(tmp_path, "train:\n  gradient_acumulation_steps: 4\n"))
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trian: unknown key"):
+        load_config(write(tmp_path, "trian:\n  lr: 1\n"))
+
+
+def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size: expected int, got str 'eight'"):
+        load_config(write(tmp_path, "train:\n  micro_batch_size: eight\n"))
+
+
+def test_bool_is_not_an_int(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected int, got bool"):
+        load_config(write(tmp_path, "train:\n  max_steps: true\n"))
+
+
+@pytest.mark.parametrize("key", ["gradient_accumulation_steps", "micro_batch_size", "max_steps"])
+def test_counts_below_one_are_errors(key):
+    with pytest.raises(ConfigError, match=rf"train\.{key}: must be > 0, got 0"):
+        load_config(None, {f"train.{key}": 0})
+
+
+def test_nonpositive_lr_is_an_error():
+    with pytest.raises(ConfigError, match=r"train\.lr: must be > 0"):
+        load_config(None, {"train.lr": -1e-3})
+
+
+def test_choice_fields_list_the_choices():
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: 'fp8' is not one of no, bf16, fp16"):
+        load_config(None, {"train.mixed_precision": "fp8"})
+
+
+def test_float_written_without_a_dot_is_read_as_float(tmp_path):
+    assert load_config(write(tmp_path, "train:\n  lr: 3e-4\n")).train.lr == pytest.approx(3e-4)
+
+
+def test_cli_accepts_both_override_forms_and_yaml_values():
+    path, overrides = parse_cli(["--config", "x.yaml", "--train.lr=1e-3", "--train.seed", "5",
+                                 "--train.gradient_accumulation_schedule={0: 8, 1000: 4}",
+                                 "--train.mixed_precision=no", "--tracking.wandb=false"])
+    assert path == "x.yaml"
+    assert overrides == {"train.lr": "1e-3", "train.seed": 5, "train.gradient_accumulation_schedule": {0: 8, 1000: 4},
+                         "train.mixed_precision": "no", "tracking.wandb": False}
+
+
+def test_cli_overrides_win_over_the_file():
+    cfg = load_config(*parse_cli(["--train.gradient_accumulation_steps=7", "--model.hidden_size=32"]))
+    assert cfg.train.gradient_accumulation_steps == 7 and cfg.model.options["hidden_size"] == 32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train.lr"], r"--train\.lr: missing value"),
+    (["stray"], r"unexpected argument 'stray'"),
+    (["--config", "does/not/exist.yaml"], r"--config: no such file"),
+])
+def test_bad_command_lines(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(*parse_cli(argv))
+
+
+def test_unknown_model_option_is_checked_against_the_transformers_config():
+    cfg = load_config(None, {"model.hidden_sise": 64})
+    with pytest.raises(ConfigError, match=r"model\.hidden_sise: unknown key for model type llama"):
+        build_model_config(cfg.model, 4096, SPECIAL)
+
+
+def test_wrong_type_of_model_option():
+    cfg = load_config(None, {"model.num_hidden_layers": "four"})
+    with pytest.raises(ConfigError, match=r"model\.num_hidden_layers: expected int"):
+        build_model_config(cfg.model, 4096, SPECIAL)
+
+
+def test_unknown_model_type():
+    cfg = load_config(None, {"model.type": "not_a_model"})
+    with pytest.raises(ConfigError, match=r"model\.type: 'not_a_model' is not embedding_linear or a transformers"):
+        build_model_config(cfg.model, 4096, SPECIAL)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, {"model.hidden_size": 48, "train.lr": 1e-3})
+    again = load_config(write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+    assert yaml.safe_load(to_yaml(cfg))["model"]["hidden_size"] == 48
+    assert isinstance(again, Config)

@@ -1,0 +1,95 @@
+"""The real entry point, as a user runs it: `accelerate launch scripts/pretrain.py` in a subprocess."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import pretrain  # noqa: F401  (registers embedding_linear with the Auto classes)
+from conftest import QUIET, TINY_LLAMA, read_metrics, run_accelerate_launch, run_script
+from wandb_history import history_rows
+
+STEPS, K, N, SEQ_LEN = 12, 2, 4, 64
+CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "gradient_accumulation_steps"}
+FAMILIES = {
+    "embedding_linear": ["--config", "configs/embedding_linear.yaml"],
+    "llama": ["--config", "configs/default.yaml", *TINY_LLAMA, "--train.lr=3e-3"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_accelerate_launch_trains_logs_every_step_and_saves(family, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAMILIES[family], *QUIET, f"--output_dir={out}", f"--train.max_steps={STEPS}",
+            f"--train.gradient_accumulation_steps={K}", f"--train.micro_batch_size={N}", f"--data.seq_len={SEQ_LEN}",
+            "--train.warmup_steps=2"]
+    result = run_accelerate_launch(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"global batch: 1 processes x K={K} micro-batches x N={N} sequences" in result.stdout
+
+    # metrics.jsonl: exactly one row per optimizer step, with the contract fields
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(CONTRACT_FIELDS <= r.keys() for r in rows)
+    assert [r["tokens"] for r in rows] == [s * N * K * 1 * SEQ_LEN for s in range(1, STEPS + 1)]
+    assert {r["gradient_accumulation_steps"] for r in rows} == {K}
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+    # W&B ran offline by itself and holds the same rows, on the optimizer-step axis
+    history = history_rows(str(out))
+    assert [h["_step"] for h in history] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in history] == pytest.approx([r["loss"] for r in rows])
+
+    # the resolved config is written beside the metrics and reloads as the same run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["gradient_accumulation_steps"] == K and saved["model"]["type"] == family
+
+    # final/ is a Hugging Face model and tokenizer that load through the Auto classes and generate
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.model_type == family
+    ids = torch.tensor([tokenizer("ROMEO:")["input_ids"]])
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == ids.shape[1] + 5
+    assert "sample:\nROMEO:" in result.stdout
+
+
+def test_same_seed_and_config_give_the_same_run(tmp_path):
+    args = [*FAMILIES["embedding_linear"], *QUIET, "--train.max_steps=4", "--tracking.wandb=false"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert run_script([*args, f"--output_dir={first}"]).returncode == 0
+    assert run_script([*args, f"--output_dir={second}"]).returncode == 0
+    assert [r["loss"] for r in read_metrics(first)] == [r["loss"] for r in read_metrics(second)]
+    assert (first / "final" / "model.safetensors").read_bytes() == (second / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--train.gradient_acumulation_steps=2"], "train.gradient_acumulation_steps: unknown key"),
+    (["--train.micro_batch_size=eight"], "train.micro_batch_size: expected int"),
+    (["--train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps: must be > 0"),
+    (["--data.path=data/no_such_corpus"], "data.path: 'data/no_such_corpus' does not exist"),
+    (["--model.hidden_sise=64"], "model.hidden_sise: unknown key for model type llama"),
+    (["--data.seq_len=4096"], "data.seq_len: 4096 is more than the model's 256 positions"),
+])
+def test_bad_input_gives_one_line_and_exit_status_2_before_any_model(args, names, tmp_path):
+    out = tmp_path / "run"
+    result = run_script([*args, f"--output_dir={out}"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and names in error_lines[0], result.stderr
+    assert "model:" not in result.stdout  # no model was built
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_an_earlier_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = run_script([f"--output_dir={out}"])
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
