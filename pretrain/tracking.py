@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import warnings
+import sys
 from typing import Any
 
 from accelerate import Accelerator
@@ -76,5 +76,6 @@ class MetricsLogger:
                 self._give_up_wandb(err)
 
     def _give_up_wandb(self, err: Exception) -> None:
-        warnings.warn(f"W&B stopped working ({type(err).__name__}: {err}); metrics go on to {METRICS_FILE} only")
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        print(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", file=sys.stderr)
         self.use_wandb = False

@@ -42,10 +42,10 @@ def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int 
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env={**clean_env(), **env},
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
