@@ -44,11 +44,17 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 8  # N: sequences per process per forward pass
-    gradient_accumulation_steps: int = 2  # K: micro-batches per optimizer step; global batch = P x K x N
+    gradient_accumulation_steps: int | None = 2  # K: micro-batches per optimizer step; global batch = P x K x N
+    global_batch_size: int | None = None  # G: sequences per optimizer step; K = G / (N x P). Give K or G (or both, equal)
+    gradient_accumulation_schedule: dict[int, int] | None = None  # {completed optimizer steps: K}, e.g. {0: 8, 1000: 4}
+    gradient_accumulation_epoch_schedule: dict[int, int] | None = None  # {epoch from 0: K}, Lightning's form
+    incomplete_last_step: str = "drop"  # when data ends mid-step (repeat: false): drop | step (token-exact over what is there)
     max_steps: int = 200  # optimizer steps to train for
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 20  # optimizer steps of linear warm-up from 0 to lr
+    lr_scaling: str = "none"  # none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size
+    lr_base_batch_size: int | None = None  # global batch (sequences) at which lr applies unscaled
     weight_decay: float = 0.1  # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
@@ -90,12 +96,16 @@ class Config:
 CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "tracking.wandb_mode": ("auto", "online", "offline"),
+    "train.lr_scaling": ("none", "linear", "sqrt"),
+    "train.incomplete_last_step": ("drop", "step"),
 }
-POSITIVE = ("data.seq_len", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_steps",
-            "train.lr", "train.log_every", "sample.temperature")
+POSITIVE = ("data.seq_len", "train.micro_batch_size", "train.max_steps", "train.lr", "train.log_every",
+            "sample.temperature")
 NON_NEGATIVE = ("train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
-POSITIVE_OR_NULL = ("train.cpu_threads",)
+POSITIVE_OR_NULL = ("train.gradient_accumulation_steps", "train.global_batch_size", "train.lr_base_batch_size",
+                    "train.cpu_threads")
+SCHEDULES = ("train.gradient_accumulation_schedule", "train.gradient_accumulation_epoch_schedule")
 
 
 # --------------------------------------------------------------------------- loading
@@ -182,10 +192,28 @@ def validate(cfg: Config) -> None:
     for dotted in POSITIVE_OR_NULL:
         if _get_dotted(cfg, dotted) is not None and _get_dotted(cfg, dotted) < 1:
             raise ConfigError(f"{dotted}: must be >= 1 or null, got {_get_dotted(cfg, dotted)!r}")
+    for dotted in SCHEDULES:
+        _check_schedule(dotted, _get_dotted(cfg, dotted))
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio!r}")
     if not cfg.output_dir:
         raise ConfigError("output_dir: must be a directory path, got an empty string")
+
+
+def _check_schedule(dotted: str, schedule: dict | None) -> None:
+    """A K schedule maps integer starting points (>= 0, increasing) to integer K >= 1."""
+    if schedule is None:
+        return
+    if not schedule:
+        raise ConfigError(f"{dotted}: empty; give a mapping such as {{0: 8, 1000: 4}} or null")
+    keys = list(schedule)
+    for key, value in schedule.items():
+        if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+            raise ConfigError(f"{dotted}: key {key!r} must be an integer >= 0, as in {{0: 8, 1000: 4}}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{dotted}: K {value!r} at {key} must be an integer >= 1")
+    if keys != sorted(keys) or len(set(keys)) != len(keys):
+        raise ConfigError(f"{dotted}: keys {keys} must be in increasing order")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

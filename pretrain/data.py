@@ -112,6 +112,26 @@ class PackedWindows(torch.utils.data.IterableDataset):
         return {"ids": self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
 
 
+class MicroBatchReader:
+    """Micro-batches moved to `device`, with a look at the next one's epoch (an epoch-keyed K schedule needs it)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
+        self._batches, self.device = iter(loader), device
+        self._next = next(self._batches, None)
+
+    def next_epoch(self) -> int | None:
+        """Epoch of the next micro-batch, or None when the data has run out."""
+        return None if self._next is None else int(self._next["epoch"].min())
+
+    def take(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Up to `count` micro-batches; fewer only when the data runs out."""
+        taken = []
+        while len(taken) < count and self._next is not None:
+            taken.append({key: value.to(self.device) for key, value in self._next.items()})
+            self._next = next(self._batches, None)
+        return taken
+
+
 def pack_windows(documents: Iterator[tuple[list[int], int]], seq_len: int) -> Iterator[tuple[list[int], int]]:
     """Cut a stream of (tokens, epoch) into windows of seq_len + 1 tokens that overlap by one token."""
     buffer: list[int] = []
@@ -129,7 +149,8 @@ def build_dataloader(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, docume
     windows = PackedWindows(documents, text_column, tokenizer, cfg.seq_len, micro_batch_size,
                             rank=rank, world_size=world_size, repeat=cfg.repeat)
     # The stream is already this rank's share in global order, so no sampler and no Accelerate sharding.
-    return torch.utils.data.DataLoader(windows, batch_size=micro_batch_size, drop_last=True)
+    # A short last micro-batch is kept: the training loop decides whether an incomplete step is dropped.
+    return torch.utils.data.DataLoader(windows, batch_size=micro_batch_size)
 
 
 def _local_files(path: str) -> list[str] | None:

@@ -7,12 +7,13 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
-from pretrain.accumulation import backward_scale, count_target_tokens, summed_token_loss
+from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
+                                   plan_accumulation, summed_token_loss)
 from pretrain.config import Config, ConfigError, to_yaml
-from pretrain.data import build_dataloader, load_tokenizer, open_documents
+from pretrain.data import MicroBatchReader, build_dataloader, load_tokenizer, open_documents
 from pretrain.models import build_model, build_model_config, max_positions
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.tracking import METRICS_FILE, MetricsLogger, wandb_mode
@@ -25,11 +26,10 @@ def train(cfg: Config) -> None:
     # ---- setup: check everything the user gave before building anything heavy
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on this machine")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="wandb" if wandb_mode(cfg) else None,
-    )
+    # K is set on the accelerator at every optimizer step (it may follow a schedule); start with the first K.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="wandb" if wandb_mode(cfg) else None)
+    plan = plan_accumulation(cfg.train, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = plan.base_k
     check_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -42,53 +42,55 @@ def train(cfg: Config) -> None:
     documents, text_column = open_documents(cfg.data)
     accelerator.wait_for_everyone()  # every rank has checked the output dir before rank 0 writes to it
 
-    K, N, P = cfg.train.gradient_accumulation_steps, cfg.train.micro_batch_size, accelerator.num_processes
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.train.cpu_threads)
     if accelerator.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     accelerator.print(to_yaml(cfg))
-    accelerator.print(f"global batch: {P} processes x K={K} micro-batches x N={N} sequences = {P * K * N} sequences "
-                      f"= {P * K * N * cfg.data.seq_len} tokens per optimizer step")
+    accelerator.print(describe_global_batch(plan, cfg.data.seq_len))
 
     set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
     model = build_model(model_config)
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    loader = build_dataloader(cfg.data, tokenizer, documents, text_column, N,
-                              rank=accelerator.process_index, world_size=P)
-    batches = iter(loader)
+    loader = build_dataloader(cfg.data, tokenizer, documents, text_column, plan.micro_batch_size,
+                              rank=accelerator.process_index, world_size=plan.num_processes)
+    reader = MicroBatchReader(loader, accelerator.device)
     metrics = MetricsLogger(accelerator, cfg)
 
     # ---- loop: one iteration is one optimizer step
-    tokens_seen = 0
+    tokens_seen, updates = 0, 0  # updates: steps that changed the weights (an fp16 overflow skips one)
     progress = tqdm(range(1, cfg.train.max_steps + 1), desc="optimizer steps", unit="step",
                     disable=not accelerator.is_main_process)
     for step in progress:
         started = time.perf_counter()
-        micro_batches = next_micro_batches(batches, K, accelerator.device)
-        if micro_batches is None:
+        epoch = step_epoch(reader, accelerator)
+        k = plan.k_at(step - 1, epoch)  # K changes only here, between optimizer steps
+        gathered = gather_step(reader, k, plan.micro_batch_size, accelerator, cfg.train.incomplete_last_step,
+                               cfg.data.seq_len)
+        if gathered is None:
             accelerator.print(f"data ran out after {step - 1} optimizer steps (data.repeat is false); stopping")
             break
-        lr = lr_at(step - 1, cfg.train)
+        micro_batches, step_tokens = gathered
+        lr = lr_at(updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
         set_lr(optimizer, lr)
-        loss, grad_norm, step_tokens = optimizer_step(accelerator, model, optimizer, micro_batches,
-                                                      cfg.train.max_grad_norm)
+        loss, grad_norm, skipped = optimizer_step(accelerator, model, optimizer, micro_batches, step_tokens,
+                                                  cfg.train.max_grad_norm)
+        updates += not skipped
         tokens_seen += step_tokens
 
         # ---- log: the step's token-weighted loss, the same on every rank
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-               "tokens_per_sec": step_tokens / (time.perf_counter() - started),
-               "gradient_accumulation_steps": K, "global_batch_size": P * K * N,
-               "epoch": int(micro_batches[-1]["epoch"].max())}
+               "tokens_per_sec": step_tokens / (time.perf_counter() - started), "gradient_accumulation_steps": k,
+               "global_batch_size": plan.global_batch(k), "epoch": epoch, "skipped": skipped}
         metrics.log(row)
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            progress.write(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                           f"{tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s")
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or skipped:
+            progress.write(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, K {k}, "
+                           f"{tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s"
+                           + (" (skipped: gradient overflow)" if skipped else ""))
     progress.close()
 
     # ---- save: the final model in Hugging Face format, then a sample from it
@@ -102,43 +104,79 @@ def train(cfg: Config) -> None:
         if cfg.sample.max_new_tokens > 0:
             accelerator.print(f"sample:\n{sample_text(unwrapped, tokenizer, cfg)}")
     metrics.close()
+    # Free DDP before the process group goes: tearing down gloo under a live DDP can hang at exit.
+    del model, optimizer, unwrapped
+    accelerator.free_memory()
+    if torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float) -> tuple[float, float, int]:
-    """One optimizer step over K micro-batches. Returns the step's loss, its gradient norm and its token count."""
-    # Count target tokens over all micro-batches and processes first: every micro-batch's loss
-    # is divided by that one total, so the step optimises the mean over all its tokens.
-    global_tokens = int(accelerator.reduce(count_target_tokens(micro_batches).to(accelerator.device), "sum"))
-    scale = backward_scale(global_tokens, accelerator.gradient_accumulation_steps, accelerator.num_processes)
+                   micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
+                   max_grad_norm: float) -> tuple[float, float, bool]:
+    """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
+
+    Returns the step's loss (mean over those tokens), the full-batch gradient norm before clipping,
+    and whether the optimizer skipped the update (an fp16 gradient overflow).
+    """
+    k = len(micro_batches)
+    accelerator.gradient_accumulation_steps = k
+    accelerator.step = 0  # Accelerate's micro-batch counter is not reset when K changes: restart it every step
+    scale = backward_scale(global_tokens, k, accelerator.num_processes)
     micro_losses = []
-    for micro_batch in micro_batches:
+    for index, micro_batch in enumerate(micro_batches):
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
             logits = model(input_ids=micro_batch["input_ids"]).logits
             micro_loss = summed_token_loss(logits, micro_batch["labels"])
             accelerator.backward(micro_loss * scale)
         micro_losses.append(micro_loss.detach())
-    if not accelerator.sync_gradients:
-        raise RuntimeError("Accelerate's accumulation counter is out of step with the K micro-batches of this step")
+        if accelerator.sync_gradients != (index == k - 1):
+            raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
 
     # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
-    return loss, float(grad_norm), global_tokens
+    return loss, float(grad_norm), accelerator.optimizer_step_was_skipped
 
 
-def next_micro_batches(batches, count: int, device: torch.device) -> list[dict[str, torch.Tensor]] | None:
-    """The next `count` micro-batches on `device`, or None when the data has run out."""
-    micro_batches = []
-    for _ in range(count):
-        batch = next(batches, None)
-        if batch is None:  # a window of fewer than K micro-batches is dropped, never mis-scaled
-            return None
-        micro_batches.append({key: value.to(device) for key, value in batch.items()})
-    return micro_batches
+def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerator, incomplete: str,
+                seq_len: int) -> tuple[list[dict[str, torch.Tensor]], int] | None:
+    """The K micro-batches of this step and their global target-token count; None when training must stop.
+
+    When the data runs out mid-step, every process learns it from the same all-reduce: with
+    `incomplete` == "drop" the partial step is dropped; with "step" the missing micro-batches are
+    filled with empty ones (no target tokens), so the step is token-exact over what there is.
+    """
+    micro_batches = reader.take(k)
+    full = len(micro_batches) == k and all(len(mb["labels"]) == n for mb in micro_batches)
+    tokens = int(count_target_tokens(micro_batches)) if micro_batches else 0
+    counts = torch.tensor([tokens, int(not full)], device=accelerator.device)  # one all-reduce for both
+    global_tokens, incomplete_processes = (int(x) for x in accelerator.reduce(counts, "sum"))
+    if global_tokens == 0 or (incomplete_processes and incomplete == "drop"):
+        return None
+    micro_batches += [null_micro_batch(seq_len, accelerator.device) for _ in range(k - len(micro_batches))]
+    return micro_batches, global_tokens
+
+
+def step_epoch(reader: MicroBatchReader, accelerator: Accelerator) -> int:
+    """The epoch this step begins in: that of the global stream's next window, which rank 0 reads."""
+    epoch = reader.next_epoch()
+    epoch = torch.tensor(-1 if epoch is None else epoch, device=accelerator.device)
+    return int(broadcast(epoch, from_process=0)) if accelerator.num_processes > 1 else int(epoch)
+
+
+def describe_global_batch(plan: AccumulationPlan, seq_len: int) -> str:
+    k = plan.base_k
+    line = (f"global batch: {plan.num_processes} processes x K={k} micro-batches x N={plan.micro_batch_size} sequences"
+            f" = {plan.global_batch(k)} sequences = {plan.global_batch(k) * seq_len} tokens per optimizer step")
+    if plan.schedule:
+        unit = "optimizer steps" if plan.keyed_by == "step" else "epoch"
+        line += f"; K schedule by {unit}: " + ", ".join(f"from {start}: K={kk}" for start, kk in plan.schedule)
+    return line
 
 
 def check_output_dir(cfg: Config) -> None:

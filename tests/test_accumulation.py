@@ -45,8 +45,10 @@ def one_step(model_type: str, accumulation_steps: int, ragged: bool) -> tuple[fl
     sequences = make_sequences(ragged)
     n = GLOBAL_BATCH // accumulation_steps
     micro_batches = [{k: v[i * n:(i + 1) * n] for k, v in sequences.items()} for i in range(accumulation_steps)]
-    loss, grad_norm, tokens = optimizer_step(accelerator, model, optimizer, micro_batches, max_grad_norm=0.0)
+    tokens = int(count_target_tokens(micro_batches))
     assert tokens == int((sequences["labels"] != IGNORE_INDEX).sum())
+    loss, grad_norm, skipped = optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=0.0)
+    assert not skipped
     return loss, grad_norm, [after.detach() - b for after, b in zip(model.parameters(), before)]
 
 

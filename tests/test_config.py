@@ -75,7 +75,7 @@ def test_bool_is_not_an_int(tmp_path):
 
 @pytest.mark.parametrize("key", ["gradient_accumulation_steps", "micro_batch_size", "max_steps"])
 def test_counts_below_one_are_errors(key):
-    with pytest.raises(ConfigError, match=rf"train\.{key}: must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=rf"train\.{key}: must be (> 0|>= 1 or null), got 0"):
         load_config(None, {f"train.{key}": 0})
 
 

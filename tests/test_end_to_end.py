@@ -95,7 +95,7 @@ def test_same_seed_and_config_give_the_same_run(tmp_path):
 @pytest.mark.parametrize("args, names", [
     (["--train.gradient_acumulation_steps=2"], "train.gradient_acumulation_steps: unknown key"),
     (["--train.micro_batch_size=eight"], "train.micro_batch_size: expected int"),
-    (["--train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps: must be > 0"),
+    (["--train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps: must be >= 1"),
     (["--data.path=data/no_such_corpus"], "data.path: 'data/no_such_corpus' does not exist"),
     (["--model.hidden_sise=64"], "model.hidden_sise: unknown key for model type llama"),
     (["--data.seq_len=4096"], "data.seq_len: 4096 is more than the model's 256 positions"),
