@@ -1,0 +1,117 @@
+"""The accumulation invariant through the real training loop: same global batch, same trajectory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_LLAMA, read_metrics, run_accelerate_launch, run_script
+from pretrain.accumulation import summed_token_loss
+from pretrain.config import DataConfig
+from pretrain.data import PackedWindows, load_tokenizer, open_documents
+from transformers import AutoModelForCausalLM
+
+SEQ_LEN = 32
+COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "--tracking.wandb=false",
+          "--sample.max_new_tokens=0", "--train.log_every=1000"]
+
+
+def trained(tmp_path, name, args, processes=None):
+    out = tmp_path / name
+    argv = [*COMMON, *args, f"--output_dir={out}"]
+    result = run_script(argv) if processes is None else run_accelerate_launch(argv, num_processes=processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def assert_same_trajectory(a, b, rel=1e-5, atol=1e-5):
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
+    assert [r["tokens"] for r in rows_a] == [r["tokens"] for r in rows_b]
+    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=rel)
+    assert [r["grad_norm"] for r in rows_b] == pytest.approx([r["grad_norm"] for r in rows_a], rel=10 * rel)
+    weights_a, weights_b = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=rel, atol=atol)
+
+
+def test_k4_n2_and_k1_n8_follow_the_same_trajectory_over_adamw_steps_with_warmup(tmp_path):
+    steps = ["--train.max_steps=6"]
+    a, _ = trained(tmp_path, "k4n2", [*steps, "--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2"])
+    b, _ = trained(tmp_path, "k1n8", [*steps, "--train.gradient_accumulation_steps=1", "--train.micro_batch_size=8"])
+    assert [r["global_batch_size"] for r in read_metrics(a)] == [8] * 6
+    assert_same_trajectory(a, b)
+
+
+def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_trajectory(tmp_path):
+    # K is not given: it follows from the global batch, K = G / (N x P) = 4 on one process, 2 on two.
+    args = ["--train.max_steps=5", "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null",
+            "--train.micro_batch_size=2"]
+    a, result_a = trained(tmp_path, "p1", args, processes=1)
+    b, result_b = trained(tmp_path, "p2", args, processes=2)
+    assert "global batch: 1 processes x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
+    assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
+    assert_same_trajectory(a, b)
+
+
+def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, repo):
+    # Constant lr after warm-up, so a 3-step run is the first 3 steps of a 4-step run.
+    args = ["--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2", "--train.min_lr_ratio=1"]
+    three, _ = trained(tmp_path, "three", [*args, "--train.max_steps=3"])
+    four, _ = trained(tmp_path, "four", [*args, "--train.max_steps=4"])
+    cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=SEQ_LEN)
+    documents, column = open_documents(cfg)
+    windows = PackedWindows(documents, column, load_tokenizer(str(repo / "data" / "tokenizer")), SEQ_LEN, 1)
+    step4 = [w for _, w in zip(range(32), windows)][24:32]  # steps take 8 sequences each: step 4 is 24..31
+    model = AutoModelForCausalLM.from_pretrained(three / "final")
+    with torch.no_grad():
+        logits = model(torch.stack([w["input_ids"] for w in step4])).logits
+        full_batch_loss = summed_token_loss(logits, torch.stack([w["labels"] for w in step4])) / (8 * SEQ_LEN)
+    assert read_metrics(four)[3]["loss"] == pytest.approx(float(full_batch_loss), rel=1e-5)
+
+
+def test_step_schedule_switches_k_after_the_given_optimizer_steps(tmp_path):
+    out, result = trained(tmp_path, "sched", ["--train.max_steps=5", "--train.micro_batch_size=2",
+                                              "--train.gradient_accumulation_schedule={0: 3, 2: 2, 4: 1}"])
+    rows = read_metrics(out)
+    assert [r["gradient_accumulation_steps"] for r in rows] == [3, 3, 2, 2, 1]
+    deltas = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]
+    assert deltas == [k * 2 * SEQ_LEN for k in (3, 3, 2, 2, 1)]
+    assert "K schedule by optimizer steps: from 0: K=3, from 2: K=2, from 4: K=1" in result.stdout
+
+
+def test_epoch_schedule_switches_k_when_a_new_epoch_begins(tmp_path):
+    corpus = tmp_path / "small.jsonl"  # about 300 tokens: an epoch is a few optimizer steps
+    corpus.write_text("".join(json.dumps({"text": "Now is the winter of our discontent, made glorious summer. " * 3})
+                              + "\n" for _ in range(3)))
+    out, _ = trained(tmp_path, "epochs", ["--train.max_steps=12", "--train.micro_batch_size=1", f"--data.path={corpus}",
+                                          "--train.gradient_accumulation_epoch_schedule={0: 3, 1: 2, 2: 1}"])
+    rows = read_metrics(out)
+    assert [r["gradient_accumulation_steps"] for r in rows] == [{0: 3, 1: 2}.get(r["epoch"], 1) for r in rows]
+    assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows) and {0, 1, 2} <= {r["epoch"] for r in rows}
+    deltas = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]
+    assert deltas == [r["gradient_accumulation_steps"] * SEQ_LEN for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["drop", "step"])
+def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, repo, mode):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text(json.dumps({"text": "word " * (7 * SEQ_LEN)}) + "\n")
+    documents, column = open_documents(DataConfig(path=str(corpus)))
+    tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
+    windows = sum(1 for _ in PackedWindows(documents, column, tokenizer, SEQ_LEN, 1, repeat=False))
+    per_step = 2 * 2  # K x N
+    assert windows % per_step, "the corpus must leave a partial step at the end"
+    out, result = trained(tmp_path, mode, ["--train.max_steps=10", "--train.micro_batch_size=2",
+                                           "--train.gradient_accumulation_steps=2", "--data.repeat=false",
+                                           f"--data.path={corpus}", f"--train.incomplete_last_step={mode}"])
+    assert "data ran out" in result.stdout
+    tokens = [r["tokens"] for r in read_metrics(out)]
+    full_steps = [per_step * SEQ_LEN * (i + 1) for i in range(windows // per_step)]
+    if mode == "drop":
+        assert tokens == full_steps
+    else:  # one more step over the windows that are left, normalised by their own token count
+        assert tokens == full_steps + [windows * SEQ_LEN]
