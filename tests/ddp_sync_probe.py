@@ -1,0 +1,50 @@
+"""Run under 2 processes (torchrun): records, after each micro-batch's backward, whether ranks' gradients agree.
+
+Used by test_ddp_sync.py. Prints one JSON line from rank 0: [[micro-batch index, grads equal across ranks], ...].
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+sys.path.insert(0, sys.argv[1])  # the repository root
+
+from pretrain.accumulation import count_target_tokens  # noqa: E402
+from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.models import build_model, build_model_config  # noqa: E402
+from pretrain.train import optimizer_step  # noqa: E402
+
+K = 3
+accelerator = Accelerator(gradient_accumulation_steps=K, cpu=True)
+assert accelerator.num_processes == 2, accelerator.num_processes
+torch.manual_seed(0)
+model = build_model(build_model_config(ModelConfig("embedding_linear", {"hidden_size": 8}), 50, {}))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+model, optimizer = accelerator.prepare(model, optimizer)
+
+agreement = []
+original_backward = accelerator.backward
+
+
+def recording_backward(loss, **kwargs):
+    original_backward(loss, **kwargs)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(grads) for _ in range(2)]
+    dist.all_gather(gathered, grads)
+    agreement.append([len(agreement) + 1, bool(torch.equal(gathered[0], gathered[1]))])
+
+
+accelerator.backward = recording_backward
+generator = torch.Generator().manual_seed(accelerator.process_index)  # different data on each rank
+micro_batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=generator),
+                  "labels": torch.randint(0, 50, (2, 6), generator=generator)} for _ in range(K)]
+tokens = int(accelerator.reduce(count_target_tokens(micro_batches), "sum"))
+optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=1.0)
+if accelerator.is_main_process:
+    print(json.dumps(agreement))
+del model, optimizer
+accelerator.free_memory()
+dist.destroy_process_group()
