@@ -132,6 +132,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
             micro_loss = summed_token_loss(logits, micro_batch["labels"])
             accelerator.backward(micro_loss * scale)
         micro_losses.append(micro_loss.detach())
+        del logits, micro_loss  # hold one micro-batch's activations at a time, not two
         if accelerator.sync_gradients != (index == k - 1):
             raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pretrain.accumulation import plan_accumulation
 from pretrain.config import Config, ConfigError, load_config, parse_cli, to_yaml
 from pretrain.models import build_model_config
 
@@ -20,6 +21,16 @@ def test_every_shipped_config_loads_and_builds_a_model_config(path):
     model_config = build_model_config(cfg.model, vocab_size=4096, special_tokens=SPECIAL)
     assert model_config.model_type == cfg.model.type
     assert model_config.max_position_embeddings >= cfg.data.seq_len
+    plan = plan_accumulation(cfg.train, num_processes=1)
+    assert plan.global_batch(plan.base_k) >= cfg.train.micro_batch_size
+
+
+@pytest.mark.parametrize("name", ["llama-125m.yaml", "gpt2-124m.yaml"])
+def test_gpu_configs_keep_their_global_batch_on_any_gpu_count(name):
+    cfg = load_config(str(REPO / "configs" / name))
+    for processes, k in [(1, 32), (2, 16), (4, 8), (8, 4)]:
+        plan = plan_accumulation(cfg.train, processes)
+        assert (plan.base_k, plan.global_batch(plan.base_k)) == (k, 512)
 
 
 def test_the_shipped_configs_are_the_ones_the_docs_name():
