@@ -42,6 +42,11 @@ class AccumulationPlan:
         index = bisect.bisect_right([start for start, _ in self.schedule], position) - 1
         return self.schedule[index][1] if index >= 0 else self.base_k
 
+    @property
+    def first_k(self) -> int:
+        """K of the first optimizer step."""
+        return self.k_at(0, 0)
+
     def global_batch(self, k: int) -> int:
         """Sequences per optimizer step: P x K x N."""
         return self.num_processes * k * self.micro_batch_size

@@ -49,10 +49,10 @@ class TrainConfig:
     gradient_accumulation_schedule: dict[int, int] | None = None  # {completed optimizer steps: K}, e.g. {0: 8, 1000: 4}
     gradient_accumulation_epoch_schedule: dict[int, int] | None = None  # {epoch from 0: K}, Lightning's form
     incomplete_last_step: str = "drop"  # when data ends mid-step (repeat: false): drop | step (token-exact over what is there)
-    max_steps: int = 200  # optimizer steps to train for
+    max_steps: int = 800  # optimizer steps to train for
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 20  # optimizer steps of linear warm-up from 0 to lr
+    warmup_steps: int = 40  # optimizer steps of linear warm-up from 0 to lr
     lr_scaling: str = "none"  # none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size
     lr_base_batch_size: int | None = None  # global batch (sequences) at which lr applies unscaled
     weight_decay: float = 0.1  # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
@@ -61,8 +61,8 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the full-batch gradient to this norm; 0 disables clipping
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
-    seed: int = 1337  # seeds init, data order and sampling: same seed and config, same run
-    log_every: int = 10  # print a line every this many optimizer steps (metrics and W&B get every step)
+    seed: int = 1337  # seeds init and sampling (the data order is fixed): same seed and config, same run
+    log_every: int = 50  # print a line every this many optimizer steps (metrics and W&B get every step)
     cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
 
 
@@ -204,14 +204,15 @@ def _check_schedule(dotted: str, schedule: dict | None) -> None:
     """A K schedule maps integer starting points (>= 0, increasing) to integer K >= 1."""
     if schedule is None:
         return
+    hint = "; write a space after each colon, as in {0: 8, 1000: 4} (YAML reads 3:2 as one number)"
     if not schedule:
         raise ConfigError(f"{dotted}: empty; give a mapping such as {{0: 8, 1000: 4}} or null")
     keys = list(schedule)
     for key, value in schedule.items():
         if not isinstance(key, int) or isinstance(key, bool) or key < 0:
-            raise ConfigError(f"{dotted}: key {key!r} must be an integer >= 0, as in {{0: 8, 1000: 4}}")
+            raise ConfigError(f"{dotted}: key {key!r} must be an integer >= 0{hint}")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{dotted}: K {value!r} at {key} must be an integer >= 1")
+            raise ConfigError(f"{dotted}: K {value!r} at {key} must be an integer >= 1{hint}")
     if keys != sorted(keys) or len(set(keys)) != len(keys):
         raise ConfigError(f"{dotted}: keys {keys} must be in increasing order")
 

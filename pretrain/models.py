@@ -13,6 +13,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutput
 
+from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, ModelConfig
 
 
@@ -73,7 +74,7 @@ class EmbeddingLinearForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # HF convention: labels are the inputs, shifted here
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
+                                               ignore_index=IGNORE_INDEX)
         return CausalLMOutput(loss=loss, logits=logits)
 
 

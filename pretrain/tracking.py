@@ -71,7 +71,8 @@ class MetricsLogger:
             self.file = None
         if self.use_wandb:
             try:
-                self.accelerator.end_training()
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             except Exception as err:
                 self._give_up_wandb(err)
 
@@ -79,3 +80,4 @@ class MetricsLogger:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         print(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", file=sys.stderr)
         self.use_wandb = False
+        self.accelerator.trackers.clear()  # so that end_training() does not finish a run that never started

@@ -7,7 +7,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import DistributedType, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
@@ -26,11 +26,19 @@ def train(cfg: Config) -> None:
     # ---- setup: check everything the user gave before building anything heavy
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on this machine")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", cfg.train.mixed_precision):  # the config would silently win
+        raise ConfigError(f"train.mixed_precision: {cfg.train.mixed_precision!r} but the launcher asks for "
+                          f"{launcher_precision!r} (accelerate launch --mixed_precision or accelerate config); "
+                          "make them agree")
     # K is set on the accelerator at every optimizer step (it may follow a schedule); start with the first K.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="wandb" if wandb_mode(cfg) else None)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        # Their engines scale the loss by their own fixed K; the token-exact scale below assumes Accelerate's 1/K.
+        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not supported yet; "
+                          "use DDP (multi-GPU or multi-CPU) or a single process")
     plan = plan_accumulation(cfg.train, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = plan.base_k
-    check_output_dir(cfg)
+    accelerator.gradient_accumulation_steps = plan.first_k
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
@@ -40,6 +48,7 @@ def train(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
     documents, text_column = open_documents(cfg.data)
+    check_output_dir(cfg)  # last: bad input above leaves no empty output dir behind
     accelerator.wait_for_everyone()  # every rank has checked the output dir before rank 0 writes to it
 
     if accelerator.device.type == "cpu":
@@ -71,7 +80,8 @@ def train(cfg: Config) -> None:
         gathered = gather_step(reader, k, plan.micro_batch_size, accelerator, cfg.train.incomplete_last_step,
                                cfg.data.seq_len)
         if gathered is None:
-            accelerator.print(f"data ran out after {step - 1} optimizer steps (data.repeat is false); stopping")
+            say(progress, accelerator, f"data ran out after {step - 1} optimizer steps (data.repeat is false); "
+                                       "stopping")
             break
         micro_batches, step_tokens = gathered
         lr = lr_at(updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
@@ -88,9 +98,9 @@ def train(cfg: Config) -> None:
         metrics.log(row)
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or skipped:
-            progress.write(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, K {k}, "
-                           f"{tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s"
-                           + (" (skipped: gradient overflow)" if skipped else ""))
+            say(progress, accelerator, f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                                       f"K {k}, {tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s"
+                                       + (" (skipped: gradient overflow)" if skipped else ""))
     progress.close()
 
     # ---- save: the final model in Hugging Face format, then a sample from it
@@ -105,11 +115,10 @@ def train(cfg: Config) -> None:
             accelerator.print(f"sample:\n{sample_text(unwrapped, tokenizer, cfg)}")
     metrics.close()
     # Free DDP before the process group goes: tearing down gloo under a live DDP can hang at exit.
+    accelerator.wait_for_everyone()
     del model, optimizer, unwrapped
     accelerator.free_memory()
-    if torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()  # destroys the process group
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -171,13 +180,19 @@ def step_epoch(reader: MicroBatchReader, accelerator: Accelerator) -> int:
 
 
 def describe_global_batch(plan: AccumulationPlan, seq_len: int) -> str:
-    k = plan.base_k
+    k = plan.first_k
     line = (f"global batch: {plan.num_processes} processes x K={k} micro-batches x N={plan.micro_batch_size} sequences"
             f" = {plan.global_batch(k)} sequences = {plan.global_batch(k) * seq_len} tokens per optimizer step")
     if plan.schedule:
         unit = "optimizer steps" if plan.keyed_by == "step" else "epoch"
         line += f"; K schedule by {unit}: " + ", ".join(f"from {start}: K={kk}" for start, kk in plan.schedule)
     return line
+
+
+def say(progress: tqdm, accelerator: Accelerator, line: str) -> None:
+    """Print a line above the progress bar, once (tqdm's write ignores `disable`, so every rank would)."""
+    if accelerator.is_main_process:
+        progress.write(line)
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -21,6 +21,12 @@ FAMILIES = {
 }
 
 
+def fresh_accelerator(k: int) -> Accelerator:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(gradient_accumulation_steps=k, cpu=True)
+
+
 def make_sequences(ragged: bool) -> dict[str, torch.Tensor]:
     """GLOBAL_BATCH sequences; with `ragged`, each has a different number of ignored (padding) targets."""
     generator = torch.Generator().manual_seed(0)
@@ -35,9 +41,7 @@ def make_sequences(ragged: bool) -> dict[str, torch.Tensor]:
 
 def one_step(model_type: str, accumulation_steps: int, ragged: bool) -> tuple[float, float, list[torch.Tensor]]:
     """Run optimizer_step with SGD(lr=1) from a fixed float64 init; return loss, grad norm, weights - init."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, cpu=True)
+    accelerator = fresh_accelerator(accumulation_steps)
     torch.manual_seed(0)
     model = build_model(build_model_config(ModelConfig(model_type, FAMILIES[model_type]), VOCAB, {})).double()
     before = [p.detach().clone() for p in model.parameters()]
@@ -67,8 +71,6 @@ def test_k_micro_batches_equal_one_big_batch_in_float64(model_type, ragged):
 
 def test_logged_loss_is_the_token_weighted_mean_not_the_mean_of_micro_batch_means():
     loss, _, _ = one_step("embedding_linear", 4, ragged=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     torch.manual_seed(0)
     model = build_model(build_model_config(ModelConfig("embedding_linear", FAMILIES["embedding_linear"]), VOCAB, {}))
     model = model.double()
@@ -76,11 +78,12 @@ def test_logged_loss_is_the_token_weighted_mean_not_the_mean_of_micro_batch_mean
     with torch.no_grad():
         logits = model(sequences["input_ids"]).logits
         token_mean = torch.nn.functional.cross_entropy(logits.flatten(0, 1), sequences["labels"].flatten())
-        halves = [torch.nn.functional.cross_entropy(logits[i:i + 2].flatten(0, 1), sequences["labels"][i:i + 2].flatten())
-                  for i in range(0, GLOBAL_BATCH, 2)]
+        quarters = [torch.nn.functional.cross_entropy(logits[i:i + 2].flatten(0, 1),
+                                                      sequences["labels"][i:i + 2].flatten())
+                    for i in range(0, GLOBAL_BATCH, 2)]
     assert loss == pytest.approx(float(token_mean), rel=1e-10)
     # Plain 1/K scaling (the mean of micro-batch means) is off by far more than the tolerance above.
-    assert abs(float(sum(halves) / 4) - float(token_mean)) > 1e-6
+    assert abs(float(sum(quarters) / 4) - float(token_mean)) > 1e-6
 
 
 def test_backward_scale_cancels_accelerate_and_ddp_averaging():
@@ -98,12 +101,6 @@ def test_token_count_and_summed_loss_ignore_masked_labels():
 
 
 # --------------------------------------------------------------------------- K changes and the plan
-
-
-def fresh_accelerator(k: int) -> Accelerator:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return Accelerator(gradient_accumulation_steps=k, cpu=True)
 
 
 def test_accelerate_does_not_reset_its_counter_when_k_changes():

@@ -96,6 +96,13 @@ def test_bad_input_gives_one_line_and_exit_status_2_before_any_model(args, names
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_launcher_precision_that_disagrees_with_the_config_is_an_error(tmp_path):
+    result = run_script([f"--output_dir={tmp_path / 'run'}"], ACCELERATE_MIXED_PRECISION="bf16")
+    assert result.returncode == 2
+    assert "error: train.mixed_precision: 'no' but the launcher asks for 'bf16'" in result.stderr
+    assert not (tmp_path / "run").exists()  # bad input leaves nothing behind
+
+
 def test_an_earlier_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -58,7 +58,8 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     args = ["--train.max_steps=5", "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null",
             "--train.micro_batch_size=2"]
     a, result_a = trained(tmp_path, "p1", args, processes=1)
-    b, result_b = trained(tmp_path, "p2", args, processes=2)
+    b, result_b = trained(tmp_path, "p2", [*args, "--train.log_every=1"], processes=2)
+    assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
     assert "global batch: 1 processes x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
     assert_same_trajectory(a, b)
@@ -83,6 +84,7 @@ def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, rep
 def test_step_schedule_switches_k_after_the_given_optimizer_steps(tmp_path):
     out, result = trained(tmp_path, "sched", ["--train.max_steps=5", "--train.micro_batch_size=2",
                                               "--train.gradient_accumulation_schedule={0: 3, 2: 2, 4: 1}"])
+    assert "global batch: 1 processes x K=3 micro-batches x N=2 sequences = 6 sequences" in result.stdout
     rows = read_metrics(out)
     assert [r["gradient_accumulation_steps"] for r in rows] == [3, 3, 2, 2, 1]
     deltas = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]
