@@ -124,3 +124,30 @@ def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, r
         assert tokens == full_steps
     else:  # one more step over the windows that are left, normalised by their own token count
         assert tokens == full_steps + [windows * SEQ_LEN]
+
+
+@pytest.mark.parametrize("case", ["epoch-schedule", "partial-last-step"])
+def test_two_processes_agree_with_one_on_epoch_schedules_and_at_the_end_of_data(tmp_path, case):
+    # The global batch per step is the same on 1 and 2 processes (K halves), so the runs must match,
+    # including where the epoch changes K and where the data ends mid-step on one rank but not the other.
+    corpus = tmp_path / "small.jsonl"  # 7 windows: with K x N x P = 4, the last step has 2 on rank 0, 1 on rank 1
+    corpus.write_text("".join(json.dumps({"text": f"Line {i}: now is the winter of our discontent. " * 3}) + "\n"
+                              for i in range(5)))
+    common = ["--train.micro_batch_size=1", f"--data.path={corpus}"]
+    if case == "epoch-schedule":
+        common += ["--train.max_steps=8"]
+        one = ["--train.gradient_accumulation_epoch_schedule={0: 4, 1: 2}"]
+        two = ["--train.gradient_accumulation_epoch_schedule={0: 2, 1: 1}"]
+    else:
+        common += ["--train.max_steps=50", "--data.repeat=false", "--train.incomplete_last_step=step"]
+        one, two = ["--train.gradient_accumulation_steps=4"], ["--train.gradient_accumulation_steps=2"]
+    a, _ = trained(tmp_path, "p1", [*common, *one], processes=1)
+    b, result = trained(tmp_path, "p2", [*common, *two], processes=2)
+    assert "global batch: 2 processes" in result.stdout
+    assert [r["global_batch_size"] for r in read_metrics(a)] == [r["global_batch_size"] for r in read_metrics(b)]
+    assert [r["epoch"] for r in read_metrics(a)] == [r["epoch"] for r in read_metrics(b)]
+    if case == "partial-last-step":
+        assert [r["tokens"] for r in read_metrics(b)] == [4 * SEQ_LEN, 7 * SEQ_LEN]
+    else:
+        assert {r["gradient_accumulation_steps"] for r in read_metrics(b)} == {2, 1}
+    assert_same_trajectory(a, b)
