@@ -38,8 +38,9 @@ def test_the_shipped_configs_are_the_ones_the_docs_name():
     assert {"default.yaml", "embedding_linear.yaml", "llama-125m.yaml", "gpt2-124m.yaml"} <= names
 
 
-def test_every_key_of_default_yaml_has_a_comment():
-    for line in (REPO / "configs" / "default.yaml").read_text().splitlines():
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_key_of_a_shipped_config_has_a_comment(path):
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"no comment on: {line}"
 
@@ -64,24 +65,16 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"train\.gradient_acumulation_steps: unknown key .*gradient_accumulation_steps"):
-        load_config(write(tmp_path, "train:\n  gradient_acumulation_steps: 4\n"))
-
-
-def test_unknown_section_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"^trian: unknown key"):
-        load_config(write(tmp_path, "trian:\n  lr: 1\n"))
-
-
-def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
-    with pytest.raises(ConfigError, match=r"train\.micro_batch_size: expected int, got str 'eight'"):
-        load_config(write(tmp_path, "train:\n  micro_batch_size: eight\n"))
-
-
-def test_bool_is_not_an_int(tmp_path):
-    with pytest.raises(ConfigError, match=r"train\.max_steps: expected int, got bool"):
-        load_config(write(tmp_path, "train:\n  max_steps: true\n"))
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  gradient_acumulation_steps: 4\n",
+     r"^train\.gradient_acumulation_steps: unknown key .*gradient_accumulation_steps"),  # names the valid keys
+    ("trian:\n  lr: 1\n", r"^trian: unknown key"),
+    ("train:\n  micro_batch_size: eight\n", r"^train\.micro_batch_size: expected int, got str 'eight'"),
+    ("train:\n  max_steps: true\n", r"^train\.max_steps: expected int, got bool"),  # a bool is not an int
+], ids=["unknown-key", "unknown-section", "wrong-type", "bool-for-int"])
+def test_bad_keys_and_types_in_a_file_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("key", ["gradient_accumulation_steps", "micro_batch_size", "max_steps"])
