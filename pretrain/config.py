@@ -31,14 +31,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str  # like data.path: a file, directory, glob or Hub dataset name
+    weight: float = 1.0  # share of documents drawn from this source (weights are normalised)
+    text_column: str = "text"  # field holding the text
+    name: str | None = None  # configuration name of a Hub dataset
+    split: str = "train"  # split of a Hub dataset
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/shakespeare"  # a text/JSONL/Parquet file, a directory or glob of them, or a Hub dataset name
+    # A text/JSONL/JSON/Parquet file (optionally .gz/.zst/.bz2/.xz), a directory or glob of them, a Hub
+    # dataset name, or a directory of token shards written by scripts/prepare_data.py.
+    path: str = "data/shakespeare"
     tokenizer: str = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
     seq_len: int = 128  # tokens per training sequence (each sequence has seq_len target tokens)
     text_column: str = "text"  # field holding the text in JSONL/Parquet/Hub data
     name: str | None = None  # configuration name of a Hub dataset (e.g. sample-10BT), if it has several
     split: str = "train"  # split of a Hub dataset
+    mixture: list[SourceConfig] | None = None  # several sources mixed by weight (then `path` is not used)
     repeat: bool = True  # start another epoch when the data runs out; false: stop training there
+    packing: bool = True  # true: documents joined by EOS and cut into full windows; false: one document per
+    #                       sequence, padded to the longest in the micro-batch (padding is not a target)
+    shuffle: bool = True  # shuffle the file order every epoch and the sequences within each block
+    seed: int = 0  # seeds the data order; the same seed gives the same sequences in the same order
+    block_chars: int = 1_000_000  # text tokenized as one unit: the unit of worker parallelism and of shuffling
+    num_workers: int = 0  # DataLoader worker processes that tokenize (raw text) or read (token shards)
 
 
 @dataclass
@@ -75,6 +93,14 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every this many optimizer steps (and after the last); 0: never
+    sequences: int = 64  # how many sequences: the first ones of the eval data, the same every time
+    path: str | None = None  # eval data, in any form data.path takes; null: the held-out documents of data
+    holdout_fraction: float = 0.0  # share of data's documents set aside for eval (chosen by a hash of the text)
+
+
+@dataclass
 class SampleConfig:
     prompt: str = "ROMEO:"  # text the trained model continues at the end of the run
     max_new_tokens: int = 80  # length of that sample in tokens; 0 skips sampling
@@ -88,6 +114,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, final/ and W&B files go here
     overwrite: bool = False  # allow writing into an output_dir that already holds a run
@@ -99,9 +126,9 @@ CHOICES = {
     "train.lr_scaling": ("none", "linear", "sqrt"),
     "train.incomplete_last_step": ("drop", "step"),
 }
-POSITIVE = ("data.seq_len", "train.micro_batch_size", "train.max_steps", "train.lr", "train.log_every",
+POSITIVE = ("data.seq_len", "data.block_chars", "eval.sequences", "train.micro_batch_size", "train.max_steps", "train.lr", "train.log_every",
             "sample.temperature")
-NON_NEGATIVE = ("train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+NON_NEGATIVE = ("data.num_workers", "eval.every", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
 POSITIVE_OR_NULL = ("train.gradient_accumulation_steps", "train.global_batch_size", "train.lr_base_batch_size",
                     "train.cpu_threads")
@@ -196,6 +223,13 @@ def validate(cfg: Config) -> None:
         _check_schedule(dotted, _get_dotted(cfg, dotted))
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio!r}")
+    if not 0 <= cfg.eval.holdout_fraction < 1:
+        raise ConfigError(f"eval.holdout_fraction: must be in [0, 1), got {cfg.eval.holdout_fraction!r}")
+    for i, source in enumerate(cfg.data.mixture or []):
+        if not source.weight > 0:
+            raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight!r}")
+    if cfg.data.mixture == []:
+        raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
     if not cfg.output_dir:
         raise ConfigError("output_dir: must be a directory path, got an empty string")
 
@@ -237,9 +271,23 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        elif _list_item_class(hint) is not None and isinstance(value, list):
+            item_cls = _list_item_class(hint)
+            kwargs[key] = [_build(item_cls, item, f"{prefix}{key}[{i}].") for i, item in enumerate(value)]
         else:
             kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required in {where}")
     return cls(**kwargs)
+
+
+def _list_item_class(hint: Any) -> type | None:
+    """The dataclass X of a `list[X] | None` field, else None."""
+    for kind in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+        if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+            return typing.get_args(kind)[0]
+    return None
 
 
 def _check_type(dotted: str, value: Any, hint: Any) -> Any:

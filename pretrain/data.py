@@ -1,26 +1,40 @@
-"""Training data: stream documents with `datasets`, tokenize, pack into windows, and hand each rank its share.
+"""Training data: documents -> tokens -> sequences in one global order, dealt out to processes and workers.
 
-The global stream of packed windows has one fixed order for a given config. Rank p of P keeps
-the micro-batches whose index i satisfies i % P == p, so the windows an optimizer step
-consumes are the same consecutive block whatever P, K and N are, as long as P x K x N is.
+The global stream of sequences is fixed by the data config and seed alone. Counting micro-batches
+of N sequences from where the run starts, process p of P keeps micro-batch m when m % P == p, so an
+optimizer step consumes the same consecutive block of sequences whatever P, K and N are, as long
+as P x K x N is. Two producers feed that stream:
+
+- Raw text (tokenized on the fly): DataLoader workers tokenize blocks of about `data.block_chars`
+  characters (block b goes to worker b % W); the main process packs the blocks in order, so the
+  sequences do not depend on W, and shuffles each block's sequences with a permutation seeded by
+  (seed, epoch, block). Every process tokenizes the whole stream and keeps its share; for many
+  GPUs, pre-tokenize instead.
+- Token shards (scripts/prepare_data.py): sequence i of epoch e is window perm_e[i] of the token
+  stream, read straight from memory-mapped files; each worker reads only the micro-batches it serves.
+
+A position (a small JSON-able dict) says where the stream stands after an optimizer step; starting a
+stream from it continues exactly where an uninterrupted run would be, re-tokenizing at most one block.
 """
 
 from __future__ import annotations
 
-import glob
-import os
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
+import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, DataConfig
+from pretrain.sources import (REPLACEMENT_CHAR, decode, epoch_documents, first_line, is_held_out, open_source,
+                              sources_of)
+from pretrain.token_shards import TokenShards, is_token_shards
 
-# File suffix -> the `datasets` builder that reads it. Compressed copies (.gz, .zst, ...) work too.
-BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
+START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -29,7 +43,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.tokenizer: cannot load {name_or_path!r} as a tokenizer directory or Hub id "
-                          f"({_first_line(err)})") from None
+                          f"({first_line(err)})") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"data.tokenizer: {name_or_path!r} has no eos_token; documents need one between them")
     if tokenizer.pad_token_id is None:
@@ -37,164 +51,281 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def open_documents(cfg: DataConfig) -> tuple[datasets.IterableDataset, str]:
-    """Stream `cfg.path` as documents; return the dataset and the column holding the text.
-
-    Checks the first document so that a wrong path, an empty dataset or a missing column
-    stop the run with one clear line before any model is built.
-    """
-    files = _local_files(cfg.path)
-    try:
-        if files is None:  # not a local path: a Hub dataset name
-            dataset = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
-            column = cfg.text_column
-        else:
-            builder = _builder_for(files)
-            # A plain text file is one document; EOS marks where it ends.
-            extra = {"sample_by": "document"} if builder == "text" else {}
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
-            column = "text" if builder == "text" else cfg.text_column
-        first = next(iter(dataset), None)
-    except ConfigError:
-        raise
-    except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
-        first = None
-    except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
-        raise ConfigError(f"data.path: cannot read {cfg.path!r} ({_first_line(err)})") from None
-    if first is None:
-        raise ConfigError(f"data.path: {cfg.path!r} holds no documents; give a non-empty dataset")
-    if column not in first:
-        raise ConfigError(f"data.text_column: {column!r} is not a column of {cfg.path!r}; "
-                          f"its columns are: {', '.join(first)}")
-    return dataset, column
+@dataclass
+class DataStats:
+    """What the text path met on its way: counted in the main process, reported at the end of a run."""
+    documents: int = 0
+    empty_documents: int = 0
+    replaced_chars: int = 0  # U+FFFD in the text, almost always from invalid UTF-8
 
 
-class PackedWindows(torch.utils.data.IterableDataset):
-    """This rank's packed windows: dicts of `input_ids` and `labels`, seq_len tokens each, labels shifted by one.
+@dataclass
+class MicroBatch:
+    batch: dict[str, torch.Tensor]  # input_ids, labels (and attention_mask when unpacked)
+    epoch: int  # epoch of its first sequence
+    position: dict[str, Any]  # where the global stream stands once every process has taken this round
 
-    Windows overlap by one token (the last target of a window is the first input of the next),
-    so every token of the stream is a target exactly once and only the final tail is dropped.
-    """
 
-    def __init__(self, documents: datasets.IterableDataset, text_column: str, tokenizer: PreTrainedTokenizerBase,
-                 seq_len: int, micro_batch_size: int, rank: int = 0, world_size: int = 1, repeat: bool = True):
+# --------------------------------------------------------------------------- raw text, tokenized on the fly
+
+
+@dataclass
+class TokenBlock:
+    epoch: int
+    block: int
+    tokens: np.ndarray | None  # the block's documents, each followed by EOS; None marks the end of the epoch
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens per document (EOS included)
+    documents: int = 0
+    empty_documents: int = 0
+    replaced_chars: int = 0
+
+
+class TextBlocks(torch.utils.data.IterableDataset):
+    """Token blocks in order: every worker reads all documents, but tokenizes only the blocks it owns."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool | None,
+                 holdout_fraction: float, start: dict[str, Any], repeat: bool, shuffle: bool):
         super().__init__()
-        self.documents, self.text_column, self.tokenizer = documents, text_column, tokenizer
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
-        self.rank, self.world_size, self.repeat = rank, world_size, repeat
+        self.sources = sources_of(cfg)
+        self.opened = [open_source(s, f"data.mixture[{i}].path" if cfg.mixture else "data.path")
+                       for i, s in enumerate(self.sources)]
+        self.tokenizer, self.eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
+        self.block_chars, self.seed = cfg.block_chars, cfg.seed
+        self.held_out, self.holdout_fraction = held_out, holdout_fraction
+        self.start, self.repeat, self.shuffle = start, repeat, shuffle
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for index, (window, epoch) in enumerate(pack_windows(self.token_stream(), self.seq_len)):
-            # Micro-batch number index // N goes to rank (index // N) % P: round-robin over ranks.
-            if (index // self.micro_batch_size) % self.world_size == self.rank:
-                window = torch.tensor(window, dtype=torch.long)
-                yield {"input_ids": window[:-1], "labels": window[1:], "epoch": epoch}
-
-    def token_stream(self) -> Iterator[tuple[list[int], int]]:
-        """(token ids of one document followed by EOS, epoch), document after document, epoch after epoch."""
-        eos = self.tokenizer.eos_token_id
-        tokenized = self.documents.map(self._tokenize, batched=True, batch_size=256,
-                                       remove_columns=list(self.documents.column_names or []) or None)
-        epoch = 0
+    def __iter__(self) -> Iterator[TokenBlock]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        owned = (item % workers == worker for item in itertools.count())  # items are dealt round-robin
+        epoch, first_block = self.start["epoch"], self.start["block"]
         while True:
-            seen_any = False
-            for example in tokenized:
-                if example["ids"]:  # empty documents are skipped
-                    seen_any = True
-                    yield example["ids"] + [eos], epoch
-            if not self.repeat or not seen_any:
+            blocks = 0
+            for block, texts in enumerate(self._blocks(epoch)):
+                blocks += 1
+                # Blocks before the resume point are read (cheap) but not tokenized (dear).
+                if block >= first_block and next(owned):
+                    yield self._tokenize(epoch, block, texts)
+            if next(owned):
+                yield TokenBlock(epoch, blocks, None)
+            if not self.repeat:
                 return
-            epoch += 1
+            epoch, first_block = epoch + 1, 0
 
-    def _tokenize(self, batch: dict[str, list]) -> dict[str, list]:
-        texts = [text or "" for text in batch[self.text_column]]
-        # No BOS/special tokens: documents are joined with EOS only. verbose=False: long documents are fine here.
-        return {"ids": self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
+    def _blocks(self, epoch: int) -> Iterator[list[str]]:
+        weights = [s.weight for s in self.sources]
+        documents = epoch_documents(self.opened, weights, self.seed, epoch, self.shuffle)
+        texts, chars = [], 0
+        for batch in documents.iter(batch_size=64):
+            for text in map(decode, batch["text"]):
+                if self.held_out is not None and is_held_out(text, self.holdout_fraction) != self.held_out:
+                    continue
+                texts.append(text)
+                chars += len(text)
+                if chars >= self.block_chars:
+                    yield texts
+                    texts, chars = [], 0
+        if texts:
+            yield texts
+
+    def _tokenize(self, epoch: int, block: int, texts: list[str]) -> TokenBlock:
+        kept = [t for t in texts if t]  # empty documents are skipped
+        # No BOS or other special tokens: documents are joined by EOS only.
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(kept, add_special_tokens=False)]
+        ids = [doc + [self.eos] for doc in ids if doc]
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+        return TokenBlock(epoch, block, tokens, np.array([len(d) for d in ids], dtype=np.int64), len(texts),
+                          len(texts) - len(ids), sum(t.count(REPLACEMENT_CHAR) for t in kept))
+
+
+def text_sequences(blocks: Iterator[TokenBlock], seq_len: int, packing: bool, shuffle: bool, seed: int,
+                   start: dict[str, Any], stats: DataStats) -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
+    """(sequence of up to seq_len + 1 tokens, epoch, position after it), from blocks arriving in order."""
+    carry, taken, emitted_this_epoch = np.asarray(start["carry"], np.int64), start["taken"], start["taken"] > 0
+    for block in blocks:
+        if block.tokens is None:  # end of an epoch: the packing tail is dropped, the next epoch starts clean
+            if not emitted_this_epoch:
+                raise ConfigError(f"data: epoch {block.epoch} holds no sequence of {seq_len + 1} tokens; "
+                                  "give more text (or a smaller data.seq_len)")
+            carry, emitted_this_epoch = np.zeros(0, np.int64), False
+            continue
+        stats.documents += block.documents
+        stats.empty_documents += block.empty_documents
+        stats.replaced_chars += block.replaced_chars
+        carry_in = carry
+        if packing:
+            sequences, carry = pack(np.concatenate([carry_in, block.tokens]), seq_len)
+        else:
+            sequences = split_documents(block.tokens, block.lengths, seq_len)
+        order = np.random.default_rng([seed, block.epoch, block.block]).permutation(len(sequences)) if shuffle \
+            else range(len(sequences))
+        for k in range(taken, len(sequences)):
+            emitted_this_epoch = True
+            yield sequences[order[k]], block.epoch, {"epoch": block.epoch, "block": block.block,
+                                                     "carry": carry_in.tolist(), "taken": k + 1}
+        taken = 0
+
+
+def pack(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of seq_len + 1 tokens overlapping by one (each token is a target once), and the leftover tail."""
+    count = max(0, (len(tokens) - 1) // seq_len)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:count] if count \
+        else np.zeros((0, seq_len + 1), np.int64)
+    return windows, tokens[count * seq_len:]
+
+
+def split_documents(tokens: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Unpacked: each document on its own, cut into pieces of at most seq_len + 1 tokens overlapping by one."""
+    pieces, ends = [], np.cumsum(lengths)
+    for begin, end in zip(ends - lengths, ends):
+        for start in range(begin, end - 1, seq_len):
+            pieces.append(tokens[start:min(start + seq_len + 1, end)])
+    return pieces
+
+
+def deal(sequences: Iterator[tuple[np.ndarray, int, dict]], micro_batch_size: int, rank: int, world_size: int,
+         start_sequences: int, pad_id: int) -> Iterator[MicroBatch]:
+    """This process's micro-batches of the global stream: micro-batch m goes to process m % P."""
+    consumed, mine, last_position = start_sequences, None, None
+    rounds = _chunks(_chunks(sequences, micro_batch_size), world_size)
+    for round_ in rounds:
+        consumed += sum(len(mb) for mb in round_)
+        last_position = {"sequences": consumed, **round_[-1][-1][2]}
+        if rank < len(round_):
+            mb = round_[rank]
+            yield MicroBatch(collate([s for s, _, _ in mb], pad_id), mb[0][1], last_position)
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def collate(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and labels shifted by one; unequal lengths are right-padded, masked and ignored by the loss."""
+    longest = max(len(s) for s in sequences)
+    if all(len(s) == longest for s in sequences):
+        windows = torch.from_numpy(np.stack(sequences).astype(np.int64))
+        return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest - 1), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        labels[row, :len(seq)] = ids[row, :len(seq)]
+        mask[row, :len(seq) - 1] = 1
+    return {"input_ids": ids[:, :-1], "labels": labels[:, 1:], "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------- pre-tokenized shards
+
+
+class ShardMicroBatches(torch.utils.data.IterableDataset):
+    """This process's micro-batches read straight from token shards; worker w serves local micro-batch r % W."""
+
+    def __init__(self, path: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
+                 start_sequences: int, repeat: bool, shuffle: bool, seed: int):
+        super().__init__()
+        self.path, self.seq_len, self.n = path, seq_len, micro_batch_size
+        self.rank, self.world_size, self.start = rank, world_size, start_sequences
+        self.repeat, self.shuffle, self.seed = repeat, shuffle, seed
+        self.windows = (TokenShards(path).total - 1) // seq_len  # per epoch; the last partial window is dropped
+        if self.windows < 1:
+            raise ConfigError(f"data.path: {path!r} holds fewer than data.seq_len + 1 = {seq_len + 1} tokens")
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards, orders = TokenShards(self.path), {}
+        end = None if self.repeat else self.windows  # sequences in the whole stream
+        round_size = self.world_size * self.n
+        for local in itertools.count(worker, workers):
+            first = self.start + local * round_size + self.rank * self.n
+            if end is not None and first >= end:
+                return
+            indices = range(first, first + self.n if end is None else min(first + self.n, end))
+            windows = [self._window(i, orders) for i in indices]
+            starts = np.array([w * self.seq_len for w in windows])
+            batch = {k: v for k, v in collate(list(_read_windows(shards, starts, self.seq_len + 1)), 0).items()}
+            position_end = self.start + (local + 1) * round_size
+            yield MicroBatch(batch, indices[0] // self.windows,
+                             {"sequences": position_end if end is None else min(position_end, end)})
+
+    def _window(self, index: int, orders: dict[int, np.ndarray]) -> int:
+        epoch, offset = divmod(index, self.windows)
+        if not self.shuffle:
+            return offset
+        if epoch not in orders:
+            orders.clear()  # keep one epoch's permutation in memory
+            orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+        return int(orders[epoch][offset])
+
+
+def _read_windows(shards: TokenShards, starts: np.ndarray, length: int) -> np.ndarray:
+    shard = np.searchsorted(shards.starts, starts, side="right") - 1
+    if len(set(shard.tolist())) == 1 and starts.max() + length <= shards.starts[shard[0] + 1]:
+        local = starts - shards.starts[shard[0]]  # the common case: one fancy-indexed read from one shard
+        return shards.arrays[shard[0]][local[:, None] + np.arange(length)].astype(np.int64)
+    return np.stack([shards.read(int(s), length) for s in starts])
+
+
+# --------------------------------------------------------------------------- the stream a process trains on
+
+
+def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micro_batch_size: int, rank: int,
+                  world_size: int, start: dict[str, Any] | None = None, stats: DataStats | None = None,
+                  held_out: bool | None = None, holdout_fraction: float = 0.0, path: str | None = None,
+                  repeat: bool | None = None, shuffle: bool | None = None) -> Iterator[MicroBatch]:
+    """This process's micro-batches, from `start` (default: the beginning) on. Bad input raises ConfigError here."""
+    start = start or START
+    path = path or cfg.path
+    repeat = cfg.repeat if repeat is None else repeat
+    shuffle = cfg.shuffle if shuffle is None else shuffle
+    loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
+                   "persistent_workers": False, "prefetch_factor": 4 if cfg.num_workers else None}
+    if not cfg.mixture and is_token_shards(path):
+        if not cfg.packing:
+            raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
+        dataset = ShardMicroBatches(path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
+                                    repeat, shuffle, cfg.seed)
+        _check_vocab(TokenShards(path).vocab_size, tokenizer, path)
+        return iter(torch.utils.data.DataLoader(dataset, **loader_args))
+    source_cfg = cfg if path == cfg.path else DataConfig(**{**cfg.__dict__, "path": path, "mixture": None})
+    blocks = TextBlocks(source_cfg, tokenizer, held_out, holdout_fraction, start, repeat, shuffle)
+    loader = torch.utils.data.DataLoader(blocks, **loader_args)
+    sequences = text_sequences(iter(loader), cfg.seq_len, cfg.packing, shuffle, cfg.seed, start,
+                               stats if stats is not None else DataStats())
+    return deal(sequences, micro_batch_size, rank, world_size, start["sequences"], tokenizer.eos_token_id)
+
+
+def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    if vocab_size != len(tokenizer):
+        raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {path!r} was prepared with a "
+                          f"{vocab_size}-token tokenizer; use that tokenizer (saved in the shards' tokenizer/)")
+
+
+def as_is(item: Any) -> Any:
+    return item
 
 
 class MicroBatchReader:
     """Micro-batches moved to `device`, with a look at the next one's epoch (an epoch-keyed K schedule needs it)."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
-        self._batches, self.device = iter(loader), device
+    def __init__(self, batches: Iterator[MicroBatch], device: torch.device, start: dict[str, Any] | None = None):
+        self._batches, self.device = batches, device
+        self.position = dict(start or START)  # after the last micro-batch taken
         self._next = next(self._batches, None)
 
     def next_epoch(self) -> int | None:
         """Epoch of the next micro-batch, or None when the data has run out."""
-        return None if self._next is None else int(self._next["epoch"].min())
+        return None if self._next is None else self._next.epoch
 
     def take(self, count: int) -> list[dict[str, torch.Tensor]]:
         """Up to `count` micro-batches; fewer only when the data runs out."""
         taken = []
         while len(taken) < count and self._next is not None:
-            taken.append({key: value.to(self.device) for key, value in self._next.items()})
+            taken.append({key: value.to(self.device) for key, value in self._next.batch.items()})
+            self.position = self._next.position
             self._next = next(self._batches, None)
         return taken
-
-
-def pack_windows(documents: Iterator[tuple[list[int], int]], seq_len: int) -> Iterator[tuple[list[int], int]]:
-    """Cut a stream of (tokens, epoch) into windows of seq_len + 1 tokens that overlap by one token."""
-    buffer: list[int] = []
-    for tokens, epoch in documents:
-        buffer.extend(tokens)
-        start = 0
-        while len(buffer) - start >= seq_len + 1:
-            yield buffer[start:start + seq_len + 1], epoch
-            start += seq_len
-        del buffer[:start]
-
-
-def build_dataloader(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, documents: datasets.IterableDataset,
-                     text_column: str, micro_batch_size: int, rank: int, world_size: int) -> torch.utils.data.DataLoader:
-    windows = PackedWindows(documents, text_column, tokenizer, cfg.seq_len, micro_batch_size,
-                            rank=rank, world_size=world_size, repeat=cfg.repeat)
-    # The stream is already this rank's share in global order, so no sampler and no Accelerate sharding.
-    # A short last micro-batch is kept: the training loop decides whether an incomplete step is dropped.
-    return torch.utils.data.DataLoader(windows, batch_size=micro_batch_size)
-
-
-def _local_files(path: str) -> list[str] | None:
-    """Files that `path` names locally, sorted; None if it is not a local path (then it is a Hub name)."""
-    expanded = os.path.expanduser(path)
-    if glob.has_magic(expanded):
-        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
-        if not files:
-            raise ConfigError(f"data.path: the glob {path!r} matches no file")
-        return files
-    if os.path.isfile(expanded):
-        return [expanded]
-    if os.path.isdir(expanded):
-        files = sorted(f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
-                       if os.path.isfile(f) and _suffix(f) in BUILDERS)
-        if not files:
-            raise ConfigError(f"data.path: directory {path!r} holds no {', '.join(BUILDERS)} files")
-        return files
-    # "data/shakespear" (a typo under an existing folder) is local and missing, not a Hub name.
-    first_part = expanded.split("/")[0]
-    if expanded.startswith((".", "/")) or _suffix(expanded) in BUILDERS or (first_part and os.path.isdir(first_part)):
-        raise ConfigError(f"data.path: {path!r} does not exist; give a file, directory, glob or Hub dataset name")
-    return None
-
-
-def _builder_for(files: list[str]) -> str:
-    kinds = {BUILDERS.get(_suffix(f)) for f in files}
-    if None in kinds:
-        unknown = next(f for f in files if _suffix(f) not in BUILDERS)
-        raise ConfigError(f"data.path: cannot read {unknown!r}; supported suffixes are {', '.join(BUILDERS)} "
-                          f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})")
-    if len(kinds) > 1:
-        raise ConfigError(f"data.path: mixes file kinds ({', '.join(sorted(kinds))}); give files of one kind")
-    return kinds.pop()
-
-
-def _suffix(path: str) -> str:
-    stem = path
-    for compression in COMPRESSION_SUFFIXES:
-        if stem.endswith(compression):
-            stem = stem[: -len(compression)]
-    return os.path.splitext(stem)[1].lower()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

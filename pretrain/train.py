@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
                                    plan_accumulation, summed_token_loss)
 from pretrain.config import Config, ConfigError, to_yaml
-from pretrain.data import MicroBatchReader, build_dataloader, load_tokenizer, open_documents
+from pretrain.data import DataStats, MicroBatchReader, load_tokenizer, micro_batch_stream
+from pretrain.evaluation import eval_micro_batches, evaluate
 from pretrain.models import build_model, build_model_config, max_positions
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.tracking import METRICS_FILE, MetricsLogger, wandb_mode
@@ -47,7 +48,11 @@ def train(cfg: Config) -> None:
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
-    documents, text_column = open_documents(cfg.data)
+    # The data is opened (and checked) now; with workers, they start reading while the model is built.
+    stats = DataStats()
+    batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
+                            plan.num_processes, stats=stats)
+    eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
     check_output_dir(cfg)  # last: bad input above leaves no empty output dir behind
     accelerator.wait_for_everyone()  # every rank has checked the output dir before rank 0 writes to it
 
@@ -64,9 +69,7 @@ def train(cfg: Config) -> None:
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    loader = build_dataloader(cfg.data, tokenizer, documents, text_column, plan.micro_batch_size,
-                              rank=accelerator.process_index, world_size=plan.num_processes)
-    reader = MicroBatchReader(loader, accelerator.device)
+    reader = MicroBatchReader(batches, accelerator.device)
     metrics = MetricsLogger(accelerator, cfg)
 
     # ---- loop: one iteration is one optimizer step
@@ -95,6 +98,10 @@ def train(cfg: Config) -> None:
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                "tokens_per_sec": step_tokens / (time.perf_counter() - started), "gradient_accumulation_steps": k,
                "global_batch_size": plan.global_batch(k), "epoch": epoch, "skipped": skipped}
+        if eval_batches is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+            row["eval_loss"], row["eval_perplexity"] = evaluate(accelerator, model, eval_batches)
+            say(progress, accelerator, f"step {step}: eval loss {row['eval_loss']:.4f}, "
+                                       f"perplexity {row['eval_perplexity']:.2f}")
         metrics.log(row)
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or skipped:
@@ -102,6 +109,9 @@ def train(cfg: Config) -> None:
                                        f"K {k}, {tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s"
                                        + (" (skipped: gradient overflow)" if skipped else ""))
     progress.close()
+    if stats.documents:
+        accelerator.print(f"data: {stats.documents:,} documents read, {stats.empty_documents:,} empty ones skipped, "
+                          f"{stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
 
     # ---- save: the final model in Hugging Face format, then a sample from it
     accelerator.wait_for_everyone()
@@ -137,7 +147,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     for index, micro_batch in enumerate(micro_batches):
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
-            logits = model(input_ids=micro_batch["input_ids"]).logits
+            logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch.get("attention_mask")).logits
             micro_loss = summed_token_loss(logits, micro_batch["labels"])
             accelerator.backward(micro_loss * scale)
         micro_losses.append(micro_loss.detach())

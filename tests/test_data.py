@@ -1,16 +1,20 @@
-"""Data: packing keeps the token stream, ranks split it without loss, bad sources stop with one clear line."""
+"""Data: packing keeps the token stream, unpacked batches pad and mask, sources mix, bad data is handled."""
 
 from __future__ import annotations
 
 import gzip
 import itertools
 import json
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
-from pretrain.config import ConfigError, DataConfig
-from pretrain.data import PackedWindows, build_dataloader, load_tokenizer, open_documents, pack_windows
+from pretrain.config import ConfigError, DataConfig, SourceConfig
+from pretrain.data import (START, DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack,
+                           split_documents, text_sequences)
+from pretrain.sources import is_held_out
 
 
 @pytest.fixture(scope="module")
@@ -23,74 +27,130 @@ def write_jsonl(path, texts, column="text"):
     return str(path)
 
 
-def test_windows_overlap_by_one_and_give_back_the_stream():
-    docs = [(list(range(n * 100, n * 100 + length)), 0) for n, length in enumerate([5, 17, 1, 30, 9])]
-    stream = [t for doc, _ in docs for t in doc]
-    seq_len = 8
-    windows = [w for w, _ in pack_windows(iter(docs), seq_len)]
-    assert all(len(w) == seq_len + 1 for w in windows)
-    # each window's last token is the next window's first: every token is a target exactly once
-    assert all(a[-1] == b[0] for a, b in zip(windows, windows[1:]))
-    rebuilt = [t for w in windows for t in w[:-1]] + windows[-1][-1:]
-    assert rebuilt == stream[:len(rebuilt)]
-    assert len(stream) - len(rebuilt) < seq_len  # only the tail is dropped
+def sequences(cfg, tokenizer, stats=None, held_out=None, fraction=0.0):
+    """The whole one-epoch stream as a list of token arrays (one process, no workers)."""
+    blocks = TextBlocks(cfg, tokenizer, held_out, fraction, START, repeat=False, shuffle=cfg.shuffle)
+    return [s for s, _, _ in text_sequences(iter(blocks), cfg.seq_len, cfg.packing, cfg.shuffle, cfg.seed, START,
+                                            stats or DataStats())]
 
 
-def test_documents_are_separated_by_eos_and_empty_ones_skipped(tokenizer, tmp_path):
-    texts = ["First document.", "", "Second one, a little longer.", "Third."]
-    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=4)
-    documents, column = open_documents(cfg)
-    windows = PackedWindows(documents, column, tokenizer, seq_len=4, micro_batch_size=1, repeat=False)
-    got = [w["input_ids"].tolist() for w in windows]
-    expected = []
+def expected_stream(tokenizer, texts):
+    ids = []
     for text in texts:
         if text:
-            expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert [t for w in got for t in w] == expected[:4 * len(got)]
-    assert sum(t == tokenizer.eos_token_id for w in got for t in w) >= 2
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids
+
+
+def test_windows_overlap_by_one_and_give_back_the_stream():
+    stream = np.arange(100, 157)
+    windows, tail = pack(stream, 8)
+    assert windows.shape == (7, 9)
+    assert all(a[-1] == b[0] for a, b in zip(windows, windows[1:]))  # every token is a target exactly once
+    rebuilt = np.concatenate([w[:-1] for w in windows] + [windows[-1][-1:]])
+    assert np.array_equal(np.concatenate([rebuilt[:-1], tail]), stream)  # nothing lost but the tail
+    assert len(tail) <= 8
+
+
+@pytest.mark.parametrize("block_chars", [10, 10_000])
+def test_packed_windows_concatenate_to_the_token_stream_with_eos_between_documents(tokenizer, tmp_path, block_chars):
+    texts = ["First document.", "", "Second one, a little longer.", "Third.", "And a fourth one to finish."]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=4, shuffle=False,
+                     block_chars=block_chars)  # 10 chars: a block per document, packed across blocks
+    windows = sequences(cfg, tokenizer)
+    rebuilt = [int(t) for w in windows for t in w[:-1]] + [int(windows[-1][-1])]
+    expected = expected_stream(tokenizer, texts)
+    assert rebuilt == expected[:len(rebuilt)] and len(expected) - len(rebuilt) < 4
+    assert rebuilt.count(tokenizer.eos_token_id) >= 3  # one after each non-empty document that fits
 
 
 def test_labels_are_inputs_shifted_by_one(tokenizer, repo):
     cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=16)
-    documents, column = open_documents(cfg)
-    batch = next(iter(build_dataloader(cfg, tokenizer, documents, column, micro_batch_size=4, rank=0, world_size=1)))
+    batch = next(micro_batch_stream(cfg, tokenizer, 4, 0, 1)).batch
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 16)
     assert torch.equal(batch["input_ids"][0, 1:], batch["labels"][0, :-1])
-    assert torch.equal(batch["labels"][0, -1:], batch["input_ids"][1, :1])  # consecutive windows
 
 
-@pytest.mark.parametrize("world_size, micro_batch_size", [(2, 2), (3, 1)])
-def test_ranks_split_the_global_stream_into_round_robin_micro_batches(tokenizer, repo, world_size, micro_batch_size):
-    cfg = DataConfig(path=str(repo / "data" / "shakespeare" / "macbeth.txt"), seq_len=32, repeat=False)
-    documents, column = open_documents(cfg)
-
-    def stream(rank, size, n):
-        windows = PackedWindows(documents, column, tokenizer, cfg.seq_len, n, rank=rank, world_size=size, repeat=False)
-        return [w["input_ids"] for w in windows]
-
-    single = stream(0, 1, micro_batch_size)
-    per_rank = [stream(rank, world_size, micro_batch_size) for rank in range(world_size)]
-    # Interleave micro-batches rank by rank: that is the single-process order, nothing lost or repeated.
-    chunks = [[ws[i:i + micro_batch_size] for i in range(0, len(ws), micro_batch_size)] for ws in per_rank]
-    interleaved = [w for group in itertools.zip_longest(*chunks, fillvalue=[]) for chunk in group for w in chunk]
-    assert len(interleaved) == len(single)
-    assert all(torch.equal(a, b) for a, b in zip(interleaved, single))
+def test_unpacked_pads_to_the_longest_and_ignores_padding(tokenizer, tmp_path):
+    texts = ["One.", "A somewhat longer second document here.", "x " * 40]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=16, packing=False, shuffle=False)
+    pieces = sequences(cfg, tokenizer)
+    docs = [expected_stream(tokenizer, [t]) for t in texts]
+    # Short documents stay whole; the long one is cut into pieces of at most 17 tokens overlapping by one.
+    assert [p.tolist() for p in pieces[:2]] == docs[:2]
+    assert all(len(p) <= 17 for p in pieces) and pieces[2][0] == docs[2][0]
+    batch = collate(pieces[:2], pad_id=tokenizer.eos_token_id)
+    width = max(len(docs[0]), len(docs[1])) - 1
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    assert int((batch["labels"] != -100).sum()) == len(docs[0]) - 1 + len(docs[1]) - 1  # targets only
+    assert batch["attention_mask"][0].tolist() == [1] * (len(docs[0]) - 1) + [0] * (width - len(docs[0]) + 1)
 
 
-def test_repeat_continues_into_a_new_epoch(tokenizer, tmp_path):
-    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["a short text " * 5]), seq_len=8)
-    documents, column = open_documents(cfg)
-    windows = PackedWindows(documents, column, tokenizer, 8, 1, repeat=True)
-    epochs = [w["epoch"] for w in itertools.islice(windows, 20)]
-    assert epochs[0] == 0 and epochs[-1] >= 1 and epochs == sorted(epochs)
+def test_split_documents_keeps_every_target_once():
+    tokens, lengths = np.arange(30), np.array([5, 1, 24])
+    pieces = split_documents(tokens, lengths, seq_len=8)
+    targets = [int(t) for p in pieces for t in p[1:]]
+    # Every token but each document's first is a target once; a one-token document has none.
+    assert targets == [t for t in range(30) if t not in (0, 5, 6)]
 
 
-def test_compressed_jsonl_reads_like_plain(tmp_path):
-    path = tmp_path / "d.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        f.write(json.dumps({"text": "hello"}) + "\n")
-    documents, column = open_documents(DataConfig(path=str(path)))
-    assert next(iter(documents))[column] == "hello"
+def test_empty_documents_are_skipped_and_counted(tokenizer, tmp_path):
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["Some words here.", "", "More words follow."]),
+                     seq_len=4, shuffle=False)
+    stats = DataStats()
+    windows = sequences(cfg, tokenizer, stats)
+    assert (stats.documents, stats.empty_documents) == (3, 1)
+    assert np.concatenate(windows).tolist().count(tokenizer.eos_token_id) >= 1
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_invalid_utf8_is_replaced_and_counted_not_fatal(tokenizer, tmp_path, suffix):
+    bad = b"Good words \xff\xfe then more good words, enough for a window or two of text."
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(bad if suffix == ".txt" else b'{"text": "' + bad + b'"}\n')
+    stats = DataStats()
+    windows = sequences(DataConfig(path=str(path), seq_len=4, shuffle=False), tokenizer, stats)
+    assert stats.replaced_chars == 2 and len(windows) > 3
+    assert "\ufffd" in tokenizer.decode(np.concatenate(windows).tolist())
+
+
+def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["", "", ""]), seq_len=4)
+    with pytest.raises(ConfigError, match=r"data: epoch 0 holds no sequence of 5 tokens"):
+        next(micro_batch_stream(cfg, tokenizer, 1, 0, 1))
+
+
+def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path):
+    texts = ["hello there, this is compressed text", "and a second line of it"]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    plain = write_jsonl(tmp_path / "plain.jsonl", texts)
+    got = [sequences(DataConfig(path=p, seq_len=4, shuffle=False), tokenizer) for p in (str(tmp_path / "d.jsonl.gz"), plain)]
+    assert np.array_equal(np.stack(got[0]), np.stack(got[1]))
+
+
+def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(300)])
+    b = write_jsonl(tmp_path / "b.jsonl", [f"beta {i}" for i in range(300)])
+    cfg = DataConfig(mixture=[SourceConfig(path=a, weight=3), SourceConfig(path=b, weight=1)], seq_len=4,
+                     block_chars=10**9)
+    blocks = list(TextBlocks(cfg, tokenizer, None, 0.0, START, repeat=False, shuffle=True))
+    again = list(TextBlocks(cfg, tokenizer, None, 0.0, START, repeat=False, shuffle=True))
+    assert np.array_equal(blocks[0].tokens, again[0].tokens)  # seeded: the same mix every time
+    text = tokenizer.decode(blocks[0].tokens.tolist())
+    alpha, beta = text.count("alpha"), text.count("beta")
+    assert alpha == 300 or beta == 300  # the epoch ends when the first source runs out
+    assert 2.0 < alpha / beta < 4.5  # about 3:1
+
+
+def test_held_out_documents_are_disjoint_from_training_and_chosen_by_text(tokenizer, tmp_path):
+    texts = [f"document number {i} with some words" for i in range(200)]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=4, shuffle=False, block_chars=10**9)
+    train = list(TextBlocks(cfg, tokenizer, False, 0.1, START, repeat=False, shuffle=False))[0]
+    held = list(TextBlocks(cfg, tokenizer, True, 0.1, START, repeat=False, shuffle=False))[0]
+    assert train.documents + held.documents == 200 and 5 < held.documents < 40
+    assert held.documents == sum(is_held_out(t, 0.1) for t in texts)
+    assert all(is_held_out(t, 0.1) == (zlib.crc32(t.encode()) < 0.1 * 2**32) for t in texts)
 
 
 @pytest.mark.parametrize("path, message", [
@@ -98,37 +158,43 @@ def test_compressed_jsonl_reads_like_plain(tmp_path):
     ("./nowhere.txt", r"data\.path: '\./nowhere\.txt' does not exist"),
     ("data/shakespeare/*.nothing", r"data\.path: the glob .* matches no file"),
 ])
-def test_missing_paths_are_one_clear_error(path, message, repo, monkeypatch):
+def test_missing_paths_are_one_clear_error(tokenizer, path, message, repo, monkeypatch):
     monkeypatch.chdir(repo)
     with pytest.raises(ConfigError, match=message):
-        open_documents(DataConfig(path=path))
+        micro_batch_stream(DataConfig(path=path), tokenizer, 1, 0, 1)
 
 
-def test_directory_without_data_files(tmp_path):
-    (tmp_path / "notes.md").write_text("not data")
-    with pytest.raises(ConfigError, match=r"holds no \.txt"):
-        open_documents(DataConfig(path=str(tmp_path)))
+@pytest.mark.parametrize("files, message", [
+    ({"notes.md": "not data"}, r"data\.path: directory .* holds no \.txt"),
+    ({"empty.jsonl": ""}, r"data\.path: .* holds no documents"),
+    ({"d.jsonl": '{"content": "x"}\n'}, r"data\.text_column: 'text' is not a column .* its columns are: content"),
+    ({"a.jsonl": '{"text": "x"}\n', "b.txt": "y"}, r"data\.path: mixes file kinds"),
+])
+def test_bad_sources_stop_before_any_model_is_built(tokenizer, tmp_path, files, message):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    path = str(tmp_path / next(iter(files))) if len(files) == 1 and "notes.md" not in files else str(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        micro_batch_stream(DataConfig(path=path), tokenizer, 1, 0, 1)
 
 
-def test_empty_dataset(tmp_path):
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ConfigError, match=r"data\.path: .* holds no documents"):
-        open_documents(DataConfig(path=str(tmp_path / "empty.jsonl")))
-
-
-def test_missing_text_column_lists_the_columns(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ["x"], column="content")
-    with pytest.raises(ConfigError, match=r"data\.text_column: 'text' is not a column .* its columns are: content"):
-        open_documents(DataConfig(path=path))
-
-
-def test_mixed_file_kinds_are_refused(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", ["x"])
-    (tmp_path / "b.txt").write_text("y")
-    with pytest.raises(ConfigError, match=r"mixes file kinds"):
-        open_documents(DataConfig(path=str(tmp_path)))
+def test_a_bad_mixture_source_names_its_entry(tokenizer, tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", ["x"])
+    cfg = DataConfig(mixture=[SourceConfig(path=good), SourceConfig(path=str(tmp_path / "none.jsonl"))])
+    with pytest.raises(ConfigError, match=r"data\.mixture\[1\]\.path: .* does not exist"):
+        micro_batch_stream(cfg, tokenizer, 1, 0, 1)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.tokenizer: cannot load"):
         load_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+def test_repeat_continues_into_new_epochs_in_a_new_order(tokenizer, repo):
+    cfg = DataConfig(path=str(repo / "data" / "shakespeare" / "macbeth.txt"), seq_len=64, block_chars=20_000)
+    stream = micro_batch_stream(cfg, tokenizer, 8, 0, 1)
+    batches = list(itertools.islice(stream, 120))
+    epochs = [mb.epoch for mb in batches]
+    assert epochs == sorted(epochs) and epochs[-1] >= 1
+    first_of = {e: next(mb for mb in batches if mb.epoch == e).batch["input_ids"] for e in (0, 1)}
+    assert not torch.equal(first_of[0], first_of[1])  # shuffled afresh each epoch

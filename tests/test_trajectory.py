@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import TINY_LLAMA, read_metrics, run_accelerate_launch, run_script
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
-from pretrain.data import PackedWindows, load_tokenizer, open_documents
+from pretrain.data import load_tokenizer, micro_batch_stream
 from transformers import AutoModelForCausalLM
 
 SEQ_LEN = 32
@@ -70,14 +71,13 @@ def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, rep
     args = ["--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2", "--train.min_lr_ratio=1"]
     three, _ = trained(tmp_path, "three", [*args, "--train.max_steps=3"])
     four, _ = trained(tmp_path, "four", [*args, "--train.max_steps=4"])
-    cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=SEQ_LEN)
-    documents, column = open_documents(cfg)
-    windows = PackedWindows(documents, column, load_tokenizer(str(repo / "data" / "tokenizer")), SEQ_LEN, 1)
-    step4 = [w for _, w in zip(range(32), windows)][24:32]  # steps take 8 sequences each: step 4 is 24..31
+    cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=SEQ_LEN)  # the run's data, shuffled alike
+    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), 8, 0, 1)
+    step4 = list(itertools.islice(stream, 4))[3].batch  # steps take 8 sequences each: step 4 is 24..31
     model = AutoModelForCausalLM.from_pretrained(three / "final")
     with torch.no_grad():
-        logits = model(torch.stack([w["input_ids"] for w in step4])).logits
-        full_batch_loss = summed_token_loss(logits, torch.stack([w["labels"] for w in step4])) / (8 * SEQ_LEN)
+        logits = model(step4["input_ids"]).logits
+        full_batch_loss = summed_token_loss(logits, step4["labels"]) / (8 * SEQ_LEN)
     assert read_metrics(four)[3]["loss"] == pytest.approx(float(full_batch_loss), rel=1e-5)
 
 
@@ -109,9 +109,9 @@ def test_epoch_schedule_switches_k_when_a_new_epoch_begins(tmp_path):
 def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, repo, mode):
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text(json.dumps({"text": "word " * (7 * SEQ_LEN)}) + "\n")
-    documents, column = open_documents(DataConfig(path=str(corpus)))
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
-    windows = sum(1 for _ in PackedWindows(documents, column, tokenizer, SEQ_LEN, 1, repeat=False))
+    windows = sum(1 for _ in micro_batch_stream(DataConfig(path=str(corpus), seq_len=SEQ_LEN, repeat=False),
+                                                tokenizer, 1, 0, 1))
     per_step = 2 * 2  # K x N
     assert windows % per_step, "the corpus must leave a partial step at the end"
     out, result = trained(tmp_path, mode, ["--train.max_steps=10", "--train.micro_batch_size=2",

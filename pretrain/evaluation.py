@@ -1,0 +1,71 @@
+"""Evaluation: loss and perplexity over a fixed set of held-out sequences, the same set every time."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from pretrain.accumulation import count_target_tokens, summed_token_loss
+from pretrain.config import Config, ConfigError
+from pretrain.data import micro_batch_stream
+from pretrain.token_shards import is_token_shards
+
+
+def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int,
+                       world_size: int) -> list[dict[str, torch.Tensor]] | None:
+    """This process's share of the first `eval.sequences` sequences of the eval data; None when eval is off.
+
+    The eval data is `eval.path`, else the held-out documents of `data` (eval.holdout_fraction),
+    else the `eval/` shards that scripts/prepare_data.py set aside. Read once, unshuffled.
+    """
+    if cfg.eval.every == 0:
+        return None
+    path, held_out = cfg.eval.path, None
+    if path is None and is_token_shards(cfg.data.path):
+        path = os.path.join(cfg.data.path, "eval")
+        if not is_token_shards(path):
+            raise ConfigError(f"eval.path: {cfg.data.path!r} has no eval/ shards (scripts/prepare_data.py writes "
+                              "them when eval.holdout_fraction > 0); give eval.path")
+    elif path is None:
+        if cfg.eval.holdout_fraction == 0 or cfg.data.mixture:
+            raise ConfigError("eval.path: eval.every > 0 needs eval data; give eval.path, or "
+                              "eval.holdout_fraction > 0 with a single data.path")
+        path, held_out = cfg.data.path, True
+    n = cfg.train.micro_batch_size
+    total = cfg.eval.sequences
+    # Micro-batches are dealt round-robin over processes; keep the ones that hold the first `total` sequences.
+    local = micro_batch_stream(cfg.data, tokenizer, n, rank, world_size, held_out=held_out,
+                          holdout_fraction=cfg.eval.holdout_fraction, path=path, repeat=False, shuffle=False)
+    kept = []
+    for index, mb in zip(itertools.count(rank, world_size), local):
+        if index * n >= total:
+            break
+        rows = min(n, total - index * n)
+        kept.append({key: value[:rows] for key, value in mb.batch.items()})
+    return kept
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module,
+             batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(mean loss per target token over all processes' eval sequences, its perplexity)."""
+    # The unwrapped model: processes may hold different numbers of batches, and DDP's forward would sync.
+    module = accelerator.unwrap_model(model)
+    was_training = module.training
+    module.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.autocast():
+            logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        totals[0] += summed_token_loss(logits, batch["labels"]).double()
+        totals[1] += count_target_tokens([batch])
+    module.train(was_training)
+    loss_sum, tokens = (float(x) for x in accelerator.reduce(totals, "sum"))
+    loss = loss_sum / max(tokens, 1)
+    return loss, math.exp(min(loss, 50.0))

@@ -1,0 +1,137 @@
+"""Where documents come from: local files, globs, directories or Hub datasets, mixed by weight, one epoch at a time.
+
+Every source becomes a `datasets.IterableDataset` with one column, `text`, holding bytes or str.
+Bad input (a path matching nothing, no documents, a missing column) is a ConfigError raised
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+
+import datasets
+import numpy as np
+
+from pretrain.config import ConfigError, DataConfig, SourceConfig
+
+# File suffix -> the `datasets` builder that reads it. Compressed copies (.gz, .zst, ...) work too.
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
+REPLACEMENT_CHAR = "\ufffd"  # what invalid UTF-8 becomes
+
+
+def sources_of(cfg: DataConfig) -> list[SourceConfig]:
+    """The sources to read: `data.mixture`, or `data.path` alone with weight 1."""
+    if cfg.mixture:
+        return list(cfg.mixture)
+    return [SourceConfig(path=cfg.path, text_column=cfg.text_column, name=cfg.name, split=cfg.split)]
+
+
+def open_source(source: SourceConfig, field: str = "data.path") -> datasets.IterableDataset:
+    """Stream one source as documents in a `text` column; check the first one so bad input fails here."""
+    files = local_files(source.path, field)
+    try:
+        if files is None:  # not a local path: a Hub dataset name
+            dataset = datasets.load_dataset(source.path, source.name, split=source.split, streaming=True)
+            column = source.text_column
+        else:
+            builder = _builder_for(files, field)
+            # A plain text file is one document, and invalid UTF-8 in it becomes U+FFFD (counted later).
+            extra = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+            column = "text" if builder == "text" else source.text_column
+        # The first row as an Arrow table: its column names, without decoding text that may be invalid UTF-8.
+        first = next(iter(dataset.with_format("arrow").iter(batch_size=1)), None)
+    except ConfigError:
+        raise
+    except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
+        first = None
+    except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
+        raise ConfigError(f"{field}: cannot read {source.path!r} ({first_line(err)})") from None
+    if first is None or first.num_rows == 0:
+        raise ConfigError(f"{field}: {source.path!r} holds no documents; give a non-empty dataset")
+    if column not in first.column_names:
+        column_field = field.replace("path", "text_column")
+        raise ConfigError(f"{column_field}: {column!r} is not a column of {source.path!r}; "
+                          f"its columns are: {', '.join(first.column_names)}")
+    dataset = dataset.select_columns([column])
+    if files is None or builder != "text":
+        # Arrow refuses invalid UTF-8 in string columns; as bytes it passes and is decoded with replacement.
+        dataset = dataset.cast_column(column, datasets.Value("binary"))
+    return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+def epoch_documents(opened: list[datasets.IterableDataset], weights: list[float], seed: int, epoch: int,
+                    shuffle: bool) -> datasets.IterableDataset:
+    """The documents of one epoch: each source's files in a seeded order, sources interleaved by weight.
+
+    The order depends only on (seed, epoch), so every worker and every process sees the same stream.
+    """
+    epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
+    # buffer_size=1: only the order of files (shards) is shuffled; sequences are shuffled after packing.
+    ordered = [d.shuffle(seed=epoch_seed + i, buffer_size=1) if shuffle else d for i, d in enumerate(opened)]
+    if len(ordered) == 1:
+        return ordered[0]
+    total = sum(weights)
+    # An epoch ends when the first source runs out, so the weights hold for the whole epoch.
+    return datasets.interleave_datasets(ordered, probabilities=[w / total for w in weights], seed=epoch_seed,
+                                        stopping_strategy="first_exhausted")
+
+
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the evaluation set: decided by a hash of its text, not its position."""
+    return fraction > 0 and zlib.crc32(text.encode("utf-8", "surrogatepass")) < fraction * 2**32
+
+
+def decode(text: str | bytes) -> str:
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else (text or "")
+
+
+def local_files(path: str, field: str = "data.path") -> list[str] | None:
+    """Files that `path` names locally, sorted; None if it is not a local path (then it is a Hub name)."""
+    expanded = os.path.expanduser(path)
+    if glob.has_magic(expanded):
+        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise ConfigError(f"{field}: the glob {path!r} matches no file")
+        return files
+    if os.path.isfile(expanded):
+        return [expanded]
+    if os.path.isdir(expanded):
+        files = sorted(f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
+                       if os.path.isfile(f) and _suffix(f) in BUILDERS)
+        if not files:
+            raise ConfigError(f"{field}: directory {path!r} holds no {', '.join(BUILDERS)} files "
+                              "(nor token shards from scripts/prepare_data.py)")
+        return files
+    # "data/shakespear" (a typo under an existing folder) is local and missing, not a Hub name.
+    first_part = expanded.split("/")[0]
+    if expanded.startswith((".", "/")) or _suffix(expanded) in BUILDERS or (first_part and os.path.isdir(first_part)):
+        raise ConfigError(f"{field}: {path!r} does not exist; give a file, directory, glob or Hub dataset name")
+    return None
+
+
+def _builder_for(files: list[str], field: str) -> str:
+    kinds = {BUILDERS.get(_suffix(f)) for f in files}
+    if None in kinds:
+        unknown = next(f for f in files if _suffix(f) not in BUILDERS)
+        raise ConfigError(f"{field}: cannot read {unknown!r}; supported suffixes are {', '.join(BUILDERS)} "
+                          f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})")
+    if len(kinds) > 1:
+        raise ConfigError(f"{field}: mixes file kinds ({', '.join(sorted(kinds))}); give files of one kind")
+    return kinds.pop()
+
+
+def _suffix(path: str) -> str:
+    stem = path
+    for compression in COMPRESSION_SUFFIXES:
+        if stem.endswith(compression):
+            stem = stem[: -len(compression)]
+    return os.path.splitext(stem)[1].lower()
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

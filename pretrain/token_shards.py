@@ -1,0 +1,94 @@
+"""Pre-tokenized data on disk: flat token files (uint16 or uint32) plus an index.json, read by memory map.
+
+The token stream is the shards concatenated, documents already separated by EOS, so any window
+of it can be read directly without a tokenizer. scripts/prepare_data.py writes this format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from pretrain.config import ConfigError
+
+INDEX_FILE = "index.json"
+FORMAT = "pretrain-token-shards/1"
+
+
+def is_token_shards(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(path), INDEX_FILE))
+
+
+class ShardWriter:
+    """Append token arrays; every `shard_tokens` tokens start a new file; `close` writes the index last."""
+
+    def __init__(self, out_dir: str, vocab_size: int, eos_token_id: int, shard_tokens: int = 1 << 27):
+        self.out_dir, self.shard_tokens = out_dir, shard_tokens
+        # uint16 halves the disk and memory traffic whenever the vocabulary fits in it.
+        self.dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+        self.meta = {"format": FORMAT, "dtype": np.dtype(self.dtype).name, "vocab_size": vocab_size,
+                     "eos_token_id": eos_token_id}
+        self.shards: list[dict] = []
+        self._file = None
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, INDEX_FILE)):
+            os.remove(os.path.join(out_dir, INDEX_FILE))  # shards being rewritten must not be read meanwhile
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            self._file.write(np.asarray(part, dtype=self.dtype).tobytes())
+            self.shards[-1]["tokens"] += len(part)
+
+    def close(self, **extra) -> dict:
+        if self._file is not None:
+            self._file.close()
+        index = {**self.meta, **extra, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        tmp = os.path.join(self.out_dir, INDEX_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(self.out_dir, INDEX_FILE))  # the index appears only once all shards are whole
+        return index
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"tokens_{len(self.shards):05d}.bin"
+        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+
+class TokenShards:
+    """Random access to the token stream of a prepared directory."""
+
+    def __init__(self, path: str):
+        path = os.path.expanduser(path)
+        with open(os.path.join(path, INDEX_FILE)) as f:
+            self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise ConfigError(f"data.path: {path!r} is not a {FORMAT} directory; re-run scripts/prepare_data.py")
+        self.vocab_size, self.eos_token_id = self.index["vocab_size"], self.index["eos_token_id"]
+        self.arrays = []
+        for shard in self.index["shards"]:
+            file = os.path.join(path, shard["file"])
+            if not os.path.isfile(file) or os.path.getsize(file) != shard["tokens"] * np.dtype(self.index["dtype"]).itemsize:
+                raise ConfigError(f"data.path: shard {file!r} is missing or truncated; re-run scripts/prepare_data.py")
+            self.arrays.append(np.memmap(file, dtype=self.index["dtype"], mode="r"))
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.total = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream as int64, across shard boundaries if needed."""
+        parts, end = [], start + length
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            offset = start - self.starts[shard]
+            take = min(end - start, len(self.arrays[shard]) - offset)
+            parts.append(self.arrays[shard][offset:offset + take])
+            start, shard = start + take, shard + 1
+        return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)

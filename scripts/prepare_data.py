@@ -1,0 +1,76 @@
+"""Tokenize the corpus of a config once into token shards, which training then reads without a tokenizer.
+
+    python scripts/prepare_data.py --config configs/default.yaml --out data/prepared/shakespeare
+    accelerate launch scripts/pretrain.py --data.path=data/prepared/shakespeare
+
+Reads `data` (path or mixture, text_column, ...) and tokenizes it with `data.tokenizer`, using
+`data.num_workers` worker processes. With `eval.holdout_fraction` > 0 the held-out documents go
+to <out>/eval/, which training then uses for eval. Nothing is shuffled here: training shuffles
+the windows with a seeded permutation every epoch.
+"""
+
+import argparse
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pretrain.config import Config, ConfigError, load_config, parse_cli  # noqa: E402
+from pretrain.data import START, TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.token_shards import ShardWriter  # noqa: E402
+
+
+def prepare(cfg: Config, out_dir: str, shard_tokens: int) -> None:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    fraction = cfg.eval.holdout_fraction
+    parts = [(out_dir, False if fraction else None)] + ([(os.path.join(out_dir, "eval"), True)] if fraction else [])
+    for directory, held_out in parts:
+        blocks = TextBlocks(cfg.data, tokenizer, held_out, fraction, START, repeat=False, shuffle=False)
+        # Workers tokenize blocks in parallel; batch_size=None hands each block over as it is, in order.
+        loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=cfg.data.num_workers,
+                                             collate_fn=as_is)
+        writer = ShardWriter(directory, len(tokenizer), tokenizer.eos_token_id, shard_tokens)
+        documents = empty = replaced = 0
+        with tqdm(desc=f"tokenizing into {directory}", unit="tok", unit_scale=True) as progress:
+            for block in loader:
+                if block.tokens is None:
+                    continue
+                writer.add(block.tokens)
+                documents, empty = documents + block.documents, empty + block.empty_documents
+                replaced += block.replaced_chars
+                progress.update(len(block.tokens))
+        index = writer.close(documents=documents - empty, source=cfg.data.path if not cfg.data.mixture else
+                             [s.path for s in cfg.data.mixture], tokenizer=cfg.data.tokenizer)
+        if index["tokens"] == 0:
+            raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to tokenize")
+        print(f"{directory}: {index['tokens']:,} tokens from {documents - empty:,} documents in "
+              f"{len(index['shards'])} shard(s) of {index['dtype']}; {empty:,} empty documents skipped, "
+              f"{replaced:,} characters of invalid UTF-8 replaced")
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))  # train with data.tokenizer=<out>/tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--out", required=True, help="directory to write the shards into (must not hold shards)")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.shard_tokens < 1:
+            raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+        prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

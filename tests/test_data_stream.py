@@ -1,0 +1,125 @@
+"""The global stream: split over processes and workers without loss, and resumed exactly, on both data paths."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO, clean_env
+from pretrain.config import DataConfig
+from pretrain.data import TextBlocks, load_tokenizer, micro_batch_stream
+
+N = 2  # sequences per micro-batch
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(REPO / "data" / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two plays as raw text, and the same two plays prepared into token shards (several small shards)."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = root / "text"
+    text.mkdir()
+    for name in ("macbeth", "hamlet"):  # each paragraph a document: an epoch of about 4 blocks, 260 sequences
+        paragraphs = (REPO / "data" / "shakespeare" / f"{name}.txt").read_text()[:16_000].split("\n\n")
+        (text / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    shards = root / "shards"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--out", str(shards),
+                             "--shard-tokens", "7000", f"--data.path={text}", "--data.num_workers=2"],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {"text": str(text), "shards": str(shards)}
+
+
+def config(path, **overrides):
+    # Small blocks, so the raw-text path has many blocks to deal out to workers and to shuffle within.
+    return DataConfig(**{"path": path, "seq_len": SEQ_LEN, "block_chars": 8_000, "seed": 7, **overrides})
+
+
+def window(batch, row):
+    """A sequence as a hashable tuple: its inputs and its last target."""
+    return tuple(batch["input_ids"][row].tolist()) + (int(batch["labels"][row, -1]),)
+
+
+def rounds(cfg, tokenizer, processes, start=None, limit=None):
+    """All processes' micro-batches side by side: round r holds micro-batch r of every process."""
+    streams = [micro_batch_stream(cfg, tokenizer, N, rank, processes, start=start) for rank in range(processes)]
+    per_process = [list(itertools.islice(s, limit)) for s in streams]
+    return list(itertools.zip_longest(*per_process))
+
+
+def global_order(process_rounds):
+    return [window(mb.batch, row) for round_ in process_rounds for mb in round_ if mb is not None
+            for row in range(len(mb.batch["input_ids"]))]
+
+
+@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_processes_and_workers_read_each_sequence_exactly_once(corpus, tokenizer, kind, workers, processes):
+    single = global_order(rounds(config(corpus[kind], repeat=False), tokenizer, 1))
+    split = global_order(rounds(config(corpus[kind], repeat=False, num_workers=workers), tokenizer, processes))
+    assert len(single) > 50
+    assert Counter(split) == Counter(single)  # the same multiset: none lost, none read twice
+    assert split == single  # and in the same order, so every optimizer step holds the same sequences
+
+
+def test_text_and_shards_give_the_same_sequences(corpus, tokenizer):
+    # Unshuffled, the raw-text stream packs across block boundaries, exactly as the shards were written.
+    text = global_order(rounds(config(corpus["text"], repeat=False, shuffle=False), tokenizer, 1))
+    shards = global_order(rounds(config(corpus["shards"], repeat=False, shuffle=False), tokenizer, 1))
+    assert text == shards
+
+
+@pytest.mark.parametrize("kind", ["text", "shards"])
+def test_shuffling_is_seeded(corpus, tokenizer, kind):
+    def order(**overrides):
+        return global_order(rounds(config(corpus[kind], repeat=False, **overrides), tokenizer, 1))
+    assert order() == order()
+    assert order() != order(seed=8) and Counter(order()) == Counter(order(seed=8))
+    assert order() != order(shuffle=False)
+
+
+@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("stop", ["first", "middle, 2 workers", "next epoch"])
+def test_resume_continues_with_exactly_the_next_sequences(corpus, tokenizer, kind, stop):
+    cfg = config(corpus[kind], num_workers=2 if "workers" in stop else 0)
+    per_epoch = sum(1 for _ in micro_batch_stream(config(corpus[kind], repeat=False), tokenizer, N, 0, 1))
+    stop_after = {"first": 1, "middle, 2 workers": 17, "next epoch": per_epoch + 3}[stop]
+    uninterrupted = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1), stop_after + 20))
+    position = uninterrupted[stop_after - 1].position  # what a checkpoint after that micro-batch stores
+    resumed = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position), 20))
+    assert [window(mb.batch, r) for mb in resumed for r in range(N)] == \
+           [window(mb.batch, r) for mb in uninterrupted[stop_after:] for r in range(N)]
+    assert [mb.epoch for mb in resumed] == [mb.epoch for mb in uninterrupted[stop_after:]]
+    assert resumed[0].epoch == (1 if stop == "next epoch" else 0)
+
+
+@pytest.mark.parametrize("kind", ["text", "shards"])
+def test_a_position_saved_by_two_processes_resumes_in_one(corpus, tokenizer, kind):
+    cfg = config(corpus[kind])
+    two = rounds(cfg, tokenizer, 2, limit=30)
+    position = two[9][1].position  # after round 10: both processes' micro-batches of it
+    assert position == two[9][0].position
+    one = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position), 10))
+    assert [window(mb.batch, r) for mb in one for r in range(N)] == global_order(two[10:15])
+
+
+def test_resume_does_not_tokenize_the_consumed_prefix(corpus, tokenizer, monkeypatch):
+    cfg = config(corpus["text"])
+    position = next(mb.position for mb in micro_batch_stream(cfg, tokenizer, N, 0, 1) if mb.position["block"] == 2)
+    tokenized = []
+    original = TextBlocks._tokenize
+    monkeypatch.setattr(TextBlocks, "_tokenize",
+                        lambda self, epoch, block, texts: tokenized.append(block) or original(self, epoch, block, texts))
+    next(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position))
+    assert tokenized[0] == position["block"]  # the block being read is redone; the ones before it are not
