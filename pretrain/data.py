@@ -30,8 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, DataConfig
-from pretrain.sources import (REPLACEMENT_CHAR, decode, epoch_documents, first_line, is_held_out, open_source,
-                              sources_of)
+from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_documents, first_line, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
 START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
@@ -87,7 +86,7 @@ class TextBlocks(torch.utils.data.IterableDataset):
                  holdout_fraction: float, start: dict[str, Any], repeat: bool, shuffle: bool):
         super().__init__()
         self.sources = sources_of(cfg)
-        self.opened = [open_source(s, f"data.mixture[{i}].path" if cfg.mixture else "data.path")
+        self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else "data.path")
                        for i, s in enumerate(self.sources)]
         self.tokenizer, self.eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
         self.block_chars, self.seed = cfg.block_chars, cfg.seed
@@ -116,8 +115,8 @@ class TextBlocks(torch.utils.data.IterableDataset):
         weights = [s.weight for s in self.sources]
         documents = epoch_documents(self.opened, weights, self.seed, epoch, self.shuffle)
         texts, chars = [], 0
-        for batch in documents.iter(batch_size=64):
-            for text in map(decode, batch["text"]):
+        for table in documents.with_format("arrow").iter(batch_size=256):  # Arrow: no per-row Python dicts
+            for text in map(decode, table.column("text").to_pylist()):
                 if self.held_out is not None and is_held_out(text, self.holdout_fraction) != self.held_out:
                     continue
                 texts.append(text)
@@ -159,10 +158,11 @@ def text_sequences(blocks: Iterator[TokenBlock], seq_len: int, packing: bool, sh
             sequences = split_documents(block.tokens, block.lengths, seq_len)
         order = np.random.default_rng([seed, block.epoch, block.block]).permutation(len(sequences)) if shuffle \
             else range(len(sequences))
+        carry_list = carry_in.tolist()  # shared by the positions of this block's sequences
         for k in range(taken, len(sequences)):
             emitted_this_epoch = True
             yield sequences[order[k]], block.epoch, {"epoch": block.epoch, "block": block.block,
-                                                     "carry": carry_in.tolist(), "taken": k + 1}
+                                                     "carry": carry_list, "taken": k + 1}
         taken = 0
 
 

@@ -29,49 +29,68 @@ def sources_of(cfg: DataConfig) -> list[SourceConfig]:
     return [SourceConfig(path=cfg.path, text_column=cfg.text_column, name=cfg.name, split=cfg.split)]
 
 
-def open_source(source: SourceConfig, field: str = "data.path") -> datasets.IterableDataset:
-    """Stream one source as documents in a `text` column; check the first one so bad input fails here."""
-    files = local_files(source.path, field)
-    try:
+class Source:
+    """One opened source: its documents in a `text` column (bytes or str), in a seeded file order per epoch."""
+
+    def __init__(self, config: SourceConfig, field: str = "data.path"):
+        self.config, self.field = config, field
+        self.files = local_files(config.path, field)
+        self.builder = None if self.files is None else _builder_for(self.files, field)
+        try:
+            raw = self._load_raw(self.files)
+            # The first row as an Arrow table: its column names, without decoding text that may be invalid UTF-8.
+            first = next(iter(raw.with_format("arrow").iter(batch_size=1)), None)
+        except ConfigError:
+            raise
+        except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
+            first = None
+        except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
+            raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
+        if first is None or first.num_rows == 0:
+            raise ConfigError(f"{field}: {config.path!r} holds no documents; give a non-empty dataset")
+        if self.column not in first.column_names:
+            column_field = field.replace("path", "text_column")
+            raise ConfigError(f"{column_field}: {self.column!r} is not a column of {config.path!r}; "
+                              f"its columns are: {', '.join(first.column_names)}")
+        self.dataset = self._with_text_column(raw)
+
+    @property
+    def column(self) -> str:
+        return "text" if self.builder == "text" else self.config.text_column
+
+    def epoch_order(self, seed: int, shuffle: bool) -> datasets.IterableDataset:
+        """The documents with the files in a seeded order (local files), or the shards (Hub datasets)."""
+        if not shuffle or (self.files is not None and len(self.files) == 1):
+            return self.dataset
+        if self.files is None:  # buffer_size=1: only the Hub shards' order is shuffled, not the documents
+            return self.dataset.shuffle(seed=seed, buffer_size=1)
+        order = np.random.default_rng(seed).permutation(len(self.files))
+        return self._with_text_column(self._load_raw([self.files[i] for i in order]))
+
+    def _load_raw(self, files: list[str] | None) -> datasets.IterableDataset:
         if files is None:  # not a local path: a Hub dataset name
-            dataset = datasets.load_dataset(source.path, source.name, split=source.split, streaming=True)
-            column = source.text_column
-        else:
-            builder = _builder_for(files, field)
-            # A plain text file is one document, and invalid UTF-8 in it becomes U+FFFD (counted later).
-            extra = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
-            column = "text" if builder == "text" else source.text_column
-        # The first row as an Arrow table: its column names, without decoding text that may be invalid UTF-8.
-        first = next(iter(dataset.with_format("arrow").iter(batch_size=1)), None)
-    except ConfigError:
-        raise
-    except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
-        first = None
-    except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
-        raise ConfigError(f"{field}: cannot read {source.path!r} ({first_line(err)})") from None
-    if first is None or first.num_rows == 0:
-        raise ConfigError(f"{field}: {source.path!r} holds no documents; give a non-empty dataset")
-    if column not in first.column_names:
-        column_field = field.replace("path", "text_column")
-        raise ConfigError(f"{column_field}: {column!r} is not a column of {source.path!r}; "
-                          f"its columns are: {', '.join(first.column_names)}")
-    dataset = dataset.select_columns([column])
-    if files is None or builder != "text":
-        # Arrow refuses invalid UTF-8 in string columns; as bytes it passes and is decoded with replacement.
-        dataset = dataset.cast_column(column, datasets.Value("binary"))
-    return dataset.rename_column(column, "text") if column != "text" else dataset
+            return datasets.load_dataset(self.config.path, self.config.name, split=self.config.split, streaming=True)
+        # A plain text file is one document, and invalid UTF-8 in it becomes U+FFFD (counted later).
+        extra = {"sample_by": "document", "encoding_errors": "replace"} if self.builder == "text" else {}
+        return datasets.load_dataset(self.builder, data_files=files, split="train", streaming=True, **extra)
+
+    def _with_text_column(self, raw: datasets.IterableDataset) -> datasets.IterableDataset:
+        dataset = raw.select_columns([self.column])
+        if self.builder != "text":
+            # Arrow refuses invalid UTF-8 in string columns; as bytes it passes and is decoded with replacement.
+            dataset = dataset.cast_column(self.column, datasets.Value("binary"))
+        return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
 
-def epoch_documents(opened: list[datasets.IterableDataset], weights: list[float], seed: int, epoch: int,
+def epoch_documents(opened: list[Source], weights: list[float], seed: int, epoch: int,
                     shuffle: bool) -> datasets.IterableDataset:
     """The documents of one epoch: each source's files in a seeded order, sources interleaved by weight.
 
     The order depends only on (seed, epoch), so every worker and every process sees the same stream.
+    Documents are not shuffled here (sequences are, after packing).
     """
     epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
-    # buffer_size=1: only the order of files (shards) is shuffled; sequences are shuffled after packing.
-    ordered = [d.shuffle(seed=epoch_seed + i, buffer_size=1) if shuffle else d for i, d in enumerate(opened)]
+    ordered = [source.epoch_order(epoch_seed + i, shuffle) for i, source in enumerate(opened)]
     if len(ordered) == 1:
         return ordered[0]
     total = sum(weights)

@@ -36,6 +36,10 @@ class ShardWriter:
         if os.path.exists(os.path.join(out_dir, INDEX_FILE)):
             os.remove(os.path.join(out_dir, INDEX_FILE))  # shards being rewritten must not be read meanwhile
 
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
     def add(self, tokens: np.ndarray) -> None:
         while len(tokens):
             if self._file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
@@ -48,7 +52,7 @@ class ShardWriter:
     def close(self, **extra) -> dict:
         if self._file is not None:
             self._file.close()
-        index = {**self.meta, **extra, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        index = {**self.meta, **extra, "tokens": self.tokens, "shards": self.shards}
         tmp = os.path.join(self.out_dir, INDEX_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)

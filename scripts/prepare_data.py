@@ -1,6 +1,7 @@
 """Tokenize the corpus of a config once into token shards, which training then reads without a tokenizer.
 
     python scripts/prepare_data.py --config configs/default.yaml --out data/prepared/shakespeare
+    python scripts/prepare_data.py --config configs/llama-125m.yaml --out data/fineweb-edu-gpt2 --max-tokens 2e9
     accelerate launch scripts/pretrain.py --data.path=data/prepared/shakespeare
 
 Reads `data` (path or mixture, text_column, ...) and tokenizes it with `data.tokenizer`, using
@@ -25,11 +26,13 @@ from pretrain.data import START, TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.token_shards import ShardWriter  # noqa: E402
 
 
-def prepare(cfg: Config, out_dir: str, shard_tokens: int) -> None:
+def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> None:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     fraction = cfg.eval.holdout_fraction
     parts = [(out_dir, False if fraction else None)] + ([(os.path.join(out_dir, "eval"), True)] if fraction else [])
     for directory, held_out in parts:
+        # The eval part stops at its share of the cap, or a capped sample would read the whole corpus for it.
+        cap = max_tokens * fraction / (1 - fraction) if held_out else max_tokens
         blocks = TextBlocks(cfg.data, tokenizer, held_out, fraction, START, repeat=False, shuffle=False)
         # Workers tokenize blocks in parallel; batch_size=None hands each block over as it is, in order.
         loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=cfg.data.num_workers,
@@ -40,6 +43,8 @@ def prepare(cfg: Config, out_dir: str, shard_tokens: int) -> None:
             for block in loader:
                 if block.tokens is None:
                     continue
+                if writer.tokens >= cap:
+                    break
                 writer.add(block.tokens)
                 documents, empty = documents + block.documents, empty + block.empty_documents
                 replaced += block.replaced_chars
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--out", required=True, help="directory to write the shards into (must not hold shards)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
+    parser.add_argument("--max-tokens", type=float, default=float("inf"),
+                        help="stop after the block that reaches this many tokens (a sample of a large corpus)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args, rest = parser.parse_known_args(argv)
     try:
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
-        prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens)
+        prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens, args.max_tokens)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,14 +1,21 @@
-"""Train a byte-level BPE tokenizer on text files and save it in Hugging Face format.
+"""Train a byte-level BPE tokenizer on a corpus and save it in Hugging Face format.
 
     python scripts/train_tokenizer.py --files "data/shakespeare/*.txt" --vocab-size 4096 --out data/tokenizer
+    python scripts/train_tokenizer.py --config my.yaml [--data.path=corpus/*.jsonl.gz] --vocab-size 32000 --out tok
 
-This is how the bundled tokenizer in data/tokenizer/ was made. Byte-level means every
-string can be encoded (no unknown tokens), so the tokenizer works on any corpus.
+The first line is how the bundled tokenizer in data/tokenizer/ was made. The second trains on
+whatever a config's `data` section reads (JSONL, Parquet, compressed files, Hub datasets,
+mixtures), one epoch, unshuffled. Byte-level means every string can be encoded (no unknown
+tokens), so the tokenizer works on any text.
 """
 
 import argparse
 import glob
+import os
 import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_here))
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -16,8 +23,8 @@ from transformers import PreTrainedTokenizerFast
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_byte_level_bpe(files: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train BPE over bytes on `files`; one special token serves as EOS, BOS and padding."""
+def train_byte_level_bpe(files: list[str] | None, vocab_size: int, texts=None) -> PreTrainedTokenizerFast:
+    """Train BPE over bytes on text `files` or an iterator of `texts`; one special token is EOS, BOS and padding."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -27,7 +34,10 @@ def train_byte_level_bpe(files: list[str], vocab_size: int) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    tokenizer.train(files, trainer)
+    if files is not None:
+        tokenizer.train(files, trainer)
+    else:
+        tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=END_OF_TEXT,
@@ -37,23 +47,50 @@ def train_byte_level_bpe(files: list[str], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
+def config_texts(argv: list[str]):
+    """The documents a config's `data` section reads, decoded, in order (one epoch)."""
+    from pretrain.config import load_config, parse_cli
+    from pretrain.sources import Source, decode, epoch_documents, sources_of
+
+    cfg = load_config(*parse_cli(argv))
+    sources = sources_of(cfg.data)
+    opened = [Source(s) for s in sources]
+    documents = epoch_documents(opened, [s.weight for s in sources], cfg.data.seed, 0, shuffle=False)
+    for table in documents.with_format("arrow").iter(batch_size=256):
+        yield from (text for text in map(decode, table.column("text").to_pylist()) if text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", required=True, help="glob of text files to train on (quote it)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--files", help="glob of text files to train on (quote it), each file one document")
+    source.add_argument("--config", help="a training config: train on what its data section reads "
+                                         "(further --data.key=value overrides allowed)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="size of the vocabulary, special tokens included")
     parser.add_argument("--out", required=True, help="directory to save the tokenizer to")
-    args = parser.parse_args()
-
-    files = sorted(glob.glob(args.files, recursive=True))
-    if not files:
-        print(f"error: --files: {args.files!r} matches no file; give a glob of text files", file=sys.stderr)
-        return 2
+    args, rest = parser.parse_known_args()
     if args.vocab_size < 257:
         print("error: --vocab-size must be at least 257 (256 bytes plus the end-of-text token)", file=sys.stderr)
         return 2
-    tokenizer = train_byte_level_bpe(files, args.vocab_size)
+    if args.files is not None:
+        if rest:
+            print(f"error: unexpected arguments {' '.join(rest)}; overrides go with --config", file=sys.stderr)
+            return 2
+        files = sorted(glob.glob(args.files, recursive=True))
+        if not files:
+            print(f"error: --files: {args.files!r} matches no file; give a glob of text files", file=sys.stderr)
+            return 2
+        tokenizer, what = train_byte_level_bpe(files, args.vocab_size), f"{len(files)} files"
+    else:
+        from pretrain.config import ConfigError
+        try:
+            tokenizer = train_byte_level_bpe(None, args.vocab_size, config_texts(["--config", args.config, *rest]))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        what = f"the data of {args.config}"
     tokenizer.save_pretrained(args.out)
-    print(f"trained on {len(files)} files; vocabulary {len(tokenizer)}; saved to {args.out}")
+    print(f"trained on {what}; vocabulary {len(tokenizer)}; saved to {args.out}")
     return 0
 
 

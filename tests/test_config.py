@@ -71,7 +71,14 @@ def write(tmp_path: Path, text: str) -> str:
     ("trian:\n  lr: 1\n", r"^trian: unknown key"),
     ("train:\n  micro_batch_size: eight\n", r"^train\.micro_batch_size: expected int, got str 'eight'"),
     ("train:\n  max_steps: true\n", r"^train\.max_steps: expected int, got bool"),  # a bool is not an int
-], ids=["unknown-key", "unknown-section", "wrong-type", "bool-for-int"])
+    ("data:\n  mixture:\n    - {path: a.jsonl, wieght: 2}\n", r"^data\.mixture\[0\]\.wieght: unknown key .*weight"),
+    ("data:\n  mixture:\n    - {weight: 2}\n", r"^data\.mixture\[0\]\.path: required"),
+    ("data:\n  mixture:\n    - {path: a.jsonl, weight: 0}\n", r"^data\.mixture\[0\]\.weight: must be > 0"),
+    ("data:\n  mixture: a.jsonl\n", r"^data\.mixture: expected list or null, got str"),
+    ("eval:\n  holdout_fraction: 1.5\n", r"^eval\.holdout_fraction: must be in \[0, 1\)"),
+    ("data:\n  num_workers: -1\n", r"^data\.num_workers: must be >= 0"),
+], ids=["unknown-key", "unknown-section", "wrong-type", "bool-for-int", "mixture-unknown-key", "mixture-no-path",
+        "mixture-zero-weight", "mixture-not-a-list", "holdout-range", "negative-workers"])
 def test_bad_keys_and_types_in_a_file_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))

@@ -1,0 +1,86 @@
+"""Data through the real entry points: scripts/prepare_data.py, then `accelerate launch scripts/pretrain.py`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import QUIET, REPO, TINY_LLAMA, clean_env, read_metrics, run_accelerate_launch, run_script
+from pretrain.config import DataConfig
+from pretrain.data import load_tokenizer, micro_batch_stream
+from wandb_history import history_rows
+
+PREPARE = REPO / "scripts" / "prepare_data.py"
+
+
+def prepare(*args):
+    return subprocess.run([sys.executable, str(PREPARE), *args], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_prepared_shards_train_with_workers_and_report_eval(tmp_path):
+    shards = tmp_path / "shards"
+    result = prepare("--out", str(shards), "--eval.holdout_fraction=0.2", "--data.num_workers=2")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((shards / "index.json").read_text())
+    assert index["dtype"] == "uint16" and index["vocab_size"] == 4096 and index["tokens"] > 200_000
+    assert (shards / "eval" / "index.json").is_file() and (shards / "tokenizer" / "tokenizer.json").is_file()
+
+    out = tmp_path / "run"
+    run = run_accelerate_launch([*TINY_LLAMA, *QUIET, f"--data.path={shards}", "--data.num_workers=2",
+                                 "--train.max_steps=4", "--eval.every=2", "--eval.path=null", "--eval.sequences=24",
+                                 f"--output_dir={out}", "--train.warmup_steps=1"], num_processes=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [("eval_loss" in r) for r in rows] == [False, True, False, True]
+    assert rows[3]["eval_loss"] < rows[1]["eval_loss"]
+    assert rows[3]["eval_perplexity"] == pytest.approx(math.exp(rows[3]["eval_loss"]))
+    assert "step 4: eval loss" in run.stdout
+    history = history_rows(str(out))  # eval is logged to W&B beside the training loss, on the same step
+    assert [h["_step"] for h in history if "eval_loss" in h] == [2, 4]
+
+
+def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
+    corpus = tmp_path / "docs.jsonl"
+    lines = [f"Line {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(60)]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    out = tmp_path / "run"
+    args = [*TINY_LLAMA, *QUIET, f"--data.path={corpus}", "--data.packing=false", "--data.seq_len=32",
+            "--train.micro_batch_size=4", "--train.gradient_accumulation_steps=2", "--train.max_steps=3",
+            "--eval.every=0", f"--output_dir={out}"]
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = DataConfig(path=str(corpus), packing=False, seq_len=32)
+    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), 4, 0, 1)
+    targets = [int((mb.batch["labels"] != -100).sum()) for mb in itertools.islice(stream, 6)]
+    # Each step's tokens are the real targets of its two padded micro-batches, not 2 x 4 x 32.
+    steps = [sum(targets[i:i + 2]) for i in (0, 2, 4)]
+    assert [r["tokens"] for r in read_metrics(out)] == list(itertools.accumulate(steps))
+    assert all(s < 2 * 4 * 32 for s in steps)
+
+
+def test_prepare_data_never_overwrites_and_names_bad_input(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    result = prepare("--out", str(tmp_path / "full"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --out: '{tmp_path / 'full'}' is not empty; choose another directory or pass --overwrite"]
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    result = prepare("--out", str(tmp_path / "new"), "--data.path=./no/such.jsonl")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: data.path: './no/such.jsonl' does not exist")
+
+
+def test_shards_from_another_tokenizer_are_refused(tmp_path):
+    shards = tmp_path / "shards"
+    assert prepare("--out", str(shards), "--data.path=data/shakespeare_eval").returncode == 0
+    index = json.loads((shards / "index.json").read_text())
+    (shards / "index.json").write_text(json.dumps({**index, "vocab_size": 50257}))
+    result = run_script([f"--data.path={shards}", f"--output_dir={tmp_path / 'run'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data.tokenizer: has 4096 tokens but" in result.stderr and not (tmp_path / "run").exists()
