@@ -1,6 +1,6 @@
 """Tokens per second of the data pipeline alone, next to the bare tokenizer and the training loop's own rate.
 
-    python benchmarks/data_throughput.py [--corpus DIR] [--seq-len 128] [--micro-batch-size 8] [--passes 3]
+    python benchmarks/data_throughput.py [--corpus DIR] [--seq-len 128] [--micro-batch-size 8] [--passes 6]
 
 Figures, in one run on the same text:
   1. the bare tokenizer: `encode_batch_fast` over every document `passes` times, on all cores (the ceiling);
@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--corpus", default=shared if os.path.isdir(shared) else os.path.join(ROOT, "data", "shakespeare"))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--passes", type=int, default=3, help="epochs over the corpus for the raw-text figures")
+    parser.add_argument("--passes", type=int, default=6, help="epochs over the corpus for the raw-text figures")
     args = parser.parse_args()
     tokenizer = load_tokenizer(os.path.join(ROOT, "data", "tokenizer"))
 

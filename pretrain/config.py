@@ -79,7 +79,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the full-batch gradient to this norm; 0 disables clipping
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
-    seed: int = 1337  # seeds init and sampling (the data order is fixed): same seed and config, same run
+    seed: int = 1337  # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
     log_every: int = 50  # print a line every this many optimizer steps (metrics and W&B get every step)
     cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
 
