@@ -1,14 +1,16 @@
 """Command line: `accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]`.
 
-Bad input ends the run with one line on stderr that names the key, and exit status 2.
+Bad input ends the run with one line on stderr that names the key, and exit status 2; a run that
+cannot go on (a failed save, too many non-finite steps) with one line and status 1; a run stopped
+by SIGTERM or SIGINT, after saving a checkpoint, with 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pretrain.config import ConfigError, load_config, parse_cli
-from pretrain.train import train
+from pretrain.config import ConfigError, RunError, load_config, parse_cli
+from pretrain.train import Stopped, train
 
 USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]
 
@@ -25,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(load_config(*parse_cli(argv)))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # bad input: nothing was trained
+        if str(err):  # empty: another process failed its checks and printed why
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # training cannot go on; the last checkpoint is intact
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Stopped as err:  # SIGTERM/SIGINT: the current step was finished and saved
+        print(str(err), file=sys.stderr)
+        return err.exit_status
     return 0

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """Bad user input. The message is one line that names the key and says what would be valid."""
 
 
+class RunError(RuntimeError):
+    """Training cannot go on (a failed save, too many non-finite steps). The message is one line."""
+
+
 @dataclass
 class ModelConfig:
     type: str = "llama"  # "embedding_linear", or any transformers model_type (llama, gpt2, qwen2, ...)
@@ -82,6 +86,8 @@ class TrainConfig:
     seed: int = 1337  # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
     log_every: int = 50  # print a line every this many optimizer steps (metrics and W&B get every step)
     cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
+    max_nonfinite_skips: int = 3  # skip up to this many consecutive steps with a non-finite loss or gradient
+    #                               norm (no update, logged as skipped), then stop with an error; 0: stop at once
 
 
 @dataclass
@@ -101,6 +107,12 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 200  # save the full training state every this many optimizer steps (and at the end); 0: end only
+    keep: int = 2  # how many of the newest checkpoints to keep in <output_dir>/checkpoints/
+
+
+@dataclass
 class SampleConfig:
     prompt: str = "ROMEO:"  # text the trained model continues at the end of the run
     max_new_tokens: int = 80  # length of that sample in tokens; 0 skips sampling
@@ -115,9 +127,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, final/ and W&B files go here
-    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/, final/ and W&B files go here
+    # auto: continue from the newest complete checkpoint in output_dir (or start); none: start afresh
+    # (refused over existing checkpoints unless overwrite); or the path of one checkpoint to continue from
+    resume: str = "auto"
+    overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
 
 
 CHOICES = {
@@ -126,9 +142,10 @@ CHOICES = {
     "train.lr_scaling": ("none", "linear", "sqrt"),
     "train.incomplete_last_step": ("drop", "step"),
 }
-POSITIVE = ("data.seq_len", "data.block_chars", "eval.sequences", "train.micro_batch_size", "train.max_steps", "train.lr", "train.log_every",
-            "sample.temperature")
-NON_NEGATIVE = ("data.num_workers", "eval.every", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+POSITIVE = ("data.seq_len", "data.block_chars", "eval.sequences", "checkpoint.keep", "train.micro_batch_size",
+            "train.max_steps", "train.lr", "train.log_every", "sample.temperature")
+NON_NEGATIVE = ("data.num_workers", "eval.every", "checkpoint.every", "train.max_nonfinite_skips",
+                "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
 POSITIVE_OR_NULL = ("train.gradient_accumulation_steps", "train.global_batch_size", "train.lr_base_batch_size",
                     "train.cpu_threads")
@@ -230,6 +247,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight!r}")
     if cfg.data.mixture == []:
         raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
+    if not cfg.resume:
+        raise ConfigError("resume: must be auto, none or the path of a checkpoint directory, got an empty string")
     if not cfg.output_dir:
         raise ConfigError("output_dir: must be a directory path, got an empty string")
 

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, DataConfig
+from pretrain.preemption import ignore_stop_signals
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_documents, first_line, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
@@ -283,7 +284,7 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micr
     repeat = cfg.repeat if repeat is None else repeat
     shuffle = cfg.shuffle if shuffle is None else shuffle
     loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
-                   "persistent_workers": False, "prefetch_factor": 4 if cfg.num_workers else None}
+                   "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": ignore_stop_signals}
     if not cfg.mixture and is_token_shards(path):
         if not cfg.packing:
             raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")

@@ -10,6 +10,7 @@ import json
 import netrc
 import os
 import sys
+import uuid
 from typing import Any
 
 from accelerate import Accelerator
@@ -37,20 +38,39 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-class MetricsLogger:
-    """Writes each optimizer step's row to metrics.jsonl and, when enabled, to W&B. Main process only."""
+def new_run_id(cfg: Config) -> str | None:
+    """An id for a new W&B run, chosen here so that checkpoints can name the run a resume continues."""
+    return uuid.uuid4().hex[:12] if wandb_mode(cfg) is not None else None  # W&B ids are [a-z0-9]
 
-    def __init__(self, accelerator: Accelerator, cfg: Config):
+
+class MetricsLogger:
+    """Writes each optimizer step's row to metrics.jsonl and, when enabled, to W&B. Main process only.
+
+    `resumed_at`: the step of the checkpoint a run resumes from. Rows after it (logged before a
+    crash, and about to be logged again) are dropped from metrics.jsonl, so each step appears once,
+    and W&B continues the same run (same id, resume="allow").
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None):
         self.accelerator = accelerator
         self.use_wandb = wandb_mode(cfg) is not None
         self.file = None
         if not accelerator.is_main_process:
             return
-        self.file = open(os.path.join(cfg.output_dir, METRICS_FILE), "w")
+        path = os.path.join(cfg.output_dir, METRICS_FILE)
+        earlier = keep_rows_up_to(path, resumed_at) if resumed_at is not None and os.path.exists(path) else []
+        self.file = open(path, "a" if resumed_at is not None else "w")
         if self.use_wandb:
-            init = {"dir": cfg.output_dir, "mode": wandb_mode(cfg), "name": cfg.tracking.run_name}
+            init = {"dir": cfg.output_dir, "mode": wandb_mode(cfg), "name": cfg.tracking.run_name, "id": run_id,
+                    "resume": "allow"}
             try:
                 accelerator.init_trackers(cfg.tracking.project, config=flat_dict(cfg), init_kwargs={"wandb": init})
+                # A process killed with -9 takes W&B's unsent rows with it. Send the steps before the checkpoint
+                # again from metrics.jsonl, from where the run's history ends (W&B refuses steps it already has).
+                history_end = accelerator.get_tracker("wandb", unwrap=True).step
+                for row in earlier:
+                    if row["step"] >= history_end:
+                        self._send(row)
             except Exception as err:  # no network, bad credentials, wandb's service dying: keep training
                 self._give_up_wandb(err)
 
@@ -61,9 +81,12 @@ class MetricsLogger:
         self.file.flush()  # a crash loses at most the row being written
         if self.use_wandb:
             try:
-                self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                self._send(row)
             except Exception as err:
                 self._give_up_wandb(err)
+
+    def _send(self, row: dict[str, Any]) -> None:
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self) -> None:
         if self.file is not None:
@@ -81,3 +104,21 @@ class MetricsLogger:
         print(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", file=sys.stderr)
         self.use_wandb = False
         self.accelerator.trackers.clear()  # so that end_training() does not finish a run that never started
+
+
+def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
+    """Rewrite metrics.jsonl with the rows of steps <= last_step, and return them (a half-written line is dropped)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", last_step + 1) <= last_step:
+                kept.append(row)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(tmp, path)
+    return kept

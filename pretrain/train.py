@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
                                    plan_accumulation, summed_token_loss)
-from pretrain.config import Config, ConfigError, to_yaml
-from pretrain.data import DataStats, MicroBatchReader, load_tokenizer, micro_batch_stream
+from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, all_ok, load_checkpoint,
+                                 load_trainer_state, resume_path, save_checkpoint, settings_of)
+from pretrain.config import Config, ConfigError, RunError, to_yaml
+from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
 from pretrain.evaluation import eval_micro_batches, evaluate
 from pretrain.models import build_model, build_model_config, max_positions
 from pretrain.optim import build_optimizer, lr_at, set_lr
-from pretrain.tracking import METRICS_FILE, MetricsLogger, wandb_mode
+from pretrain.preemption import StopRequest
+from pretrain.tracking import METRICS_FILE, MetricsLogger, new_run_id, wandb_mode
 
+T = TypeVar("T")
 FINAL_DIR = "final"
 
 
@@ -32,29 +42,18 @@ def train(cfg: Config) -> None:
         raise ConfigError(f"train.mixed_precision: {cfg.train.mixed_precision!r} but the launcher asks for "
                           f"{launcher_precision!r} (accelerate launch --mixed_precision or accelerate config); "
                           "make them agree")
-    # K is set on the accelerator at every optimizer step (it may follow a schedule); start with the first K.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="wandb" if wandb_mode(cfg) else None)
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         # Their engines scale the loss by their own fixed K; the token-exact scale below assumes Accelerate's 1/K.
         raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not supported yet; "
                           "use DDP (multi-GPU or multi-CPU) or a single process")
-    plan = plan_accumulation(cfg.train, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = plan.first_k
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-    model_config = build_model_config(cfg.model, len(tokenizer), special)
-    limit = max_positions(model_config)
-    if limit is not None and cfg.data.seq_len > limit:
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
-                          f"(model.max_position_embeddings); use at most {limit}")
-    # The data is opened (and checked) now; with workers, they start reading while the model is built.
-    stats = DataStats()
-    batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
-                            plan.num_processes, stats=stats)
-    eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
-    check_output_dir(cfg)  # last: bad input above leaves no empty output dir behind
-    accelerator.wait_for_everyone()  # every rank has checked the output dir before rank 0 writes to it
+    # Every process runs the checks; if any fails, all stop (none waits alone at a barrier).
+    setup = agree(accelerator, lambda: check_and_open(cfg, accelerator))
+    plan, tokenizer, state, resume_from = setup.plan, setup.tokenizer, setup.state, setup.resume_from
+    accelerator.gradient_accumulation_steps = plan.first_k  # set again at every step (K may follow a schedule)
+    if accelerator.is_main_process and resume_from is None and cfg.overwrite:
+        shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)  # a fresh start
+    accelerator.wait_for_everyone()
 
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.train.cpu_threads)
@@ -65,17 +64,22 @@ def train(cfg: Config) -> None:
     accelerator.print(describe_global_batch(plan, cfg.data.seq_len))
 
     set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
-    model = build_model(model_config)
+    model = build_model(setup.model_config)
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    reader = MicroBatchReader(batches, accelerator.device)
-    metrics = MetricsLogger(accelerator, cfg)
+    agree(accelerator, lambda: check_free_space(cfg, model))
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)  # model, optimizer, scaler and RNG states
+        accelerator.print(f"resuming from {resume_from}: {state.step} optimizer steps done, {state.tokens:,} tokens")
+    reader = MicroBatchReader(setup.batches, accelerator.device, start=state.data_position)
+    metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resume_from else None)
+    stop_request = StopRequest()
 
     # ---- loop: one iteration is one optimizer step
-    tokens_seen, updates = 0, 0  # updates: steps that changed the weights (an fp16 overflow skips one)
-    progress = tqdm(range(1, cfg.train.max_steps + 1), desc="optimizer steps", unit="step",
-                    disable=not accelerator.is_main_process)
+    progress = tqdm(range(state.step + 1, cfg.train.max_steps + 1), desc="optimizer steps", unit="step",
+                    initial=state.step, total=cfg.train.max_steps, disable=not accelerator.is_main_process)
+    stopped_by = None
     for step in progress:
         started = time.perf_counter()
         epoch = step_epoch(reader, accelerator)
@@ -87,34 +91,56 @@ def train(cfg: Config) -> None:
                                        "stopping")
             break
         micro_batches, step_tokens = gathered
-        lr = lr_at(updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
+        lr = lr_at(state.updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
         set_lr(optimizer, lr)
-        loss, grad_norm, skipped = optimizer_step(accelerator, model, optimizer, micro_batches, step_tokens,
-                                                  cfg.train.max_grad_norm)
-        updates += not skipped
-        tokens_seen += step_tokens
+        loss, grad_norm, skipped, finite = optimizer_step(accelerator, model, optimizer, micro_batches, step_tokens,
+                                                          cfg.train.max_grad_norm)
+        state.step, state.tokens, state.data_position = step, state.tokens + step_tokens, reader.position
+        state.updates += not skipped
+        state.consecutive_skips = 0 if finite else state.consecutive_skips + 1
 
         # ---- log: the step's token-weighted loss, the same on every rank
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                "tokens_per_sec": step_tokens / (time.perf_counter() - started), "gradient_accumulation_steps": k,
                "global_batch_size": plan.global_batch(k), "epoch": epoch, "skipped": skipped}
-        if eval_batches is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
-            row["eval_loss"], row["eval_perplexity"] = evaluate(accelerator, model, eval_batches)
+        if setup.eval_batches is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+            row["eval_loss"], row["eval_perplexity"] = evaluate(accelerator, model, setup.eval_batches)
             say(progress, accelerator, f"step {step}: eval loss {row['eval_loss']:.4f}, "
                                        f"perplexity {row['eval_perplexity']:.2f}")
         metrics.log(row)
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or skipped:
+            reason = "" if not skipped else " (skipped: gradient overflow)" if finite else " (skipped: not finite)"
             say(progress, accelerator, f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                                       f"K {k}, {tokens_seen:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s"
-                                       + (" (skipped: gradient overflow)" if skipped else ""))
+                                       f"K {k}, {state.tokens:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s{reason}")
+        if state.consecutive_skips > cfg.train.max_nonfinite_skips:
+            metrics.close()
+            raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite for "
+                           f"{state.consecutive_skips} steps in a row (last at step {step}); lower train.lr or "
+                           "check the data, then resume from the last checkpoint")
+
+        # ---- save: a checkpoint every checkpoint.every steps, and at once when the scheduler asks us to stop
+        stopped_by = stop_request.agreed(accelerator)
+        periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not state.consecutive_skips
+        if stopped_by or periodic:  # not in the middle of a run of non-finite steps, unless told to stop
+            say(progress, accelerator, f"checkpoint: {checkpoint(accelerator, model, cfg, state)}")
+        if stopped_by:
+            break
     progress.close()
-    if stats.documents:
+    stop_request.restore()
+    if setup.stats.documents:
+        stats = setup.stats
         accelerator.print(f"data: {stats.documents:,} documents read, {stats.empty_documents:,} empty ones skipped, "
                           f"{stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
+    if stopped_by:
+        metrics.close()
+        raise Stopped(stopped_by, f"stopped by {stopped_by.name} after optimizer step {state.step}; the checkpoint "
+                                  f"is in {os.path.join(cfg.output_dir, CHECKPOINTS_DIR)}/step_{state.step}. "
+                                  "Run the same command again to resume.")
 
-    # ---- save: the final model in Hugging Face format, then a sample from it
-    accelerator.wait_for_everyone()
+    # ---- end: a last checkpoint, the final model in Hugging Face format, then a sample from it
+    if not os.path.isdir(os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")):  # not saved above
+        accelerator.print(f"checkpoint: {checkpoint(accelerator, model, cfg, state)}")
     final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
@@ -129,15 +155,102 @@ def train(cfg: Config) -> None:
     del model, optimizer, unwrapped
     accelerator.free_memory()
     accelerator.end_training()  # destroys the process group
+    if setup.lock is not None:
+        setup.lock.release()
+
+
+class Stopped(Exception):
+    """The run stopped cleanly on a signal, after saving a checkpoint; the CLI exits with 128 + signal."""
+
+    def __init__(self, signal_number, message: str):
+        super().__init__(message)
+        self.exit_status = 128 + int(signal_number)
+
+
+@dataclass
+class Setup:
+    """What the checks produced: the plan of K, the tokenizer and model config, where to start, the data."""
+    plan: AccumulationPlan
+    tokenizer: PreTrainedTokenizerBase
+    model_config: PretrainedConfig
+    state: TrainerState  # fresh, or loaded from the checkpoint at resume_from
+    resume_from: str | None
+    batches: Iterator[MicroBatch]
+    eval_batches: list[dict[str, torch.Tensor]] | None
+    stats: DataStats
+    lock: OutputDirLock | None  # held by the main process
+
+
+def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
+    """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
+    plan = plan_accumulation(cfg.train, accelerator.num_processes)
+    launcher_k = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher_k not in (None, "", "1", str(plan.first_k)):
+        raise ConfigError(f"train.gradient_accumulation_steps: the template's K is {plan.first_k} but the launcher "
+                          f"asks for {launcher_k} (accelerate launch --gradient_accumulation_steps, accelerate config "
+                          "or a DeepSpeed config); set K in the template's config only")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    model_config = build_model_config(cfg.model, len(tokenizer), special)
+    limit = max_positions(model_config)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
+                          f"(model.max_position_embeddings); use at most {limit}")
+    resume_from = resume_path(cfg)
+    state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
+    state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
+    # The data is opened (and checked) now; with workers, they start reading while the model is built.
+    stats = DataStats()
+    batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
+                                 plan.num_processes, start=state.data_position, stats=stats)
+    eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
+    check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
+    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process else None
+    return Setup(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock)
+
+
+def agree(accelerator: Accelerator, check: Callable[[], T]) -> T:
+    """Run `check` on every process; if it raises ConfigError on any, every process stops with exit status 2."""
+    try:
+        result, error = check(), None
+    except ConfigError as err:
+        result, error = None, err
+    if not all_ok(accelerator, error is None):
+        raise error if error is not None else ConfigError("")  # "": another process printed the reason
+    return result
+
+
+def check_free_space(cfg: Config, model: torch.nn.Module) -> None:
+    """A checkpoint holds the weights and two AdamW moments in float32: refuse to start without room for one."""
+    needed = 3 * 4 * sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(cfg.output_dir).free
+    if free < 2 * needed:
+        raise ConfigError(f"output_dir: {free / 2**20:,.0f} MiB free in {cfg.output_dir!r}, but a checkpoint takes "
+                          f"about {needed / 2**20:,.0f} MiB; free some space or choose another output_dir")
+
+
+def checkpoint(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, state: TrainerState) -> str:
+    """Save the state after `state.step`; returns the checkpoint's path."""
+    if not all_finite(model):  # never save a state that cannot be trained on
+        raise RunError(f"checkpoint: the weights are not finite after step {state.step}; not saving them "
+                       "(resume from the last checkpoint with a lower train.lr)")
+    return save_checkpoint(accelerator, cfg, state)
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the step's target tokens on all processes
+    grad_norm: float  # of the full-batch gradient, before clipping
+    skipped: bool  # no update: an fp16 overflow, or a non-finite loss or norm
+    finite: bool  # loss and norm were finite
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
-                   max_grad_norm: float) -> tuple[float, float, bool]:
+                   max_grad_norm: float) -> StepResult:
     """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
 
-    Returns the step's loss (mean over those tokens), the full-batch gradient norm before clipping,
-    and whether the optimizer skipped the update (an fp16 gradient overflow).
+    A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights.
     """
     k = len(micro_batches)
     accelerator.gradient_accumulation_steps = k
@@ -156,11 +269,15 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
             raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
 
     # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
     loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
-    return loss, float(grad_norm), accelerator.optimizer_step_was_skipped
+    # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the
+    # scaler's business (it skips the step and lowers the scale); a non-finite loss is always ours.
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)
 
 
 def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerator, incomplete: str,
@@ -205,10 +322,13 @@ def say(progress: tqdm, accelerator: Accelerator, line: str) -> None:
         progress.write(line)
 
 
-def check_output_dir(cfg: Config) -> None:
+def check_output_dir(cfg: Config, resuming: bool) -> None:
     """Refuse to overwrite an earlier run, and fail now (not after training) if the dir cannot be written."""
-    previous = [name for name in (METRICS_FILE, FINAL_DIR) if os.path.exists(os.path.join(cfg.output_dir, name))]
-    if previous and not cfg.overwrite:
+    previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
+                if os.path.exists(os.path.join(cfg.output_dir, name))]
+    if previous == [METRICS_FILE] and _saved_config(cfg) == to_yaml(cfg):
+        previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing
+    if previous and not cfg.overwrite and not resuming:
         raise ConfigError(f"output_dir: {cfg.output_dir!r} already holds a run ({', '.join(previous)}); "
                           "choose another output_dir or pass --overwrite=true")
     try:
@@ -218,6 +338,14 @@ def check_output_dir(cfg: Config) -> None:
         os.remove(probe)
     except OSError as err:
         raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
+
+
+def _saved_config(cfg: Config) -> str | None:
+    try:
+        with open(os.path.join(cfg.output_dir, "config.yaml")) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def set_cpu_threads(requested: int | None) -> None:

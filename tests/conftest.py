@@ -28,8 +28,9 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch scripts/pretrain.py ARGS`, from the repository root, as a user runs it."""
+def accelerate_launch_command(args: list[str], num_processes: int = 1,
+                              launcher_args: list[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `accelerate launch [LAUNCHER_ARGS] scripts/pretrain.py ARGS`."""
     if num_processes == 1:
         launch = ["--num_processes", "1"]
     else:  # on CPU, --cpu --num_processes 2 starts ONE process; --multi_gpu with ACCELERATE_USE_CPU starts two
@@ -37,9 +38,25 @@ def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int 
     env = clean_env()
     if num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [str(ACCELERATE), "launch", *launch, "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [str(ACCELERATE), "launch", *launcher_args, *launch, "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(SCRIPT), *args]
+    return cmd, env
+
+
+def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int = 240,
+                          launcher_args: list[str] = ()) -> subprocess.CompletedProcess:
+    """`accelerate launch scripts/pretrain.py ARGS`, from the repository root, as a user runs it."""
+    cmd, env = accelerate_launch_command(args, num_processes, launcher_args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_accelerate_launch(args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    """Start `accelerate launch scripts/pretrain.py ARGS` in its own process group (to signal it as a scheduler
+    would), with stdout and stderr going to LOG.out and LOG.err."""
+    cmd, env = accelerate_launch_command(args)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def run_script(args: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:

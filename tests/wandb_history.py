@@ -48,11 +48,20 @@ def _records(path: str):
 
 def history_rows(output_dir: str) -> list[dict]:
     """Every history row logged to the single offline run under `output_dir`, as {key: value}."""
-    runs = glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    runs = offline_runs(output_dir)
     if len(runs) != 1:
         raise AssertionError(f"expected one offline W&B run under {output_dir}, found {runs}")
+    return run_history(runs[0])
+
+
+def offline_runs(output_dir: str) -> list[str]:
+    """The offline run files under `output_dir` (a resumed run adds one per start), oldest first."""
+    return sorted(glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb")))
+
+
+def run_history(path: str) -> list[dict]:
     rows = []
-    for payload in _records(runs[0]):
+    for payload in _records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":

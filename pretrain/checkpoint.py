@@ -1,0 +1,215 @@
+"""Checkpoints: the whole training state at an optimizer-step boundary, saved atomically, found and resumed.
+
+A checkpoint is `<output_dir>/checkpoints/step_<N>/` (N optimizer steps completed): what
+`accelerator.save_state` writes (model, optimizer, gradient scaler, every process's RNG states)
+plus `trainer_state.json` (step, tokens, K, data position, W&B run id, and the settings a resume
+must match). It is written to a hidden temporary directory, flushed and then renamed, so a
+`step_<N>` directory is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from pretrain.config import Config, ConfigError, RunError, to_dict
+from pretrain.data import START
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".lock"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# Settings that fix the model's shape and the data stream: a checkpoint resumes only under the same ones.
+MUST_MATCH = ("model", "data.path", "data.mixture", "data.seq_len", "data.packing", "data.shuffle", "data.seed",
+              "data.block_chars", "data.text_column")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, beside the model and optimizer, to continue exactly where it stopped."""
+    step: int = 0  # optimizer steps completed
+    updates: int = 0  # steps that changed the weights (the lr schedule counts these)
+    tokens: int = 0  # target tokens trained on
+    consecutive_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient norm
+    data_position: dict[str, Any] = field(default_factory=lambda: dict(START))  # where the stream continues
+    wandb_run_id: str | None = None  # the W&B run a resume continues
+    settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    flat = to_dict(cfg)
+    return {key: flat[key] if "." not in key else flat[key.split(".")[0]][key.split(".")[1]] for key in MUST_MATCH}
+
+
+# --------------------------------------------------------------------------- where to start
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name))
+             and os.path.isfile(os.path.join(root, name, STATE_FILE))]
+    return [os.path.join(root, name) for _, name in sorted(found)]
+
+
+def resume_path(cfg: Config) -> str | None:
+    """The checkpoint to continue from, or None to start afresh; bad `resume` values are ConfigErrors."""
+    if cfg.resume == "none":
+        if checkpoint_dirs(cfg.output_dir) and not cfg.overwrite:
+            raise ConfigError(f"resume: none, but {cfg.output_dir!r} holds checkpoints of an earlier run; use "
+                              "resume: auto to continue it, another output_dir, or --overwrite=true to replace it")
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(cfg.output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
+        raise ConfigError(f"resume: {cfg.resume!r} is not a checkpoint (no {STATE_FILE}); give auto, none or a "
+                          f"{CHECKPOINTS_DIR}/step_<N> directory")
+    return cfg.resume
+
+
+def load_trainer_state(path: str, cfg: Config) -> TrainerState:
+    """The trainer state saved in checkpoint `path`, checked against `cfg` before any model is built."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = TrainerState(**json.load(f))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"resume: cannot read {os.path.join(path, STATE_FILE)} ({err})") from None
+    now = settings_of(cfg)
+    for key in MUST_MATCH:
+        if state.settings.get(key) != now[key]:
+            raise ConfigError(f"{key}: the checkpoint {path!r} was made with {state.settings.get(key)!r}, this "
+                              f"config has {now[key]!r}; resume with the same value, or start afresh "
+                              "(resume: none and another output_dir)")
+    return state
+
+
+def load_checkpoint(accelerator: Accelerator, path: str) -> None:
+    """Model, optimizer, scaler and RNG states from `path` into the prepared objects."""
+    try:
+        accelerator.load_state(path)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # a size mismatch, a missing or corrupt file
+        raise ConfigError(f"resume: cannot load {path!r} into this model ({_first_line(err)})") from None
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) -> str:
+    """Write `state` and everything Accelerate holds to checkpoints/step_<step>/, atomically. All processes call it."""
+    root = os.path.join(cfg.output_dir, CHECKPOINTS_DIR)
+    final = os.path.join(root, f"step_{state.step}")
+    if os.path.isdir(final):  # saved already: every process sees it, so all return here together
+        return final
+    tmp = os.path.join(root, f".step_{state.step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(tmp)  # every process writes its RNG states; the main process the rest
+        _test_delay("PRETRAIN_TEST_SAVE_DELAY")
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(dataclasses.asdict(state), f, indent=1)
+            _flush_tree(tmp)
+    except OSError as err:  # a full disk, a quota, a vanished directory
+        error = err
+    if not all_ok(accelerator, error is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint_dirs(cfg.output_dir)
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        reason = error.strerror if error is not None and error.strerror else "failed on another process"
+        raise RunError(f"checkpoint: cannot write {final!r} ({reason}){kept}")
+    if accelerator.is_main_process:
+        os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
+        _fsync_dir(root)
+        for old in checkpoint_dirs(cfg.output_dir)[:-cfg.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def all_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """True on every process only if `ok` on every process (so no process waits alone at a barrier)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=accelerator.device)
+    return int(accelerator.reduce(flag, "sum")) == 0
+
+
+def _flush_tree(directory: str) -> None:
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(parent, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(parent)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _test_delay(variable: str) -> None:
+    """Tests set this to kill a run in the middle of a save."""
+    if os.environ.get(variable):
+        time.sleep(float(os.environ[variable]))
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+# --------------------------------------------------------------------------- one run per output_dir
+
+
+class OutputDirLock:
+    """An exclusive lock on `<output_dir>/.lock`, held by the main process for the whole run.
+
+    The OS drops it when the process ends, however it ends (kill -9 included), so a stale file
+    never blocks a resume; a run still finishing its last step does.
+    """
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConfigError(f"output_dir: {output_dir!r} is in use by a run that is still going ({holder}); "
+                              "wait for it to exit, or choose another output_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()

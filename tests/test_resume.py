@@ -1,0 +1,150 @@
+"""Interrupted runs through the real `accelerate launch`: kill -9 anywhere, SIGTERM, a held lock, non-finite steps.
+
+Every interrupted run, resumed, must give the uninterrupted run's per-step losses and final
+weights bit for bit (CPU, float32), with each step once in metrics.jsonl and in W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import QUIET, TINY_LLAMA, read_metrics, run_accelerate_launch, run_script, start_accelerate_launch
+from pretrain.checkpoint import OutputDirLock
+from wandb_history import offline_runs, run_history
+
+STEPS = 8
+ARGS = [*TINY_LLAMA, *QUIET, "--sample.max_new_tokens=0", "--data.seq_len=32", "--train.micro_batch_size=2",
+        "--train.gradient_accumulation_steps=2", f"--train.max_steps={STEPS}", "--train.warmup_steps=2",
+        "--checkpoint.every=2", "--checkpoint.keep=2", "--eval.every=0"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_accelerate_launch([*ARGS, f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def wait_for(condition, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def rows_logged(out):
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_group(process, sig):
+    os.killpg(process.pid, sig)
+
+
+def group_gone(process):
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_same_run(out, reference):
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step exactly once
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(reference)]  # bit for bit
+    assert [r["lr"] for r in rows] == [r["lr"] for r in read_metrics(reference)]
+    final = "final/model.safetensors"
+    assert (out / final).read_bytes() == (reference / final).read_bytes()
+
+
+def assert_one_wandb_run(out, reference, launches):
+    """The last `launches` launches logged to one W&B run id; together they hold each step, with the same values."""
+    runs = offline_runs(str(out))[-launches:]
+    assert len({os.path.basename(r) for r in runs}) == 1  # run-<id>.wandb: the same id
+    losses = {}
+    for history in map(run_history, runs):
+        for row in history:
+            assert losses.setdefault(row["_step"], row["loss"]) == row["loss"]  # a step logged again is identical
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in sorted(losses)] == [r["loss"] for r in read_metrics(reference)]
+
+
+def test_kill_9_at_several_points_then_resume_gives_the_same_run(tmp_path, reference):
+    out = tmp_path / "run"
+    args = [*ARGS, f"--output_dir={out}"]
+    # 1. before the first checkpoint: the restart begins again (same config, nothing to lose)
+    run = start_accelerate_launch(args, tmp_path / "first")
+    wait_for(lambda: rows_logged(out) >= 1)
+    kill_group(run, signal.SIGKILL)
+    run.wait()
+    # 2. in the middle of writing the checkpoint of step 4 (the test hook holds the save open)
+    run = start_accelerate_launch(args, tmp_path / "second", PRETRAIN_TEST_SAVE_DELAY="1.5")
+    wait_for(lambda: (out / "checkpoints" / ".step_4.tmp" / "model.safetensors").exists())
+    kill_group(run, signal.SIGKILL)
+    run.wait()
+    assert (out / "checkpoints" / "step_2").is_dir() and not (out / "checkpoints" / "step_4").exists()
+    # 3. in the middle of a step, after the checkpoint of step 4
+    run = start_accelerate_launch(args, tmp_path / "third")
+    wait_for(lambda: rows_logged(out) >= 5)
+    kill_group(run, signal.SIGKILL)
+    run.wait()
+    assert f"resuming from {out}/checkpoints/step_2" in (tmp_path / "third.out").read_text()
+    newest = max((p for p in (out / "checkpoints").glob("step_*")), key=lambda p: int(p.name[5:]))
+    # 4. resumed to the end, from the newest complete checkpoint
+    result = run_accelerate_launch(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {newest}:" in result.stdout
+    assert_same_run(out, reference)
+    # The first launch, killed before any checkpoint, was a W&B run of its own; the other three are one run.
+    assert len(offline_runs(str(out))) == 4
+    assert_one_wandb_run(out, reference, launches=3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_6", "step_8"]  # checkpoint.keep: 2
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference):
+    out = tmp_path / "run"
+    args = [*ARGS, f"--output_dir={out}"]
+    run = start_accelerate_launch(args, tmp_path / "stopped", PRETRAIN_TEST_SAVE_DELAY="1")
+    wait_for(lambda: rows_logged(out) >= 3)
+    kill_group(run, signal.SIGTERM)  # what a scheduler sends, to the whole process group
+    run.wait()  # accelerate launch itself exits at once ...
+    wait_for(lambda: group_gone(run))  # ... while the training process finishes its step and saves
+    err = (tmp_path / "stopped.err").read_text()
+    assert "received SIGTERM: finishing this optimizer step, then saving a checkpoint" in err
+    done = rows_logged(out)
+    assert f"stopped by SIGTERM after optimizer step {done}; the checkpoint is in {out}/checkpoints/step_{done}" in err
+    assert (out / "checkpoints" / f"step_{done}").is_dir() and not (out / "final").exists()
+
+    # A new start while another process holds the output dir is refused (here the test holds the lock).
+    lock = OutputDirLock(str(out))
+    refused = run_script(args)
+    lock.release()
+    assert refused.returncode == 2 and f"error: output_dir: '{out}' is in use by a run" in refused.stderr
+
+    result = run_accelerate_launch(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/step_{done}" in result.stdout
+    assert_same_run(out, reference)
+
+
+def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_path):
+    out = tmp_path / "run"
+    # An absurd learning rate: step 1 is finite and blows the weights up; from step 2 the loss is not finite.
+    result = run_script([*ARGS, f"--output_dir={out}", "--train.lr=1e20", "--train.warmup_steps=0",
+                         "--train.max_grad_norm=0", "--checkpoint.every=1", "--train.max_nonfinite_skips=2"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: train.max_nonfinite_skips: the loss or gradient norm was not finite for 3 steps in a row (last at "
+        "step 4)")
+    rows = read_metrics(out)
+    assert [r["skipped"] for r in rows] == [False, True, True, True]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # none while non-finite
+    state = json.loads((out / "checkpoints" / "step_1" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["consecutive_skips"] == 0
