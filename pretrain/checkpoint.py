@@ -31,7 +31,7 @@ LOCK_FILE = ".lock"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that fix the model's shape and the data stream: a checkpoint resumes only under the same ones.
 MUST_MATCH = ("model", "data.path", "data.mixture", "data.seq_len", "data.packing", "data.shuffle", "data.seed",
-              "data.block_chars", "data.text_column")
+              "data.block_chars", "data.text_column", "eval.holdout_fraction")
 
 
 @dataclass

@@ -30,8 +30,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, DataConfig
-from pretrain.preemption import ignore_stop_signals
-from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_documents, first_line, is_held_out, sources_of
+from pretrain.preemption import detach_worker
+from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, first_line, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
 START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
@@ -114,10 +114,9 @@ class TextBlocks(torch.utils.data.IterableDataset):
 
     def _blocks(self, epoch: int) -> Iterator[list[str]]:
         weights = [s.weight for s in self.sources]
-        documents = epoch_documents(self.opened, weights, self.seed, epoch, self.shuffle)
         texts, chars = [], 0
-        for table in documents.with_format("arrow").iter(batch_size=256):  # Arrow: no per-row Python dicts
-            for text in map(decode, table.column("text").to_pylist()):
+        for batch in self._read(epoch_texts(self.opened, weights, self.seed, epoch, self.shuffle)):
+            for text in map(decode, batch):
                 if self.held_out is not None and is_held_out(text, self.holdout_fraction) != self.held_out:
                     continue
                 texts.append(text)
@@ -127,6 +126,19 @@ class TextBlocks(torch.utils.data.IterableDataset):
                     texts, chars = [], 0
         if texts:
             yield texts
+
+    def _read(self, batches: Iterator[list]) -> Iterator[list]:
+        """The batches, with a failure while streaming (a later file without the column...) as a ConfigError."""
+        while True:
+            try:
+                table = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:
+                if len(self.opened) == 1:
+                    raise self.opened[0].read_error(err) from None
+                raise ConfigError(f"data.mixture: cannot read one of the sources ({first_line(err)})") from None
+            yield table
 
     def _tokenize(self, epoch: int, block: int, texts: list[str]) -> TokenBlock:
         kept = [t for t in texts if t]  # empty documents are skipped
@@ -275,29 +287,45 @@ def _read_windows(shards: TokenShards, starts: np.ndarray, length: int) -> np.nd
 
 
 def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micro_batch_size: int, rank: int,
-                  world_size: int, start: dict[str, Any] | None = None, stats: DataStats | None = None,
-                  held_out: bool | None = None, holdout_fraction: float = 0.0, path: str | None = None,
-                  repeat: bool | None = None, shuffle: bool | None = None) -> Iterator[MicroBatch]:
-    """This process's micro-batches, from `start` (default: the beginning) on. Bad input raises ConfigError here."""
+                       world_size: int, start: dict[str, Any] | None = None, stats: DataStats | None = None,
+                       held_out: bool | None = None, holdout_fraction: float = 0.0) -> Iterator[MicroBatch]:
+    """This process's micro-batches, from `start` (default: the beginning) on.
+
+    `held_out`: None reads every document; False skips, and True reads only, the fraction
+    `holdout_fraction` of documents set aside for eval. The first micro-batch is read here, so
+    bad input (no sequence at all, a column missing in a later file) is a ConfigError now.
+    """
     start = start or START
-    path = path or cfg.path
-    repeat = cfg.repeat if repeat is None else repeat
-    shuffle = cfg.shuffle if shuffle is None else shuffle
     loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
-                   "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": ignore_stop_signals}
-    if not cfg.mixture and is_token_shards(path):
+                   "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": detach_worker}
+    if not cfg.mixture and is_token_shards(cfg.path):
         if not cfg.packing:
             raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
-        dataset = ShardMicroBatches(path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
-                                    repeat, shuffle, cfg.seed)
-        _check_vocab(TokenShards(path).vocab_size, tokenizer, path)
-        return iter(torch.utils.data.DataLoader(dataset, **loader_args))
-    source_cfg = cfg if path == cfg.path else DataConfig(**{**cfg.__dict__, "path": path, "mixture": None})
-    blocks = TextBlocks(source_cfg, tokenizer, held_out, holdout_fraction, start, repeat, shuffle)
-    loader = torch.utils.data.DataLoader(blocks, **loader_args)
-    sequences = text_sequences(iter(loader), cfg.seq_len, cfg.packing, shuffle, cfg.seed, start,
-                               stats if stats is not None else DataStats())
-    return deal(sequences, micro_batch_size, rank, world_size, start["sequences"], tokenizer.eos_token_id)
+        dataset = ShardMicroBatches(cfg.path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
+                                    cfg.repeat, cfg.shuffle, cfg.seed)
+        _check_vocab(TokenShards(cfg.path).vocab_size, tokenizer, cfg.path)
+        stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
+    else:
+        blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle)
+        loader = torch.utils.data.DataLoader(blocks, **loader_args)
+        sequences = text_sequences(_worker_errors_unwrapped(iter(loader)), cfg.seq_len, cfg.packing, cfg.shuffle,
+                                   cfg.seed, start, stats if stats is not None else DataStats())
+        stream = deal(sequences, micro_batch_size, rank, world_size, start["sequences"], tokenizer.eos_token_id)
+    first = next(stream, None)
+    return itertools.chain([first] if first is not None else [], stream)
+
+
+def _worker_errors_unwrapped(items: Iterator) -> Iterator:
+    """A ConfigError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its own line."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except ConfigError as err:
+            raise ConfigError(str(err).strip().splitlines()[-1].removeprefix(f"{ConfigError.__module__}.ConfigError: ")
+                              ) from None
+        yield item
 
 
 def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase, path: str) -> None:

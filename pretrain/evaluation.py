@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -21,7 +22,8 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     """This process's share of the first `eval.sequences` sequences of the eval data; None when eval is off.
 
     The eval data is `eval.path`, else the held-out documents of `data` (eval.holdout_fraction),
-    else the `eval/` shards that scripts/prepare_data.py set aside. Read once, unshuffled.
+    else the `eval/` shards that scripts/prepare_data.py set aside. Read once, unshuffled, the same
+    on every process, which then keeps micro-batches rank, rank + P, ...
     """
     if cfg.eval.every == 0:
         return None
@@ -36,18 +38,21 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
             raise ConfigError("eval.path: eval.every > 0 needs eval data; give eval.path, or "
                               "eval.holdout_fraction > 0 with a single data.path")
         path, held_out = cfg.data.path, True
+    eval_data = dataclasses.replace(cfg.data, path=path, mixture=None, repeat=False, shuffle=False, num_workers=0)
     n = cfg.train.micro_batch_size
-    total = cfg.eval.sequences
-    # Micro-batches are dealt round-robin over processes; keep the ones that hold the first `total` sequences.
-    local = micro_batch_stream(cfg.data, tokenizer, n, rank, world_size, held_out=held_out,
-                          holdout_fraction=cfg.eval.holdout_fraction, path=path, repeat=False, shuffle=False)
-    kept = []
-    for index, mb in zip(itertools.count(rank, world_size), local):
-        if index * n >= total:
-            break
-        rows = min(n, total - index * n)
-        kept.append({key: value[:rows] for key, value in mb.batch.items()})
-    return kept
+    try:
+        stream = micro_batch_stream(eval_data, tokenizer, n, 0, 1, held_out=held_out,
+                                    holdout_fraction=cfg.eval.holdout_fraction)
+    except ConfigError as err:
+        if held_out:  # the hash chose no document, or too few: say which knob to turn
+            raise ConfigError(f"eval.holdout_fraction: the {cfg.eval.holdout_fraction} of data's documents held out "
+                              f"hold no full sequence ({err}); raise it or give eval.path") from None
+        raise
+    batches = [mb.batch for mb in itertools.islice(stream, math.ceil(cfg.eval.sequences / n))]
+    if batches:  # the last micro-batch may be needed only in part
+        rows = cfg.eval.sequences - n * (len(batches) - 1)
+        batches[-1] = {key: value[:rows] for key, value in batches[-1].items()}
+    return batches[rank::world_size]
 
 
 @torch.no_grad()

@@ -40,7 +40,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """For DataLoader workers: they share the process group, and must keep serving the step being finished."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def detach_worker(worker_id: int = 0) -> None:
+    """worker_init_fn for DataLoader workers: leave the launcher's process group.
+
+    A scheduler's SIGTERM goes to the whole group; workers that died of it could not serve the step
+    being finished. Out of the group they keep working; the main process still shuts them down
+    (torch terminates them by pid), and they exit by themselves if it dies.
+    """
+    os.setpgrp()

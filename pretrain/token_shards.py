@@ -59,6 +59,14 @@ class ShardWriter:
         os.replace(tmp, os.path.join(self.out_dir, INDEX_FILE))  # the index appears only once all shards are whole
         return index
 
+    def abandon(self) -> None:
+        """Remove the shard files written so far (nothing worth an index)."""
+        if self._file is not None:
+            self._file.close()
+        for shard in self.shards:
+            os.remove(os.path.join(self.out_dir, shard["file"]))
+        self.shards = []
+
     def _open_next(self) -> None:
         if self._file is not None:
             self._file.close()

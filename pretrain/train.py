@@ -202,8 +202,10 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
     # The data is opened (and checked) now; with workers, they start reading while the model is built.
     stats = DataStats()
+    holdout = cfg.eval.holdout_fraction
     batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
-                                 plan.num_processes, start=state.data_position, stats=stats)
+                                 plan.num_processes, start=state.data_position, stats=stats,
+                                 held_out=False if holdout else None, holdout_fraction=holdout)  # never train on eval
     eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
     check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
     lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process else None

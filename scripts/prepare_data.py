@@ -12,6 +12,7 @@ the windows with a seeded permutation every epoch.
 
 import argparse
 import os
+import shutil
 import sys
 
 _here = os.path.dirname(os.path.abspath(__file__))
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pretrain.config import Config, ConfigError, load_config, parse_cli  # noqa: E402
 from pretrain.data import START, TextBlocks, as_is, load_tokenizer  # noqa: E402
-from pretrain.token_shards import ShardWriter  # noqa: E402
+from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
 def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> None:
@@ -49,14 +50,28 @@ def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> 
                 documents, empty = documents + block.documents, empty + block.empty_documents
                 replaced += block.replaced_chars
                 progress.update(len(block.tokens))
+        if writer.tokens == 0:  # checked before the index is written, so nothing usable is left behind
+            writer.abandon()
+            if held_out:
+                raise ConfigError(f"eval.holdout_fraction: the {fraction} of documents held out hold no text; raise it")
+            raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to tokenize" +
+                              (" once the held-out documents are set aside" if fraction else ""))
         index = writer.close(documents=documents - empty, source=cfg.data.path if not cfg.data.mixture else
                              [s.path for s in cfg.data.mixture], tokenizer=cfg.data.tokenizer)
-        if index["tokens"] == 0:
-            raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to tokenize")
         print(f"{directory}: {index['tokens']:,} tokens from {documents - empty:,} documents in "
               f"{len(index['shards'])} shard(s) of {index['dtype']}; {empty:,} empty documents skipped, "
               f"{replaced:,} characters of invalid UTF-8 replaced")
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))  # train with data.tokenizer=<out>/tokenizer
+
+
+def remove_shards(directory: str) -> None:
+    """What an earlier prepare_data.py wrote there (and only that), so --overwrite leaves no stale eval/ behind."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name in ("eval", "tokenizer") and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif name == INDEX_FILE or (name.startswith("tokens_") and name.endswith(".bin")):
+            os.remove(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
-        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ConfigError(f"--out: {args.out!r} is a file; give a directory")
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            if not args.overwrite:
+                raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+            remove_shards(args.out)
         prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens, args.max_tokens)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -50,14 +50,20 @@ def train_byte_level_bpe(files: list[str] | None, vocab_size: int, texts=None) -
 def config_texts(argv: list[str]):
     """The documents a config's `data` section reads, decoded, in order (one epoch)."""
     from pretrain.config import load_config, parse_cli
-    from pretrain.sources import Source, decode, epoch_documents, sources_of
+    from pretrain.config import ConfigError
+    from pretrain.sources import Source, decode, epoch_texts, sources_of
 
     cfg = load_config(*parse_cli(argv))
     sources = sources_of(cfg.data)
     opened = [Source(s) for s in sources]
-    documents = epoch_documents(opened, [s.weight for s in sources], cfg.data.seed, 0, shuffle=False)
-    for table in documents.with_format("arrow").iter(batch_size=256):
-        yield from (text for text in map(decode, table.column("text").to_pylist()) if text)
+    documents = 0
+    for batch in epoch_texts(opened, [s.weight for s in sources], cfg.data.seed, 0, shuffle=False):
+        for text in map(decode, batch):
+            if text:
+                documents += 1
+                yield text
+    if documents == 0:
+        raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to train a tokenizer on")
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -63,6 +64,14 @@ def run_script(args: list[str], timeout: int = 240, **env: str) -> subprocess.Co
     """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env={**clean_env(), **env},
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def prepare_data(*args: str) -> int:
+    """scripts/prepare_data.py's main(ARGS), in this process (its exit status; stdout/stderr as the script's)."""
+    spec = importlib.util.spec_from_file_location("prepare_data_script", REPO / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

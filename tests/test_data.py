@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from pretrain.config import ConfigError, DataConfig, SourceConfig
 from pretrain.data import (START, DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack,
@@ -120,13 +121,39 @@ def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
         next(micro_batch_stream(cfg, tokenizer, 1, 0, 1))
 
 
-def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path):
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path, suffix):
     texts = ["hello there, this is compressed text", "and a second line of it"]
-    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
-        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    raw = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    packed = tmp_path / f"d.jsonl{suffix}"
+    packed.write_bytes(gzip.compress(raw) if suffix == ".gz" else zstandard.ZstdCompressor().compress(raw))
     plain = write_jsonl(tmp_path / "plain.jsonl", texts)
-    got = [sequences(DataConfig(path=p, seq_len=4, shuffle=False), tokenizer) for p in (str(tmp_path / "d.jsonl.gz"), plain)]
+    got = [sequences(DataConfig(path=p, seq_len=4, shuffle=False), tokenizer) for p in (str(packed), plain)]
     assert np.array_equal(np.stack(got[0]), np.stack(got[1]))
+
+
+def test_text_files_and_jsonl_mix(tokenizer, tmp_path, repo):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(50)])
+    cfg = DataConfig(mixture=[SourceConfig(path=str(repo / "data" / "shakespeare")), SourceConfig(path=jsonl)],
+                     seq_len=16, repeat=False)
+    text = tokenizer.decode(np.concatenate(sequences(cfg, tokenizer)).tolist())
+    assert "alpha" in text and "ROMEO" in text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path, workers):
+    write_jsonl(tmp_path / "a.jsonl", ["fine text " * 50])
+    write_jsonl(tmp_path / "b.jsonl", ["no text column here"], column="body")
+    with pytest.raises(ConfigError) as caught:
+        list(micro_batch_stream(DataConfig(path=str(tmp_path), seq_len=8, num_workers=workers, shuffle=False,
+                                           block_chars=10), tokenizer, 1, 0, 1))
+    assert str(caught.value).startswith(f"data.path: cannot read '{tmp_path}'") and "\n" not in str(caught.value)
+
+
+def test_a_column_that_is_not_text_is_refused(tokenizer, tmp_path):
+    (tmp_path / "n.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(ConfigError, match=r"^data\.text_column: column 'text' of .* holds int64, not text"):
+        micro_batch_stream(DataConfig(path=str(tmp_path / "n.jsonl")), tokenizer, 1, 0, 1)
 
 
 def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):

@@ -5,28 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from conftest import QUIET, REPO, TINY_LLAMA, clean_env, read_metrics, run_accelerate_launch, run_script
-from pretrain.config import DataConfig
+from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_script
+from pretrain.config import ConfigError, DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from wandb_history import history_rows
 
-PREPARE = REPO / "scripts" / "prepare_data.py"
-
-
-def prepare(*args):
-    return subprocess.run([sys.executable, str(PREPARE), *args], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_prepared_shards_train_with_workers_and_report_eval(tmp_path):
+def test_prepared_shards_train_with_workers_and_report_eval(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
     shards = tmp_path / "shards"
-    result = prepare("--out", str(shards), "--eval.holdout_fraction=0.2", "--data.num_workers=2")
-    assert result.returncode == 0, result.stderr
+    assert prepare_data("--out", str(shards), "--eval.holdout_fraction=0.2", "--data.num_workers=2") == 0
     index = json.loads((shards / "index.json").read_text())
     assert index["dtype"] == "uint16" and index["vocab_size"] == 4096 and index["tokens"] > 200_000
     assert (shards / "eval" / "index.json").is_file() and (shards / "tokenizer" / "tokenizer.json").is_file()
@@ -64,23 +54,27 @@ def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
     assert all(s < 2 * 4 * 32 for s in steps)
 
 
-def test_prepare_data_never_overwrites_and_names_bad_input(tmp_path):
+def test_prepare_data_never_overwrites_and_names_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    result = prepare("--out", str(tmp_path / "full"))
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+    assert prepare_data("--out", str(tmp_path / "full")) == 2
+    assert capsys.readouterr().err.splitlines() == [
         f"error: --out: '{tmp_path / 'full'}' is not empty; choose another directory or pass --overwrite"]
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    result = prepare("--out", str(tmp_path / "new"), "--data.path=./no/such.jsonl")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: data.path: './no/such.jsonl' does not exist")
+    assert prepare_data("--out", str(tmp_path / "new"), "--data.path=./no/such.jsonl") == 2
+    assert capsys.readouterr().err.startswith("error: data.path: './no/such.jsonl' does not exist")
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    assert prepare_data("--out", str(tmp_path / "none"), f"--data.path={tmp_path / 'empty.jsonl'}") == 2
+    assert "holds no text to tokenize" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "index.json").exists()  # nothing half-made is left to be read
 
 
-def test_shards_from_another_tokenizer_are_refused(tmp_path):
+def test_shards_from_another_tokenizer_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
     shards = tmp_path / "shards"
-    assert prepare("--out", str(shards), "--data.path=data/shakespeare_eval").returncode == 0
+    assert prepare_data("--out", str(shards), "--data.path=data/shakespeare_eval") == 0
     index = json.loads((shards / "index.json").read_text())
     (shards / "index.json").write_text(json.dumps({**index, "vocab_size": 50257}))
-    result = run_script([f"--data.path={shards}", f"--output_dir={tmp_path / 'run'}"])
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "data.tokenizer: has 4096 tokens but" in result.stderr and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: has 4096 tokens but .* was prepared with a 50257-token"):
+        micro_batch_stream(DataConfig(path=str(shards)), load_tokenizer("data/tokenizer"), 1, 0, 1)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from conftest import REPO, clean_env
+from conftest import REPO, prepare_data
 from pretrain.config import DataConfig
 from pretrain.data import TextBlocks, load_tokenizer, micro_batch_stream
 
@@ -33,10 +31,8 @@ def corpus(tmp_path_factory):
         paragraphs = (REPO / "data" / "shakespeare" / f"{name}.txt").read_text()[:16_000].split("\n\n")
         (text / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     shards = root / "shards"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--out", str(shards),
-                             "--shard-tokens", "7000", f"--data.path={text}", "--data.num_workers=2"],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert prepare_data("--out", str(shards), "--shard-tokens", "7000", f"--data.path={text}",
+                        "--data.num_workers=2", f"--data.tokenizer={REPO / 'data' / 'tokenizer'}") == 0
     return {"text": str(text), "shards": str(shards)}
 
 

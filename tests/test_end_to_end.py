@@ -68,15 +68,6 @@ def test_a_failing_wandb_never_stops_training(tmp_path):
     assert len(read_metrics(out)) == 3 and (out / "final" / "model.safetensors").exists()
 
 
-def test_same_seed_and_config_give_the_same_run(tmp_path):
-    args = [*FAMILIES["embedding_linear"], *QUIET, "--train.max_steps=4", "--tracking.wandb=false"]
-    first, second = tmp_path / "a", tmp_path / "b"
-    assert run_script([*args, f"--output_dir={first}"]).returncode == 0
-    assert run_script([*args, f"--output_dir={second}"]).returncode == 0
-    assert [r["loss"] for r in read_metrics(first)] == [r["loss"] for r in read_metrics(second)]
-    assert (first / "final" / "model.safetensors").read_bytes() == (second / "final" / "model.safetensors").read_bytes()
-
-
 def test_bad_input_through_the_script_is_one_line_and_exit_status_2(tmp_path):
     # The whole catalogue runs in-process (tests/test_bad_input.py); this is the real script's exit status.
     out = tmp_path / "run"

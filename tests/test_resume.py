@@ -1,7 +1,9 @@
 """Interrupted runs through the real `accelerate launch`: kill -9 anywhere, SIGTERM, a held lock, non-finite steps.
 
 Every interrupted run, resumed, must give the uninterrupted run's per-step losses and final
-weights bit for bit (CPU, float32), with each step once in metrics.jsonl and in W&B.
+weights bit for bit (CPU, float32), with each step once in metrics.jsonl and in W&B. (A run that
+restarts from nothing matching the reference also shows that the same seed gives the same run.)
+A start refused while another process holds the output dir is in tests/test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import time
 import pytest
 
 from conftest import QUIET, TINY_LLAMA, read_metrics, run_accelerate_launch, run_script, start_accelerate_launch
-from pretrain.checkpoint import OutputDirLock
 from wandb_history import offline_runs, run_history
 
 STEPS = 8
@@ -111,7 +112,8 @@ def test_kill_9_at_several_points_then_resume_gives_the_same_run(tmp_path, refer
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference):
     out = tmp_path / "run"
     args = [*ARGS, f"--output_dir={out}"]
-    run = start_accelerate_launch(args, tmp_path / "stopped", PRETRAIN_TEST_SAVE_DELAY="1")
+    # With tokenizing workers: they must outlive the signal to serve the step being finished.
+    run = start_accelerate_launch([*args, "--data.num_workers=2"], tmp_path / "stopped")
     wait_for(lambda: rows_logged(out) >= 3)
     kill_group(run, signal.SIGTERM)  # what a scheduler sends, to the whole process group
     run.wait()  # accelerate launch itself exits at once ...
@@ -121,12 +123,6 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference
     done = rows_logged(out)
     assert f"stopped by SIGTERM after optimizer step {done}; the checkpoint is in {out}/checkpoints/step_{done}" in err
     assert (out / "checkpoints" / f"step_{done}").is_dir() and not (out / "final").exists()
-
-    # A new start while another process holds the output dir is refused (here the test holds the lock).
-    lock = OutputDirLock(str(out))
-    refused = run_script(args)
-    lock.release()
-    assert refused.returncode == 2 and f"error: output_dir: '{out}' is in use by a run" in refused.stderr
 
     result = run_accelerate_launch(args)
     assert result.returncode == 0, result.stderr[-3000:]
