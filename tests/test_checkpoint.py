@@ -1,0 +1,108 @@
+"""Checkpoints in-process: atomic saves, keeping the newest, finding them, a failed save, metrics on resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from pretrain.checkpoint import (STATE_FILE, TrainerState, checkpoint_dirs, load_checkpoint, resume_path,
+                                 save_checkpoint, settings_of)
+from pretrain.config import ConfigError, RunError, load_config
+from pretrain.tracking import keep_rows_up_to
+from pretrain.train import check_free_space, optimizer_step
+
+
+@pytest.fixture
+def accelerator():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True)
+
+
+def prepared(accelerator):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    return accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+
+
+def config(tmp_path, keep=2):
+    return load_config(None, {"output_dir": str(tmp_path), "checkpoint.keep": keep})
+
+
+def test_saves_are_complete_directories_and_only_the_newest_are_kept(accelerator, tmp_path):
+    model, optimizer = prepared(accelerator)
+    cfg = config(tmp_path)
+    for step in (2, 4, 6):
+        path = save_checkpoint(accelerator, cfg, TrainerState(step=step, settings=settings_of(cfg)))
+        assert os.path.basename(path) == f"step_{step}"
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(tmp_path))] == ["step_4", "step_6"]
+    files = sorted(os.listdir(tmp_path / "checkpoints" / "step_6"))
+    assert files == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", STATE_FILE]
+    assert json.loads((tmp_path / "checkpoints" / "step_6" / STATE_FILE).read_text())["step"] == 6
+
+
+def test_resume_auto_ignores_unfinished_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step_3", True), ("step_10", True), ("step_12", False), (".step_14.tmp", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / STATE_FILE).write_text("{}")
+    assert resume_path(config(tmp_path)) == str(root / "step_10")  # 10 > 3 as numbers; 12 and 14 are not complete
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
+    model, optimizer = prepared(accelerator)
+    cfg = config(tmp_path)
+    save_checkpoint(accelerator, cfg, TrainerState(step=2, settings=settings_of(cfg)))
+
+    def full_disk(directory):
+        open(os.path.join(directory, "model.safetensors"), "w").write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(accelerator, "save_state", full_disk)
+    with pytest.raises(RunError, match=r"^checkpoint: cannot write .*step_4' \(No space left on device\); "
+                                       r"the previous checkpoint .*step_2 is intact"):
+        save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2"]  # the half-written save is gone
+    load_checkpoint(accelerator, str(tmp_path / "checkpoints" / "step_2"))  # and the previous one still loads
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(ConfigError, match=r"^output_dir: 0 MiB free in .*, but a checkpoint takes about"):
+        check_free_space(cfg, torch.nn.Linear(100, 100))
+
+
+def test_a_non_finite_step_leaves_the_weights_alone(accelerator):
+    model, optimizer = prepared(accelerator)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+
+    class Poisoned(torch.nn.Module):  # a model whose logits are NaN
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = self.inner(torch.ones(*input_ids.shape, 4)) * float("nan")
+            return SimpleNamespace(logits=logits)
+
+    result = optimizer_step(accelerator, Poisoned(), optimizer, [batch], global_tokens=2, max_grad_norm=1.0)
+    assert result.skipped and not result.finite
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resuming_keeps_metrics_rows_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    kept = keep_rows_up_to(str(path), 4)
+    assert [r["step"] for r in kept] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
