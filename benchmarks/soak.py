@@ -56,7 +56,7 @@ def main() -> int:
         began = time.monotonic()
         assert start([*common, f"--output_dir={reference}"], os.path.join(tmp, "reference.log")).wait() == 0
         duration = time.monotonic() - began
-        print(f"uninterrupted run: {duration:.0f} s, {len(rows(reference))} optimizer steps")
+        print(f"uninterrupted run: {duration:.0f} s, {len(rows(reference))} optimizer steps", flush=True)
 
         survived = 0
         for kill in range(1, args.kills + 1):
@@ -64,7 +64,7 @@ def main() -> int:
             delay = rng.uniform(3.0, duration * 0.6)  # past start-up, and short of a whole run
             try:
                 run.wait(timeout=delay)
-                print(f"kill {kill}: the run finished before {delay:.1f} s; no kill")
+                print(f"kill {kill}: the run finished before {delay:.1f} s; no kill", flush=True)
                 break
             except subprocess.TimeoutExpired:
                 os.killpg(run.pid, signal.SIGKILL)
@@ -73,7 +73,7 @@ def main() -> int:
             checkpoints = sorted(os.listdir(os.path.join(soaked, "checkpoints"))) \
                 if os.path.isdir(os.path.join(soaked, "checkpoints")) else []
             print(f"kill {kill}: SIGKILL after {delay:.1f} s, at step {len(rows(soaked))}; "
-                  f"checkpoints: {', '.join(checkpoints) or 'none yet'}")
+                  f"checkpoints: {', '.join(checkpoints) or 'none yet'}", flush=True)
         status = start([*common, f"--output_dir={soaked}"], os.path.join(tmp, "soaked.log")).wait()
 
         want, got = rows(reference), rows(soaked)
