@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +31,9 @@ STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".lock"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that fix the model's shape and the data stream: a checkpoint resumes only under the same ones.
-MUST_MATCH = ("model", "data.path", "data.mixture", "data.seq_len", "data.packing", "data.shuffle", "data.seed",
-              "data.block_chars", "data.text_column", "eval.holdout_fraction")
+MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "data.tokenizer", "data.seq_len",
+              "data.packing", "data.shuffle", "data.seed", "data.block_chars", "data.text_column",
+              "eval.holdout_fraction")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     updates: int = 0  # steps that changed the weights (the lr schedule counts these)
     tokens: int = 0  # target tokens trained on
+    k: int | None = None  # K of the last step (recomputed from the schedule on resume; kept for the record)
     consecutive_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient norm
     data_position: dict[str, Any] = field(default_factory=lambda: dict(START))  # where the stream continues
     wandb_run_id: str | None = None  # the W&B run a resume continues
@@ -100,8 +103,20 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> None:
     """Model, optimizer, scaler and RNG states from `path` into the prepared objects."""
     try:
         accelerator.load_state(path)
-    except (RuntimeError, ValueError, KeyError, OSError) as err:  # a size mismatch, a missing or corrupt file
+    except Exception as err:  # a size mismatch, a missing or corrupt file (safetensors has its own error type)
         raise ConfigError(f"resume: cannot load {path!r} into this model ({_first_line(err)})") from None
+
+
+def set_aside_newer(output_dir: str, step: int) -> list[str]:
+    """Move checkpoints newer than `step` to checkpoints/superseded/: a run resumed from an older one replaces
+    them, and `resume: auto` must not pick them up later. Nothing is deleted."""
+    newer = [path for path in checkpoint_dirs(output_dir) if int(os.path.basename(path)[5:]) > step]
+    if newer:
+        aside = os.path.join(output_dir, CHECKPOINTS_DIR, "superseded", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for path in newer:
+            os.rename(path, os.path.join(aside, os.path.basename(path)))
+    return newer
 
 
 # --------------------------------------------------------------------------- saving
@@ -114,30 +129,34 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
     if os.path.isdir(final):  # saved already: every process sees it, so all return here together
         return final
     tmp = os.path.join(root, f".step_{state.step}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
     error = None
     try:
-        accelerator.save_state(tmp)  # every process writes its RNG states; the main process the rest
-        _test_delay("PRETRAIN_TEST_SAVE_DELAY")
         if accelerator.is_main_process:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(dataclasses.asdict(state), f, indent=1)
-            _flush_tree(tmp)
-    except OSError as err:  # a full disk, a quota, a vanished directory
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            os.makedirs(tmp)
+    except OSError as err:
         error = err
+    if all_ok(accelerator, error is None):
+        try:
+            accelerator.save_state(tmp)  # every process writes its RNG states; the main process the rest
+            _test_delay("PRETRAIN_TEST_SAVE_DELAY")
+            if accelerator.is_main_process:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(dataclasses.asdict(state), f, indent=1)
+                _flush_tree(tmp)
+                os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
+                _fsync_dir(root)
+        except Exception as err:  # a full disk or quota: OSError, or safetensors' and torch's own errors
+            error = err
     if not all_ok(accelerator, error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoint_dirs(cfg.output_dir)
+        previous = [p for p in checkpoint_dirs(cfg.output_dir) if p != final]
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        reason = error.strerror if error is not None and error.strerror else "failed on another process"
+        reason = (getattr(error, "strerror", None) or _first_line(error)) if error is not None \
+            else "failed on another process"
         raise RunError(f"checkpoint: cannot write {final!r} ({reason}){kept}")
     if accelerator.is_main_process:
-        os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
-        _fsync_dir(root)
         for old in checkpoint_dirs(cfg.output_dir)[:-cfg.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -198,12 +217,15 @@ class OutputDirLock:
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by a live process
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise ConfigError(f"output_dir: {output_dir!r} is in use by a run that is still going ({holder}); "
                               "wait for it to exit, or choose another output_dir") from None
+        except OSError as err:  # a filesystem without locks (some NFS or Lustre setups)
+            print(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run uses this "
+                  "output_dir", file=sys.stderr)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ConfigError, DataConfig
-from pretrain.preemption import detach_worker
+from pretrain.preemption import prepare_worker
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, first_line, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
@@ -297,7 +297,7 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micr
     """
     start = start or START
     loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
-                   "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": detach_worker}
+                   "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": prepare_worker}
     if not cfg.mixture and is_token_shards(cfg.path):
         if not cfg.packing:
             raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")

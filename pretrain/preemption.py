@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
+import time
 
 import torch
 from accelerate import Accelerator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The same signal delivered twice at once (torchrun forwarding it, and the scheduler sending it to every
+# process) is one request; a second one later than this is the user insisting.
+DUPLICATE_WINDOW_S = 2.0
+# Shared with DataLoader workers (forked after import): set when the trainer is stopping cleanly.
+_STOPPING = multiprocessing.Value("b", 0, lock=False)
 
 
 class StopRequest:
@@ -17,16 +24,19 @@ class StopRequest:
 
     def __init__(self):
         self.signal: signal.Signals | None = None
+        self._since = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signal is not None:  # the second signal: no more waiting
-            print(f"received {signal.Signals(signum).name} again: exiting now, without a checkpoint", file=sys.stderr,
-                  flush=True)
+        _STOPPING.value = 1
+        if self.signal is not None:
+            if time.monotonic() - self._since < DUPLICATE_WINDOW_S:
+                return
+            _say(f"received {signal.Signals(signum).name} again: exiting now, without a checkpoint")
             os._exit(128 + signum)
-        self.signal = signal.Signals(signum)
-        print(f"received {self.signal.name}: finishing this optimizer step, then saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        self.signal, self._since = signal.Signals(signum), time.monotonic()
+        _say(f"received {self.signal.name}: finishing this optimizer step, then saving a checkpoint "
+             "(send it again to exit at once)")
 
     def agreed(self, accelerator: Accelerator) -> signal.Signals | None:
         """The signal if any process got one (all processes must stop at the same step), else None."""
@@ -40,11 +50,29 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def detach_worker(worker_id: int = 0) -> None:
-    """worker_init_fn for DataLoader workers: leave the launcher's process group.
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # stderr is a closed pipe (tee killed with the job): the checkpoint matters more
+        pass
 
-    A scheduler's SIGTERM goes to the whole group; workers that died of it could not serve the step
-    being finished. Out of the group they keep working; the main process still shuts them down
-    (torch terminates them by pid), and they exit by themselves if it dies.
+
+def prepare_worker(worker_id: int = 0) -> None:
+    """worker_init_fn for DataLoader workers: outlive a scheduler's SIGTERM while the trainer finishes its step.
+
+    The worker leaves the launcher's process group (a signal to the group misses it), and a SIGTERM
+    or SIGINT sent to it directly is ignored if the trainer is stopping cleanly; otherwise (torch or
+    multiprocessing shutting the worker down) it exits.
     """
     os.setpgrp()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _worker_signal)
+
+
+def _worker_signal(signum: int, frame) -> None:
+    deadline = time.monotonic() + 1.0  # the trainer may get the same signal a moment later
+    while time.monotonic() < deadline:
+        if _STOPPING.value:
+            return
+        time.sleep(0.02)
+    os._exit(128 + signum)

@@ -96,6 +96,8 @@ class MetricsLogger:
             try:
                 for tracker in self.accelerator.trackers:
                     tracker.finish()
+                import wandb
+                wandb.teardown()  # now, not at exit: if its service died (a scheduler signalled it), warn here
             except Exception as err:
                 self._give_up_wandb(err)
 

@@ -12,14 +12,14 @@ from typing import NamedTuple, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast, set_seed
+from accelerate.utils import DistributedType, broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
                                    plan_accumulation, summed_token_loss)
-from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, all_ok, load_checkpoint,
-                                 load_trainer_state, resume_path, save_checkpoint, settings_of)
+from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, load_checkpoint, load_trainer_state, resume_path, save_checkpoint, set_aside_newer,
+                                 settings_of)
 from pretrain.config import Config, ConfigError, RunError, to_yaml
 from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
 from pretrain.evaluation import eval_micro_batches, evaluate
@@ -51,8 +51,17 @@ def train(cfg: Config) -> None:
     setup = agree(accelerator, lambda: check_and_open(cfg, accelerator))
     plan, tokenizer, state, resume_from = setup.plan, setup.tokenizer, setup.state, setup.resume_from
     accelerator.gradient_accumulation_steps = plan.first_k  # set again at every step (K may follow a schedule)
+    if accelerator.num_processes > 1:  # every process must continue from the same checkpoint
+        decided = [resume_from]
+        broadcast_object_list(decided, from_process=0)
+        agree(accelerator, lambda: check_same_checkpoint(resume_from, decided[0]))
     if accelerator.is_main_process and resume_from is None and cfg.overwrite:
         shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)  # a fresh start
+    if accelerator.is_main_process and resume_from is not None:
+        newer = set_aside_newer(cfg.output_dir, state.step)
+        if newer:
+            accelerator.print(f"resuming from step {state.step}: moved the newer checkpoints "
+                              f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
     accelerator.wait_for_everyone()
 
     if accelerator.device.type == "cpu":
@@ -95,7 +104,7 @@ def train(cfg: Config) -> None:
         set_lr(optimizer, lr)
         loss, grad_norm, skipped, finite = optimizer_step(accelerator, model, optimizer, micro_batches, step_tokens,
                                                           cfg.train.max_grad_norm)
-        state.step, state.tokens, state.data_position = step, state.tokens + step_tokens, reader.position
+        state.step, state.k, state.tokens, state.data_position = step, k, state.tokens + step_tokens, reader.position
         state.updates += not skipped
         state.consecutive_skips = 0 if finite else state.consecutive_skips + 1
 
@@ -127,7 +136,6 @@ def train(cfg: Config) -> None:
         if stopped_by:
             break
     progress.close()
-    stop_request.restore()
     if setup.stats.documents:
         stats = setup.stats
         accelerator.print(f"data: {stats.documents:,} documents read, {stats.empty_documents:,} empty ones skipped, "
@@ -155,6 +163,7 @@ def train(cfg: Config) -> None:
     del model, optimizer, unwrapped
     accelerator.free_memory()
     accelerator.end_training()  # destroys the process group
+    stop_request.restore()  # only now: a signal during the last checkpoint or final/ must not cut them short
     if setup.lock is not None:
         setup.lock.release()
 
@@ -197,6 +206,9 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
+    # The main process locks an existing output_dir before deciding where to start from, so that a run still
+    # finishing there cannot add a checkpoint meanwhile. (A new output_dir is made and locked below.)
+    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process and os.path.isdir(cfg.output_dir) else None
     resume_from = resume_path(cfg)
     state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
     state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
@@ -208,19 +220,34 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
                                  held_out=False if holdout else None, holdout_fraction=holdout)  # never train on eval
     eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
     check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
-    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process else None
+    if accelerator.is_main_process and lock is None:
+        lock = OutputDirLock(cfg.output_dir)
     return Setup(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock)
 
 
 def agree(accelerator: Accelerator, check: Callable[[], T]) -> T:
-    """Run `check` on every process; if it raises ConfigError on any, every process stops with exit status 2."""
+    """Run `check` on every process; if it raises ConfigError on any, every process stops with exit status 2.
+
+    The reason is printed once: by the main process if it failed, else by the processes that did.
+    """
     try:
         result, error = check(), None
     except ConfigError as err:
         result, error = None, err
-    if not all_ok(accelerator, error is None):
-        raise error if error is not None else ConfigError("")  # "": another process printed the reason
+    failed, main_failed = error is not None, error is not None and accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor([int(failed), int(main_failed)], device=accelerator.device), "sum")
+        failed, main_failed = bool(flags[0]), bool(flags[1])
+    if failed:
+        speak = error is not None and (accelerator.is_main_process or not main_failed)
+        raise error if speak else ConfigError("")  # "": the reason is printed by another process
     return result
+
+
+def check_same_checkpoint(mine: str | None, main: str | None) -> None:
+    if mine != main:
+        raise ConfigError(f"resume: this process would start from {mine!r} but the main process from {main!r}; "
+                          "is output_dir on a filesystem that every process sees the same way?")
 
 
 def check_free_space(cfg: Config, model: torch.nn.Module) -> None:
@@ -276,7 +303,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the
     # scaler's business (it skips the step and lowers the scale); a non-finite loss is always ours.
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
-    if finite:
+    if finite or accelerator.scaler is not None:  # the fp16 scaler must step (and update) to skip by itself
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)

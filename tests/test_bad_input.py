@@ -1,6 +1,6 @@
 """The catalogue of bad input: each case stops with one `error:` line naming the field, exit status 2, no traceback.
 
-Run in-process through `pretrain.cli.main` (the function the script calls), so that thirty cases
+Run in-process through `pretrain.cli.main` (the function the script calls), so that thirty-four cases
 take seconds; tests/test_end_to_end.py checks the same through the script and the launcher.
 """
 
@@ -26,6 +26,10 @@ def files(tmp_path):
     other.mkdir(parents=True)
     narrow = load_config(None, {"model.hidden_size": 64})
     (other / STATE_FILE).write_text(json.dumps({**TrainerState(step=4, settings=settings_of(narrow)).__dict__}))
+    retokenized = tmp_path / "other_tokenizer" / "checkpoints" / "step_4"
+    retokenized.mkdir(parents=True)
+    other_tokenizer = load_config(None, {"data.tokenizer": "gpt2"})
+    (retokenized / STATE_FILE).write_text(json.dumps(TrainerState(step=4, settings=settings_of(other_tokenizer)).__dict__))
     busy = tmp_path / "busy"
     busy.mkdir()
     earlier = tmp_path / "earlier"
@@ -70,6 +74,9 @@ CASES = {
                                      "resume: '{tmp}/not_a_checkpoint' is not a checkpoint"),
     "checkpoint of another model shape": (["--output_dir={tmp}/other_shape"], {},
                                           "model: the checkpoint '{tmp}/other_shape/checkpoints/step_4' was made with"),
+    "checkpoint of another tokenizer": (["--output_dir={tmp}/other_tokenizer"], {},
+                                        "data.tokenizer: the checkpoint '{tmp}/other_tokenizer/checkpoints/step_4' was "
+                                        "made with 'gpt2'"),
     "resume none over checkpoints": (["--output_dir={tmp}/checkpointed", "--resume=none"], {},
                                      "resume: none, but '{tmp}/checkpointed' holds checkpoints"),
     "an earlier run in output_dir": (["--output_dir={tmp}/earlier"], {}, "output_dir: '{tmp}/earlier' already holds"),

@@ -106,3 +106,26 @@ def test_resuming_keeps_metrics_rows_up_to_the_checkpoint(tmp_path):
     kept = keep_rows_up_to(str(path), 4)
     assert [r["step"] for r in kept] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    from pretrain.checkpoint import set_aside_newer
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / STATE_FILE).write_text("{}")
+    moved = set_aside_newer(str(tmp_path), 2)
+    assert [os.path.basename(p) for p in moved] == ["step_4", "step_6"]
+    assert resume_path(config(tmp_path)) == str(root / "step_2")  # auto no longer sees the replaced ones
+    assert sorted(p.name for p in (root / "superseded").iterdir().__next__().iterdir()) == ["step_4", "step_6"]
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    from pretrain import checkpoint
+
+    def no_locks(file, flags):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    checkpoint.OutputDirLock(str(tmp_path))
+    assert "warning: cannot lock" in capsys.readouterr().err
