@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import QUIET, TINY_LLAMA, read_metrics, run_accelerate_launch, run_script, start_accelerate_launch
+from conftest import (QUIET, REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_accelerate_launch,
+                      run_script, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
 
 STEPS = 8
+# K follows a schedule (2, then 1 from step 5), so a resume must also pick up the right K.
 ARGS = [*TINY_LLAMA, *QUIET, "--sample.max_new_tokens=0", "--data.seq_len=32", "--train.micro_batch_size=2",
-        "--train.gradient_accumulation_steps=2", f"--train.max_steps={STEPS}", "--train.warmup_steps=2",
+        "--train.gradient_accumulation_schedule={0: 2, 4: 1}", f"--train.max_steps={STEPS}", "--train.warmup_steps=2",
         "--checkpoint.every=2", "--checkpoint.keep=2", "--eval.every=0"]
 
 
@@ -79,6 +83,7 @@ def assert_same_run(out, reference):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step exactly once
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(reference)]  # bit for bit
     assert [r["lr"] for r in rows] == [r["lr"] for r in read_metrics(reference)]
+    assert [r["gradient_accumulation_steps"] for r in rows] == [2, 2, 2, 2, 1, 1, 1, 1]  # the schedule, resumed
     final = "final/model.safetensors"
     assert (out / final).read_bytes() == (reference / final).read_bytes()
 
@@ -154,6 +159,23 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {out}/checkpoints/step_{done}" in result.stdout
     assert_same_run(out, reference)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"])
+    # Without the launcher in between, so the exit status is the training process's own.
+    with open(tmp_path / "run.err", "w") as err:
+        run = subprocess.Popen([sys.executable, *cmd[cmd.index("--dynamo_backend") + 2:]], cwd=REPO, stderr=err,
+                               stdout=subprocess.DEVNULL, env={**env, "PRETRAIN_TEST_SAVE_DELAY": "30"})
+    wait_for(lambda: rows_logged(out) >= 1)
+    run.send_signal(signal.SIGTERM)  # finish the step, then save: the save is held open for 30 s ...
+    wait_for(lambda: (out / "checkpoints" / ".step_1.tmp").exists() or (out / "checkpoints" / ".step_2.tmp").exists())
+    time.sleep(2.5)
+    run.send_signal(signal.SIGTERM)  # ... and a second signal does not wait for it
+    assert run.wait(timeout=10) == 128 + signal.SIGTERM
+    assert "received SIGTERM again: exiting now, without a checkpoint" in (tmp_path / "run.err").read_text()
+    assert not list((out / "checkpoints").glob("step_*"))  # nothing half-saved was committed
 
 
 def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_path):
