@@ -56,13 +56,18 @@ def test_k4_n2_and_k1_n8_follow_the_same_trajectory_over_adamw_steps_with_warmup
 
 def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_trajectory(tmp_path):
     # K is not given: it follows from the global batch, K = G / (N x P) = 4 on one process, 2 on two.
-    args = ["--train.max_steps=5", "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null",
-            "--train.micro_batch_size=2"]
-    a, result_a = trained(tmp_path, "p1", args, processes=1)
-    b, result_b = trained(tmp_path, "p2", [*args, "--train.log_every=1"], processes=2)
+    # Run a trains 3 steps on one process, then resumes its checkpoint on two; run b trains on two throughout.
+    # (Constant lr after warm-up, so that stopping at 3 of 5 steps does not change the schedule.)
+    args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
+            "--train.min_lr_ratio=1"]
+    a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=3"], processes=1)
+    a, resumed = trained(tmp_path, "p1", [*args, "--train.max_steps=5"], processes=2)
+    b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1"], processes=2)
     assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
     assert "global batch: 1 processes x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
+    assert f"resuming from {a}/checkpoints/step_3" in resumed.stdout
+    assert [r["gradient_accumulation_steps"] for r in read_metrics(a)] == [4, 4, 4, 2, 2]
     assert_same_trajectory(a, b)
 
 
