@@ -17,28 +17,26 @@ from pretrain.cli import main
 from pretrain.config import load_config
 
 
+def fake_checkpoint(directory, step, **overrides):
+    """A checkpoint's trainer_state.json, as a run of the default config with `overrides` would save it."""
+    directory.mkdir(parents=True)
+    settings = settings_of(load_config(None, overrides))
+    (directory / STATE_FILE).write_text(json.dumps(TrainerState(step=step, settings=settings).__dict__))
+
+
 def files(tmp_path):
-    """Small bad inputs on disk, and a checkpoint of a model of a different shape."""
+    """Small bad inputs on disk, and checkpoints made with another model shape and another tokenizer."""
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "other_column.jsonl").write_text('{"content": "x"}\n')
     (tmp_path / "not_a_checkpoint").mkdir()
-    other = tmp_path / "other_shape" / "checkpoints" / "step_4"
-    other.mkdir(parents=True)
-    narrow = load_config(None, {"model.hidden_size": 64})
-    (other / STATE_FILE).write_text(json.dumps({**TrainerState(step=4, settings=settings_of(narrow)).__dict__}))
-    retokenized = tmp_path / "other_tokenizer" / "checkpoints" / "step_4"
-    retokenized.mkdir(parents=True)
-    other_tokenizer = load_config(None, {"data.tokenizer": "gpt2"})
-    (retokenized / STATE_FILE).write_text(json.dumps(TrainerState(step=4, settings=settings_of(other_tokenizer)).__dict__))
-    busy = tmp_path / "busy"
-    busy.mkdir()
+    fake_checkpoint(tmp_path / "other_shape" / "checkpoints" / "step_4", 4, **{"model.hidden_size": 64})
+    fake_checkpoint(tmp_path / "other_tokenizer" / "checkpoints" / "step_4", 4, **{"data.tokenizer": "gpt2"})
+    fake_checkpoint(tmp_path / "checkpointed" / "checkpoints" / "step_2", 2)
+    (tmp_path / "busy").mkdir()
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "metrics.jsonl").write_text('{"step": 1}\n')
     (earlier / "config.yaml").write_text("an earlier, different run\n")
-    checkpointed = tmp_path / "checkpointed" / "checkpoints" / "step_2"
-    checkpointed.mkdir(parents=True)
-    (checkpointed / STATE_FILE).write_text(json.dumps(TrainerState(step=2, settings=settings_of(load_config())).__dict__))
 
 
 # (arguments, environment, the start of the one error line)
