@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pretrain.config import Config, ConfigError, RunError, to_dict
+from pretrain.config import Config, ConfigError, RunError, first_line, to_dict
 from pretrain.data import START
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -104,7 +104,7 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> None:
     try:
         accelerator.load_state(path)
     except Exception as err:  # a size mismatch, a missing or corrupt file (safetensors has its own error type)
-        raise ConfigError(f"resume: cannot load {path!r} into this model ({_first_line(err)})") from None
+        raise ConfigError(f"resume: cannot load {path!r} into this model ({first_line(err)})") from None
 
 
 def set_aside_newer(output_dir: str, step: int) -> list[str]:
@@ -153,7 +153,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for p in checkpoint_dirs(cfg.output_dir) if p != final]
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        reason = (getattr(error, "strerror", None) or _first_line(error)) if error is not None \
+        reason = (getattr(error, "strerror", None) or first_line(error)) if error is not None \
             else "failed on another process"
         raise RunError(f"checkpoint: cannot write {final!r} ({reason}){kept}")
     if accelerator.is_main_process:
@@ -196,10 +196,6 @@ def _test_delay(variable: str) -> None:
     if os.environ.get(variable):
         time.sleep(float(os.environ[variable]))
 
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 # --------------------------------------------------------------------------- one run per output_dir

@@ -353,5 +353,11 @@ def _get_dotted(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an error from a library, for a one-line message (long ones cut at 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())

@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
-from pretrain.config import ConfigError, DataConfig
+from pretrain.config import ConfigError, DataConfig, first_line
 from pretrain.preemption import prepare_worker
-from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, first_line, is_held_out, sources_of
+from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
 START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
@@ -199,14 +199,14 @@ def split_documents(tokens: np.ndarray, lengths: np.ndarray, seq_len: int) -> li
 def deal(sequences: Iterator[tuple[np.ndarray, int, dict]], micro_batch_size: int, rank: int, world_size: int,
          start_sequences: int, pad_id: int) -> Iterator[MicroBatch]:
     """This process's micro-batches of the global stream: micro-batch m goes to process m % P."""
-    consumed, mine, last_position = start_sequences, None, None
+    consumed = start_sequences
     rounds = _chunks(_chunks(sequences, micro_batch_size), world_size)
     for round_ in rounds:
         consumed += sum(len(mb) for mb in round_)
-        last_position = {"sequences": consumed, **round_[-1][-1][2]}
+        position = {"sequences": consumed, **round_[-1][-1][2]}  # after the whole round
         if rank < len(round_):
             mb = round_[rank]
-            yield MicroBatch(collate([s for s, _, _ in mb], pad_id), mb[0][1], last_position)
+            yield MicroBatch(collate([s for s, _, _ in mb], pad_id), mb[0][1], position)
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -243,7 +243,9 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
         self.path, self.seq_len, self.n = path, seq_len, micro_batch_size
         self.rank, self.world_size, self.start = rank, world_size, start_sequences
         self.repeat, self.shuffle, self.seed = repeat, shuffle, seed
-        self.windows = (TokenShards(path).total - 1) // seq_len  # per epoch; the last partial window is dropped
+        shards = TokenShards(path)
+        self.vocab_size = shards.vocab_size
+        self.windows = (shards.total - 1) // seq_len  # per epoch; the last partial window is dropped
         if self.windows < 1:
             raise ConfigError(f"data.path: {path!r} holds fewer than data.seq_len + 1 = {seq_len + 1} tokens")
 
@@ -260,7 +262,7 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
             indices = range(first, first + self.n if end is None else min(first + self.n, end))
             windows = [self._window(i, orders) for i in indices]
             starts = np.array([w * self.seq_len for w in windows])
-            batch = {k: v for k, v in collate(list(_read_windows(shards, starts, self.seq_len + 1)), 0).items()}
+            batch = collate(list(_read_windows(shards, starts, self.seq_len + 1)), 0)
             position_end = self.start + (local + 1) * round_size
             yield MicroBatch(batch, indices[0] // self.windows,
                              {"sequences": position_end if end is None else min(position_end, end)})
@@ -303,7 +305,7 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micr
             raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
         dataset = ShardMicroBatches(cfg.path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
                                     cfg.repeat, cfg.shuffle, cfg.seed)
-        _check_vocab(TokenShards(cfg.path).vocab_size, tokenizer, cfg.path)
+        _check_vocab(dataset.vocab_size, tokenizer, cfg.path)
         stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
     else:
         blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle)

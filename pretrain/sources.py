@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from pretrain.config import ConfigError, DataConfig, SourceConfig
+from pretrain.config import ConfigError, DataConfig, SourceConfig, first_line
 
 # File suffix -> the `datasets` builder that reads it. Compressed copies (.gz, .zst, ...) work too.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -184,7 +184,3 @@ def _suffix(path: str) -> str:
             stem = stem[: -len(compression)]
     return os.path.splitext(stem)[1].lower()
 
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
