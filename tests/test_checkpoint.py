@@ -57,6 +57,15 @@ def test_resume_auto_ignores_unfinished_saves(tmp_path):
     assert resume_path(config(tmp_path)) == str(root / "step_10")  # 10 > 3 as numbers; 12 and 14 are not complete
 
 
+def test_resume_can_name_a_checkpoint(tmp_path):
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step}" / STATE_FILE).write_text("{}")
+    chosen = str(tmp_path / "checkpoints" / "step_2")
+    assert resume_path(load_config(None, {"output_dir": str(tmp_path), "resume": chosen})) == chosen
+    assert resume_path(load_config(None, {"output_dir": str(tmp_path), "resume": "none", "overwrite": True})) is None
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
     model, optimizer = prepared(accelerator)
     cfg = config(tmp_path)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import json
 import zlib
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 import zstandard
@@ -132,6 +135,15 @@ def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path, suffix):
     assert np.array_equal(np.stack(got[0]), np.stack(got[1]))
 
 
+def test_parquet_reads_like_jsonl(tokenizer, tmp_path):
+    texts = ["a parquet row of text", "and another row, a little longer than the first"]
+    pyarrow.parquet.write_table(pyarrow.table({"id": [1, 2], "text": texts}), tmp_path / "d.parquet")
+    plain = write_jsonl(tmp_path / "plain.jsonl", texts)
+    got = [sequences(DataConfig(path=p, seq_len=4, shuffle=False), tokenizer)
+           for p in (str(tmp_path / "d.parquet"), plain)]
+    assert np.array_equal(np.stack(got[0]), np.stack(got[1]))
+
+
 def test_text_files_and_jsonl_mix(tokenizer, tmp_path, repo):
     jsonl = write_jsonl(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(50)])
     cfg = DataConfig(mixture=[SourceConfig(path=str(repo / "data" / "shakespeare")), SourceConfig(path=jsonl)],
@@ -225,3 +237,21 @@ def test_repeat_continues_into_new_epochs_in_a_new_order(tokenizer, repo):
     assert epochs == sorted(epochs) and epochs[-1] >= 1
     first_of = {e: next(mb for mb in batches if mb.epoch == e).batch["input_ids"] for e in (0, 1)}
     assert not torch.equal(first_of[0], first_of[1])  # shuffled afresh each epoch
+
+
+def test_train_tokenizer_trains_on_what_a_configs_data_reads(tmp_path, monkeypatch, capsys, repo):
+    spec = importlib.util.spec_from_file_location("train_tokenizer_script", repo / "scripts" / "train_tokenizer.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    corpus = write_jsonl(tmp_path / "d.jsonl", [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)])
+    out = tmp_path / "tok"
+    monkeypatch.setattr("sys.argv", ["train_tokenizer.py", "--config", str(repo / "configs" / "default.yaml"),
+                                     f"--data.path={corpus}", "--vocab-size", "300", "--out", str(out)])
+    assert script.main() == 0
+    trained = load_tokenizer(str(out))
+    assert len(trained) == 300 and trained.decode(trained("lazy dog")["input_ids"]) == "lazy dog"
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
+    monkeypatch.setattr("sys.argv", ["train_tokenizer.py", "--config", str(repo / "configs" / "default.yaml"),
+                                     f"--data.path={empty}", "--out", str(tmp_path / "none")])
+    assert script.main() == 2
+    assert capsys.readouterr().err.startswith("error: data.path:")

@@ -1,15 +1,17 @@
-"""The loop's bookkeeping, in process: a step the optimizer skips (fp16 overflow) is logged and holds the lr."""
+"""The loop's bookkeeping, in process: a skipped step holds the lr; documents held out for eval are not trained on."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from conftest import read_metrics
 from pretrain.config import load_config
-from pretrain.train import train
+from pretrain.sources import is_held_out
+from pretrain.train import check_and_open, train
 
 
 def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path, monkeypatch, repo):
@@ -27,3 +29,23 @@ def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path,
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
     lr_per_update = [cfg.train.lr * n / 10 for n in (1, 2, 3, 3, 4)]  # warm-up; step 4 repeats step 3's lr
     assert [r["lr"] for r in rows] == lr_per_update
+
+
+def test_documents_held_out_for_eval_are_not_trained_on(tmp_path):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    texts = [f"document number {i}, with a few words in it" for i in range(200)]
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.path": str(corpus), "data.repeat": False,
+                             "data.seq_len": 16, "data.shuffle": False, "eval.path": None, "eval.every": 10, "eval.holdout_fraction": 0.2,
+                             "tracking.wandb": False})
+    setup = check_and_open(cfg, Accelerator(cpu=True))
+    # Unshuffled, the windows joined are the token stream: no word is made up across window boundaries.
+    trained_text = "".join(setup.tokenizer.decode(mb.batch["input_ids"].flatten().tolist()) for mb in setup.batches)
+    eval_text = "".join(setup.tokenizer.decode(b["input_ids"].flatten().tolist()) for b in setup.eval_batches)
+    held = [t for t in texts if is_held_out(t, 0.2)]
+    assert 20 < len(held) < 60 and setup.stats.documents == 200 - len(held)
+    assert not any(f"number {t.split()[2]}" in trained_text for t in held)
+    assert f"number {held[0].split()[2]}" in eval_text
+    setup.lock.release()
