@@ -82,7 +82,13 @@ class TrainConfig:
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the full-batch gradient to this norm; 0 disables clipping
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    mixed_precision: str = "no"  # no | bf16 | fp16 | fp8 (fp16 and fp8 need a GPU; fp8 also Hopper/Ada and an fp8 backend)
+    compile: bool = False  # torch.compile the model (Accelerate's dynamo plugin, inductor): slower start, faster steps
+    fused_adamw: bool = True  # torch's fused AdamW kernel where the device has one (CUDA, CPU); else for-each
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, ~30% more compute
+    sync_each_batch: bool = False  # reduce gradients after every micro-batch, not only the K-th: more communication,
+    #                                but no unsharded gradient held across micro-batches (the FSDP memory trade-off)
+    peak_flops_per_device: float | None = None  # for MFU; null: looked up from the GPU's name (bf16 dense peak)
     seed: int = 1337  # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
     log_every: int = 50  # print a line every this many optimizer steps (metrics and W&B get every step)
     cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
@@ -137,7 +143,7 @@ class Config:
 
 
 CHOICES = {
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("no", "bf16", "fp16", "fp8"),
     "tracking.wandb_mode": ("auto", "online", "offline"),
     "train.lr_scaling": ("none", "linear", "sqrt"),
     "train.incomplete_last_step": ("drop", "step"),
@@ -148,7 +154,7 @@ NON_NEGATIVE = ("data.num_workers", "eval.every", "checkpoint.every", "train.max
                 "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
 POSITIVE_OR_NULL = ("train.gradient_accumulation_steps", "train.global_batch_size", "train.lr_base_batch_size",
-                    "train.cpu_threads")
+                    "train.cpu_threads", "train.peak_flops_per_device")
 SCHEDULES = ("train.gradient_accumulation_schedule", "train.gradient_accumulation_epoch_schedule")
 
 

@@ -115,6 +115,14 @@ def build_model(model_config: PretrainedConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
 
 
+def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedConfig) -> None:
+    """train.activation_checkpointing needs a model class that can recompute its blocks."""
+    model_class = AutoModelForCausalLM._model_mapping[type(model_config)]
+    if not getattr(model_class, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: model type {cfg.type} cannot recompute activations "
+                          "(it has no blocks); set it to false")
+
+
 def max_positions(model_config: PretrainedConfig) -> int | None:
     return getattr(model_config, "max_position_embeddings", None)
 

@@ -75,4 +75,6 @@ def _worker_signal(signum: int, frame) -> None:
         if _STOPPING.value:
             return
         time.sleep(0.02)
-    os._exit(128 + signum)
+    # Not stopping: torch or multiprocessing is shutting the worker down (at exit, after an error). Exit
+    # quietly: a non-zero status makes torch's SIGCHLD handler report a crashed worker after the real error.
+    os._exit(0)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -16,17 +15,20 @@ from accelerate.utils import DistributedType, broadcast, broadcast_object_list, 
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from pretrain.accumulation import (AccumulationPlan, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
-                                   plan_accumulation, summed_token_loss)
+from pretrain.accumulation import AccumulationPlan, lr_scale, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, load_checkpoint, load_trainer_state, resume_path, save_checkpoint, set_aside_newer,
                                  settings_of)
 from pretrain.config import Config, ConfigError, RunError, to_yaml
 from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
+from pretrain.engines import (build_accelerator, describe_engine, enable_activation_checkpointing, fit_engine_to_config,
+                              weights_are_sharded, whole_model_init)
 from pretrain.evaluation import eval_micro_batches, evaluate
-from pretrain.models import build_model, build_model_config, max_positions
+from pretrain.models import build_model, build_model_config, check_activation_checkpointing, max_positions
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.preemption import StopRequest
-from pretrain.tracking import METRICS_FILE, MetricsLogger, new_run_id, wandb_mode
+from pretrain.step import gather_step, optimizer_step
+from pretrain.throughput import flops_per_token, peak_flops, throughput
+from pretrain.tracking import METRICS_FILE, MetricsLogger, new_run_id
 
 T = TypeVar("T")
 FINAL_DIR = "final"
@@ -35,18 +37,7 @@ FINAL_DIR = "final"
 def train(cfg: Config) -> None:
     """Run the whole job described by `cfg`. Bad input raises ConfigError before any model is built."""
     # ---- setup: check everything the user gave before building anything heavy
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on this machine")
-    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher_precision not in ("no", cfg.train.mixed_precision):  # the config would silently win
-        raise ConfigError(f"train.mixed_precision: {cfg.train.mixed_precision!r} but the launcher asks for "
-                          f"{launcher_precision!r} (accelerate launch --mixed_precision or accelerate config); "
-                          "make them agree")
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="wandb" if wandb_mode(cfg) else None)
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        # Their engines scale the loss by their own fixed K; the token-exact scale below assumes Accelerate's 1/K.
-        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not supported yet; "
-                          "use DDP (multi-GPU or multi-CPU) or a single process")
+    accelerator = build_accelerator(cfg)
     # Every process runs the checks; if any fails, all stop (none waits alone at a barrier).
     setup = agree(accelerator, lambda: check_and_open(cfg, accelerator))
     plan, tokenizer, state, resume_from = setup.plan, setup.tokenizer, setup.state, setup.resume_from
@@ -73,10 +64,17 @@ def train(cfg: Config) -> None:
     accelerator.print(describe_global_batch(plan, cfg.data.seq_len))
 
     set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
-    model = build_model(setup.model_config)
-    optimizer = build_optimizer(model, cfg.train)
+    with whole_model_init(accelerator):
+        model = build_model(setup.model_config)
+    enable_activation_checkpointing(accelerator, model, cfg)
+    flops = flops_per_token(model, setup.model_config, cfg.data.seq_len)
+    peak = peak_flops(accelerator.device, cfg.train.peak_flops_per_device)
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP2 shards first, then moves
+        model.to(accelerator.device)  # before the optimizer: a fused AdamW checks where its parameters are
+    optimizer = build_optimizer(model, cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"{flops / 1e6:,.1f} MFLOPs per token; {describe_engine(accelerator, optimizer, cfg)}")
     agree(accelerator, lambda: check_free_space(cfg, model))
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)  # model, optimizer, scaler and RNG states
@@ -110,8 +108,9 @@ def train(cfg: Config) -> None:
 
         # ---- log: the step's token-weighted loss, the same on every rank
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-               "tokens_per_sec": step_tokens / (time.perf_counter() - started), "gradient_accumulation_steps": k,
-               "global_batch_size": plan.global_batch(k), "epoch": epoch, "skipped": skipped}
+               **throughput(step_tokens, time.perf_counter() - started, accelerator.num_processes, flops, peak),
+               "gradient_accumulation_steps": k, "global_batch_size": plan.global_batch(k), "epoch": epoch,
+               "skipped": skipped}
         if setup.eval_batches is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
             row["eval_loss"], row["eval_perplexity"] = evaluate(accelerator, model, setup.eval_batches)
             say(progress, accelerator, f"step {step}: eval loss {row['eval_loss']:.4f}, "
@@ -120,8 +119,10 @@ def train(cfg: Config) -> None:
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or skipped:
             reason = "" if not skipped else " (skipped: gradient overflow)" if finite else " (skipped: not finite)"
+            mfu = f", MFU {row['mfu']:.1%}" if "mfu" in row else ""
             say(progress, accelerator, f"step {step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                                       f"K {k}, {state.tokens:,} tokens, {row['tokens_per_sec']:,.0f} tokens/s{reason}")
+                                       f"K {k}, {state.tokens:,} tokens, {row['tokens_per_sec_per_device']:,.0f} "
+                                       f"tokens/s per device{mfu}{reason}")
         if state.consecutive_skips > cfg.train.max_nonfinite_skips:
             metrics.close()
             raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite for "
@@ -151,12 +152,17 @@ def train(cfg: Config) -> None:
         accelerator.print(f"checkpoint: {checkpoint(accelerator, model, cfg, state)}")
     final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    full_weights = accelerator.get_state_dict(model)  # gathered from the shards under FSDP and ZeRO-3
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=full_weights)
+    del full_weights
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
         accelerator.print(f"saved the model and tokenizer to {final_dir}")
-        if cfg.sample.max_new_tokens > 0:
-            accelerator.print(f"sample:\n{sample_text(unwrapped, tokenizer, cfg)}")
+    sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
+    if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded):
+        text = sample_text(unwrapped, tokenizer, cfg, synced=sharded)
+        accelerator.print(f"sample:\n{text}")
     metrics.close()
     # Free DDP before the process group goes: tearing down gloo under a live DDP can hang at exit.
     accelerator.wait_for_everyone()
@@ -194,14 +200,17 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
     plan = plan_accumulation(cfg.train, accelerator.num_processes)
     launcher_k = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if launcher_k not in (None, "", "1", str(plan.first_k)):
+    if launcher_k not in (None, "", "1", "auto", str(plan.first_k)):  # "auto": a DeepSpeed config leaving K to us
         raise ConfigError(f"train.gradient_accumulation_steps: the template's K is {plan.first_k} but the launcher "
                           f"asks for {launcher_k} (accelerate launch --gradient_accumulation_steps, accelerate config "
                           "or a DeepSpeed config); set K in the template's config only")
+    fit_engine_to_config(accelerator, cfg, plan)  # DeepSpeed's own K, batch and clipping
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     model_config = build_model_config(cfg.model, len(tokenizer), special)
+    if cfg.train.activation_checkpointing:
+        check_activation_checkpointing(cfg.model, model_config)
     limit = max_positions(model_config)
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
@@ -267,67 +276,6 @@ def checkpoint(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, st
     return save_checkpoint(accelerator, cfg, state)
 
 
-class StepResult(NamedTuple):
-    loss: float  # mean over the step's target tokens on all processes
-    grad_norm: float  # of the full-batch gradient, before clipping
-    skipped: bool  # no update: an fp16 overflow, or a non-finite loss or norm
-    finite: bool  # loss and norm were finite
-
-
-def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
-                   max_grad_norm: float) -> StepResult:
-    """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
-
-    A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights.
-    """
-    k = len(micro_batches)
-    accelerator.gradient_accumulation_steps = k
-    accelerator.step = 0  # Accelerate's micro-batch counter is not reset when K changes: restart it every step
-    scale = backward_scale(global_tokens, k, accelerator.num_processes)
-    micro_losses = []
-    for index, micro_batch in enumerate(micro_batches):
-        # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
-        with accelerator.accumulate(model):
-            logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch.get("attention_mask")).logits
-            micro_loss = summed_token_loss(logits, micro_batch["labels"])
-            accelerator.backward(micro_loss * scale)
-        micro_losses.append(micro_loss.detach())
-        del logits, micro_loss  # hold one micro-batch's activations at a time, not two
-        if accelerator.sync_gradients != (index == k - 1):
-            raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
-
-    # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
-    loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
-    # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the
-    # scaler's business (it skips the step and lowers the scale); a non-finite loss is always ours.
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
-    if finite or accelerator.scaler is not None:  # the fp16 scaler must step (and update) to skip by itself
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)
-
-
-def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerator, incomplete: str,
-                seq_len: int) -> tuple[list[dict[str, torch.Tensor]], int] | None:
-    """The K micro-batches of this step and their global target-token count; None when training must stop.
-
-    When the data runs out mid-step, every process learns it from the same all-reduce: with
-    `incomplete` == "drop" the partial step is dropped; with "step" the missing micro-batches are
-    filled with empty ones (no target tokens), so the step is token-exact over what there is.
-    """
-    micro_batches = reader.take(k)
-    full = len(micro_batches) == k and all(len(mb["labels"]) == n for mb in micro_batches)
-    tokens = int(count_target_tokens(micro_batches)) if micro_batches else 0
-    counts = torch.tensor([tokens, int(not full)], device=accelerator.device)  # one all-reduce for both
-    global_tokens, incomplete_processes = (int(x) for x in accelerator.reduce(counts, "sum"))
-    if global_tokens == 0 or (incomplete_processes and incomplete == "drop"):
-        return None
-    micro_batches += [null_micro_batch(seq_len, accelerator.device) for _ in range(k - len(micro_batches))]
-    return micro_batches, global_tokens
-
-
 def step_epoch(reader: MicroBatchReader, accelerator: Accelerator) -> int:
     """The epoch this step begins in: that of the global stream's next window, which rank 0 reads."""
     epoch = reader.next_epoch()
@@ -385,7 +333,7 @@ def set_cpu_threads(requested: int | None) -> None:
 
 
 @torch.no_grad()
-def sample_text(model: torch.nn.Module, tokenizer, cfg: Config) -> str:
+def sample_text(model: torch.nn.Module, tokenizer, cfg: Config, synced: bool) -> str:
     """Continue cfg.sample.prompt with the trained model; seeded, so the same run prints the same sample."""
     model.eval()
     prompt_ids = tokenizer(cfg.sample.prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
@@ -394,5 +342,5 @@ def sample_text(model: torch.nn.Module, tokenizer, cfg: Config) -> str:
                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
                             max_new_tokens=cfg.sample.max_new_tokens, do_sample=True,
                             temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     return tokenizer.decode(output[0], skip_special_tokens=True)

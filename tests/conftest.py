@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "pretrain.py"
@@ -29,25 +31,29 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def accelerate_launch_command(args: list[str], num_processes: int = 1,
-                              launcher_args: list[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of `accelerate launch [LAUNCHER_ARGS] scripts/pretrain.py ARGS`."""
+def accelerate_launch_command(args: list[str], num_processes: int = 1, launcher_args: list[str] = (),
+                              script: Path = SCRIPT) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `accelerate launch [LAUNCHER_ARGS] SCRIPT ARGS`.
+
+    A `--config_file` among LAUNCHER_ARGS names the engine (FSDP, DeepSpeed); else several processes are DDP.
+    """
     if num_processes == 1:
         launch = ["--num_processes", "1"]
     else:  # on CPU, --cpu --num_processes 2 starts ONE process; --multi_gpu with ACCELERATE_USE_CPU starts two
-        launch = ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+        engine = [] if "--config_file" in launcher_args else ["--multi_gpu"]
+        launch = [*engine, "--num_processes", str(num_processes), "--main_process_port", "0"]
     env = clean_env()
     if num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "1"
     cmd = [str(ACCELERATE), "launch", *launcher_args, *launch, "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(SCRIPT), *args]
+           "--dynamo_backend", "no", str(script), *args]
     return cmd, env
 
 
 def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int = 240,
-                          launcher_args: list[str] = ()) -> subprocess.CompletedProcess:
+                          launcher_args: list[str] = (), script: Path = SCRIPT) -> subprocess.CompletedProcess:
     """`accelerate launch scripts/pretrain.py ARGS`, from the repository root, as a user runs it."""
-    cmd, env = accelerate_launch_command(args, num_processes, launcher_args)
+    cmd, env = accelerate_launch_command(args, num_processes, launcher_args, script)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -76,6 +82,23 @@ def prepare_data(*args: str) -> int:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_trajectory(a, b, rel=1e-5, atol=1e-5, weights_rel_l2=None):
+    """Same tokens and lr per step, losses and grad norms within `rel`; final weights elementwise close or,
+    with `weights_rel_l2` (bf16: Adam turns tiny gradient differences into lr-sized steps), close in L2."""
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
+    assert [r["tokens"] for r in rows_a] == [r["tokens"] for r in rows_b]
+    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=rel)
+    assert [r["grad_norm"] for r in rows_b] == pytest.approx([r["grad_norm"] for r in rows_a], rel=10 * rel)
+    weights_a, weights_b = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    for name in weights_a:
+        if weights_rel_l2 is None:
+            torch.testing.assert_close(weights_b[name], weights_a[name], rtol=rel, atol=atol)
+        else:
+            difference = (weights_b[name].float() - weights_a[name].float()).norm() / weights_a[name].float().norm()
+            assert difference < weights_rel_l2, name
 
 
 @pytest.fixture

@@ -85,7 +85,13 @@ CASES = {
     "launcher precision disagrees": ([], {"ACCELERATE_MIXED_PRECISION": "bf16"},
                                      "train.mixed_precision: 'no' but the launcher asks for 'bf16'"),
     "fp16 without a GPU": (["--train.mixed_precision=fp16"], {}, "train.mixed_precision: fp16 needs a GPU"),
-    "precision not a choice": (["--train.mixed_precision=fp8"], {}, "train.mixed_precision: 'fp8' is not one of"),
+    "fp8 without a GPU": (["--train.mixed_precision=fp8"], {}, "train.mixed_precision: fp8 needs a GPU"),
+    "precision not a choice": (["--train.mixed_precision=fp4"], {}, "train.mixed_precision: 'fp4' is not one of"),
+    "launcher compiles, config does not": ([], {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
+                                           "train.compile: false but the launcher asks for dynamo backend 'inductor'"),
+    "activation checkpointing on a model without blocks": (
+        ["--config=configs/embedding_linear.yaml", "--train.activation_checkpointing=true"], {},
+        "train.activation_checkpointing: model type embedding_linear cannot recompute"),
     "missing config file": (["--config={tmp}/nope.yaml"], {}, "--config: no such file"),
     "negative checkpoint interval": (["--checkpoint.every=-1"], {}, "checkpoint.every: must be >= 0"),
 }

@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY_LLAMA, read_metrics, run_accelerate_launch, run_script
+from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_script
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
@@ -26,23 +25,6 @@ def trained(tmp_path, name, args, processes=None):
     result = run_script(argv) if processes is None else run_accelerate_launch(argv, num_processes=processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
-
-
-def assert_same_trajectory(a, b, rel=1e-5, atol=1e-5, weights_rel_l2=None):
-    """Same tokens and lr per step, losses and grad norms within `rel`; final weights elementwise close or,
-    with `weights_rel_l2` (bf16: Adam turns tiny gradient differences into lr-sized steps), close in L2."""
-    rows_a, rows_b = read_metrics(a), read_metrics(b)
-    assert [r["tokens"] for r in rows_a] == [r["tokens"] for r in rows_b]
-    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
-    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=rel)
-    assert [r["grad_norm"] for r in rows_b] == pytest.approx([r["grad_norm"] for r in rows_a], rel=10 * rel)
-    weights_a, weights_b = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    for name in weights_a:
-        if weights_rel_l2 is None:
-            torch.testing.assert_close(weights_b[name], weights_a[name], rtol=rel, atol=atol)
-        else:
-            difference = (weights_b[name].float() - weights_a[name].float()).norm() / weights_a[name].float().norm()
-            assert difference < weights_rel_l2, name
 
 
 @pytest.mark.parametrize("precision, tolerances", [("no", {}), ("bf16", {"rel": 1e-2, "weights_rel_l2": 1e-2})])

@@ -1,0 +1,143 @@
+"""The Accelerator for a run, with DDP, FSDP2 or DeepSpeed held to the template's config (K above all).
+
+The template's YAML is the one source of truth. A launcher setting that would silently win over it
+(mixed precision, compile, K, DeepSpeed's own batch and clipping values) must agree with it or be
+`auto`; otherwise the run stops with one line before any model is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, TorchDynamoPlugin
+
+from pretrain.accumulation import AccumulationPlan
+from pretrain.config import Config, ConfigError, first_line
+from pretrain.tracking import wandb_mode
+
+GPU_ONLY_PRECISIONS = ("fp16", "fp8")
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator for `cfg`: precision, compile and accumulation come from the config, never the launcher."""
+    precision = cfg.train.mixed_precision
+    if precision in GPU_ONLY_PRECISIONS and not torch.cuda.is_available():
+        raise ConfigError(f"train.mixed_precision: {precision} needs a GPU; use bf16 or no on this machine")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", precision):  # the config would silently win
+        raise ConfigError(f"train.mixed_precision: {precision!r} but the launcher asks for {launcher_precision!r} "
+                          "(accelerate launch --mixed_precision or accelerate config); make them agree")
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launcher_backend != "no" and not cfg.train.compile:
+        raise ConfigError(f"train.compile: false but the launcher asks for dynamo backend {launcher_backend!r} "
+                          "(accelerate launch --dynamo_backend); set train.compile: true instead")
+    backend = (launcher_backend if launcher_backend != "no" else "inductor") if cfg.train.compile else "no"
+    # K is set before every optimizer step (it may follow a schedule); sync_each_batch is the memory trade-off.
+    accumulation = GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False,
+                                              sync_each_batch=cfg.train.sync_each_batch)
+    try:
+        accelerator = Accelerator(mixed_precision=precision, log_with="wandb" if wandb_mode(cfg) else None,
+                                  gradient_accumulation_plugin=accumulation,
+                                  dynamo_plugin=TorchDynamoPlugin(backend=backend))
+    except (ValueError, ImportError) as err:  # fp8 without a backend, an engine without its package, ...
+        raise ConfigError(f"accelerate config: {first_line(err)}") from None
+    if accelerator.distributed_type == DistributedType.MEGATRON_LM:
+        raise ConfigError("accelerate config: Megatron-LM is not supported; use DDP, FSDP (version 2) or DeepSpeed")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError("accelerate config: fsdp_version 1 is not supported; set fsdp_version: 2 "
+                          "(see configs/accelerate/fsdp2.yaml)")
+    return accelerator
+
+
+def fit_engine_to_config(accelerator: Accelerator, cfg: Config, plan: AccumulationPlan) -> None:
+    """Make the engine's own settings follow the template's config, before `accelerator.prepare`.
+
+    DeepSpeed keeps its own K, micro-batch and clipping: each must be `auto` (filled in here) or equal.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
+        ours = {"gradient_accumulation_steps": ("train.gradient_accumulation_steps", plan.first_k),
+                "train_micro_batch_size_per_gpu": ("train.micro_batch_size", plan.micro_batch_size),
+                "train_batch_size": ("train.global_batch_size", plan.global_batch(plan.first_k)),
+                "gradient_clipping": ("train.max_grad_norm", cfg.train.max_grad_norm)}
+        for key, (field, value) in ours.items():
+            given = ds_config.get(key, "auto")
+            if given == "auto":
+                ds_config[key] = value
+            elif given != value:
+                raise ConfigError(f"{field}: the template's value is {value} but {source} sets {key}: {given}; "
+                                  f"write {key}: auto there, so that the template's config decides")
+        if plan.schedule:  # DeepSpeed divides every loss by its own fixed K; the loop scales by that instead
+            accelerator.print(f"DeepSpeed: gradient_accumulation_steps {plan.first_k} in its config; the K schedule "
+                              "still decides where each optimizer step ends")
+    if accelerator.distributed_type == DistributedType.FSDP and cfg.train.activation_checkpointing:
+        accelerator.state.fsdp_plugin.activation_checkpointing = True  # applied per block, before sharding
+
+
+@contextmanager
+def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
+    """Build the model whole, with the same weights from the same seed as on any other engine.
+
+    Under ZeRO-3, transformers would otherwise build it inside deepspeed.zero.Init (partitioned at once,
+    drawn in another order) even with zero3_init_flag: false. With zero3_init_flag: true it does so on
+    purpose: for a model too large for one process's memory, at the cost of other initial weights.
+    """
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3 or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # ZeRO-3 visible to transformers again (saving, generate)
+
+
+def enable_activation_checkpointing(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> None:
+    """Recompute each block's activations in backward. FSDP applies it itself while sharding (see above)."""
+    if not cfg.train.activation_checkpointing or accelerator.distributed_type == DistributedType.FSDP:
+        return
+    # Non-reentrant: works with DDP's no_sync, compile and inputs that need no grad.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def loss_divisor(accelerator: Accelerator, k: int) -> int:
+    """What the engine divides each micro-batch's loss by: Accelerate's K, or DeepSpeed's fixed configured K."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return int(accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"])
+    return k
+
+
+def steps_inside_backward(accelerator: Accelerator) -> bool:
+    """DeepSpeed clips and steps inside the K-th backward: no update can be skipped after seeing the loss."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def weights_are_sharded(accelerator: Accelerator) -> bool:
+    """Every process must take part in each forward pass (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def describe_engine(accelerator: Accelerator, optimizer: torch.optim.Optimizer, cfg: Config) -> str:
+    """One line on how the run executes, printed at start beside the global batch."""
+    engine = {DistributedType.FSDP: "FSDP2", DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.NO: "one process",
+              }.get(accelerator.distributed_type, "DDP")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    checkpointing = cfg.train.activation_checkpointing or (accelerator.distributed_type == DistributedType.FSDP and
+                                                           accelerator.state.fsdp_plugin.activation_checkpointing)
+    return (f"{engine} on {accelerator.num_processes} x {accelerator.device.type}, mixed precision "
+            f"{accelerator.mixed_precision}, compile {'on' if cfg.train.compile else 'off'}, "
+            f"{'fused' if fused else 'for-each'} AdamW, activation checkpointing {'on' if checkpointing else 'off'}"
+            + (", gradients reduced every micro-batch" if cfg.train.sync_each_batch else ""))

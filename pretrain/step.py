@@ -1,0 +1,81 @@
+"""One optimizer step: gather K micro-batches, backpropagate each with the token-exact scale, then clip and step."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from accelerate import Accelerator
+
+from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch, summed_token_loss
+from pretrain.config import RunError
+from pretrain.data import MicroBatchReader
+from pretrain.engines import loss_divisor, steps_inside_backward
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the step's target tokens on all processes
+    grad_norm: float  # of the full-batch gradient, before clipping
+    skipped: bool  # no update: an fp16 overflow, or a non-finite loss or norm
+    finite: bool  # loss and norm were finite
+
+
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
+                   max_grad_norm: float) -> StepResult:
+    """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
+
+    A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights.
+    """
+    k = len(micro_batches)
+    accelerator.gradient_accumulation_steps = k
+    accelerator.step = 0  # Accelerate's micro-batch counter is not reset when K changes: restart it every step
+    scale = backward_scale(global_tokens, loss_divisor(accelerator, k), accelerator.num_processes)
+    micro_losses = []
+    for index, micro_batch in enumerate(micro_batches):
+        # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
+        with accelerator.accumulate(model):
+            logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch.get("attention_mask")).logits
+            micro_loss = summed_token_loss(logits, micro_batch["labels"])
+            accelerator.backward(micro_loss * scale)  # under DeepSpeed, the K-th also clips and steps
+        micro_losses.append(micro_loss.detach())
+        del logits, micro_loss  # hold one micro-batch's activations at a time, not two
+        if accelerator.sync_gradients != (index == k - 1):
+            raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
+
+    # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed did not compute one
+    loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
+    # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the
+    # scaler's business (it skips the step and lowers the scale); a non-finite loss is always ours.
+    fp16_scaler = accelerator.scaler is not None
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or fp16_scaler)
+    if not finite and steps_inside_backward(accelerator):
+        raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite ({loss}, {grad_norm}) "
+                       "and DeepSpeed has already applied the step; resume from the last checkpoint "
+                       "with a lower train.lr")
+    if finite or fp16_scaler:  # the fp16 scaler must step (and update) to skip by itself
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)
+
+
+def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerator, incomplete: str,
+                seq_len: int) -> tuple[list[dict[str, torch.Tensor]], int] | None:
+    """The K micro-batches of this step and their global target-token count; None when training must stop.
+
+    When the data runs out mid-step, every process learns it from the same all-reduce: with
+    `incomplete` == "drop" the partial step is dropped; with "step" the missing micro-batches are
+    filled with empty ones (no target tokens), so the step is token-exact over what there is.
+    """
+    micro_batches = reader.take(k)
+    full = len(micro_batches) == k and all(len(mb["labels"]) == n for mb in micro_batches)
+    tokens = int(count_target_tokens(micro_batches)) if micro_batches else 0
+    counts = torch.tensor([tokens, int(not full)], device=accelerator.device)  # one all-reduce for both
+    global_tokens, incomplete_processes = (int(x) for x in accelerator.reduce(counts, "sum"))
+    if global_tokens == 0 or (incomplete_processes and incomplete == "drop"):
+        return None
+    micro_batches += [null_micro_batch(seq_len, accelerator.device) for _ in range(k - len(micro_batches))]
+    return micro_batches, global_tokens
