@@ -104,7 +104,11 @@ def enable_activation_checkpointing(accelerator: Accelerator, model: torch.nn.Mo
     if not cfg.train.activation_checkpointing or accelerator.distributed_type == DistributedType.FSDP:
         return
     # Non-reentrant: works with DDP's no_sync, compile and inputs that need no grad.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def loss_divisor(accelerator: Accelerator, k: int) -> int:

@@ -1,6 +1,7 @@
 """Run under 2 processes (torchrun): records, after each micro-batch's backward, whether ranks' gradients agree.
 
-Used by test_ddp_sync.py. Prints one JSON line from rank 0: [[micro-batch index, grads equal across ranks], ...].
+Used by test_ddp_sync.py: `torchrun --nproc_per_node 2 tests/ddp_sync_probe.py REPO [--train.sync_each_batch=true]`.
+Prints one JSON line from rank 0: [[micro-batch index, grads equal across ranks], ...].
 """
 
 import json
@@ -8,17 +9,18 @@ import sys
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 
 sys.path.insert(0, sys.argv[1])  # the repository root
 
 from pretrain.accumulation import count_target_tokens  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.config import ModelConfig, load_config, parse_cli  # noqa: E402
+from pretrain.engines import build_accelerator  # noqa: E402
 from pretrain.models import build_model, build_model_config  # noqa: E402
-from pretrain.train import optimizer_step  # noqa: E402
+from pretrain.step import optimizer_step  # noqa: E402
 
 K = 3
-accelerator = Accelerator(gradient_accumulation_steps=K, cpu=True)
+accelerator = build_accelerator(load_config(*parse_cli(["--tracking.wandb=false", *sys.argv[2:]])))
+accelerator.gradient_accumulation_steps = K
 assert accelerator.num_processes == 2, accelerator.num_processes
 torch.manual_seed(0)
 model = build_model(build_model_config(ModelConfig("embedding_linear", {"hidden_size": 8}), 50, {}))

@@ -1,0 +1,63 @@
+"""scripts/slurm_pretrain.sbatch on a simulated two-node allocation: two `accelerate launch` commands on this
+host, machine ranks 0 and 1 meeting at 127.0.0.1, one CPU process each, on the same trajectory as one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_script
+
+ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.wandb=false",
+        "--sample.max_new_tokens=0", "--train.log_every=1", "--train.micro_batch_size=2",
+        "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.max_steps=4",
+        "--eval.every=0"]
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: one task per node, all on this host, each with its own SLURM_PROCID.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((rank = 0; rank < SLURM_NNODES; rank++)); do
+    SLURM_PROCID=$rank "$@" > "$SRUN_LOGS/task$rank.out" 2> "$SRUN_LOGS/task$rank.err" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = "#!/bin/bash\necho 127.0.0.1\n"  # `scontrol show hostnames`: the first node is this host
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sbatch_script_on_two_simulated_nodes_matches_one_process(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "two_nodes"
+    env = {**clean_env(), "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1",
+           "MAIN_PORT": str(free_port()), "CONFIG": "configs/default.yaml", "SRUN_LOGS": str(tmp_path),
+           "ACCELERATE_USE_CPU": "1"}  # no GPUs here: the processes run on CPU with gloo
+    result = subprocess.run(["bash", "scripts/slurm_pretrain.sbatch", *ARGS, f"--output_dir={out}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=240)
+    logs = {rank: (tmp_path / f"task{rank}.out").read_text() + (tmp_path / f"task{rank}.err").read_text()
+            for rank in (0, 1)}
+    assert result.returncode == 0, result.stderr + logs[0][-2000:] + logs[1][-2000:]
+    assert "pretrain: 2 nodes x 1 processes, main node 127.0.0.1" in result.stdout
+    # Machine 0 hosts the process group and prints; both trained: 2 processes, K = 8 / (2 x 2) = 2.
+    assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in logs[0]
+    assert "step 4: loss" in logs[0] and "step 4: loss" not in logs[1]
+    reference = tmp_path / "one_process"
+    single = run_script([*ARGS, f"--output_dir={reference}"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert [r["gradient_accumulation_steps"] for r in read_metrics(reference)] == [4] * 4
+    assert_same_trajectory(reference, out)
