@@ -33,13 +33,13 @@ def measure(config_path: str, k: int, n: int) -> float:
     from pretrain.config import load_config
     from pretrain.models import build_model, build_model_config
     from pretrain.optim import build_optimizer
-    from pretrain.train import optimizer_step
+    from pretrain.step import optimizer_step
 
     cfg = load_config(config_path)
     accelerator = Accelerator(gradient_accumulation_steps=k, mixed_precision=cfg.train.mixed_precision)
     torch.manual_seed(0)
     model = build_model(build_model_config(cfg.model, 4096, {}))
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     vocab, seq_len = model.config.vocab_size, cfg.data.seq_len
     on_gpu = accelerator.device.type == "cuda"

@@ -45,6 +45,13 @@ def build_accelerator(cfg: Config) -> Accelerator:
                                   dynamo_plugin=TorchDynamoPlugin(backend=backend))
     except (ValueError, ImportError) as err:  # fp8 without a backend, an engine without its package, ...
         raise ConfigError(f"accelerate config: {first_line(err)}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # e.g. --multi_gpu on a machine without GPUs: P lone processes
+        first = os.environ.get("RANK", "0") == "0"
+        raise ConfigError("" if not first else
+                          f"accelerate launch started {launched} processes, but Accelerate sees "
+                          f"{accelerator.num_processes}: they did not join one process group (without GPUs, set "
+                          "ACCELERATE_USE_CPU=1; see configs/accelerate/cpu.yaml)")
     if accelerator.distributed_type == DistributedType.MEGATRON_LM:
         raise ConfigError("accelerate config: Megatron-LM is not supported; use DDP, FSDP (version 2) or DeepSpeed")
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -39,8 +41,8 @@ def accelerate_launch_command(args: list[str], num_processes: int = 1, launcher_
     """
     if num_processes == 1:
         launch = ["--num_processes", "1"]
-    else:  # on CPU, --cpu --num_processes 2 starts ONE process; --multi_gpu with ACCELERATE_USE_CPU starts two
-        engine = [] if "--config_file" in launcher_args else ["--multi_gpu"]
+    else:  # on CPU, --cpu --num_processes 2 starts ONE process; configs/accelerate/cpu.yaml with ACCELERATE_USE_CPU two
+        engine = [] if "--config_file" in launcher_args else ["--config_file", str(REPO / "configs/accelerate/cpu.yaml")]
         launch = [*engine, "--num_processes", str(num_processes), "--main_process_port", "0"]
     env = clean_env()
     if num_processes > 1:
@@ -70,6 +72,24 @@ def run_script(args: list[str], timeout: int = 240, **env: str) -> subprocess.Co
     """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env={**clean_env(), **env},
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """pretrain.cli.main(ARGS) in this process, from the repository root: the script's work without the 4 s
+    of interpreter start and imports, for the many one-process runs of the trajectory tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pretrain.cli import main
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator, as in a new process
+    GradientState._reset_state()
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(args)
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
 def prepare_data(*args: str) -> int:

@@ -84,6 +84,8 @@ CASES = {
                              "train.gradient_accumulation_steps: the template's K is 2 but the launcher asks for 4"),
     "launcher precision disagrees": ([], {"ACCELERATE_MIXED_PRECISION": "bf16"},
                                      "train.mixed_precision: 'no' but the launcher asks for 'bf16'"),
+    "processes that did not join one group": ([], {"WORLD_SIZE": "2", "RANK": "0"},
+                                              "accelerate launch started 2 processes, but Accelerate sees 1"),
     "fp16 without a GPU": (["--train.mixed_precision=fp16"], {}, "train.mixed_precision: fp16 needs a GPU"),
     "fp8 without a GPU": (["--train.mixed_precision=fp8"], {}, "train.mixed_precision: fp8 needs a GPU"),
     "precision not a choice": (["--train.mixed_precision=fp4"], {}, "train.mixed_precision: 'fp4' is not one of"),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
 
 from pretrain.accumulation import plan_accumulation
 from pretrain.config import Config, ConfigError, load_config, parse_cli, to_yaml
@@ -13,6 +15,22 @@ from pretrain.models import build_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads_and_leaves_precision_compile_and_k_to_the_template(path):
+    config = load_config_from_file(str(path))  # Accelerate's own loader: unknown keys are errors there
+    assert config.mixed_precision == "no" and not config.dynamo_config  # train.mixed_precision, train.compile decide
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["gradient_accumulation_steps"] == "auto"
+        assert config.deepspeed_config["gradient_clipping"] == "auto"
+        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    if config.distributed_type == DistributedType.FSDP:
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FSDP2, full shard
+        assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["fsdp_activation_checkpointing"]
+    if path.name == "multi_node.yaml":
+        assert config.num_machines > 1 and config.main_process_ip
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

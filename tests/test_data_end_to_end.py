@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_script
+from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.config import ConfigError, DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from wandb_history import history_rows
@@ -43,7 +43,7 @@ def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
     args = [*TINY_LLAMA, *QUIET, f"--data.path={corpus}", "--data.packing=false", "--data.seq_len=32",
             "--train.micro_batch_size=4", "--train.gradient_accumulation_steps=2", "--train.max_steps=3",
             "--eval.every=0", f"--output_dir={out}"]
-    result = run_script(args)
+    result = run_in_process(args)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = DataConfig(path=str(corpus), packing=False, seq_len=32)
     stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), 4, 0, 1)

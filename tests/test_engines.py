@@ -9,7 +9,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch
+from conftest import REPO, TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_in_process
 
 CPU_ENGINES = Path(__file__).with_name("cpu_engines.py")  # lets Accelerate pick FSDP/DeepSpeed on CPU
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.wandb=false",
@@ -23,17 +23,16 @@ ENGINES = {  # accelerate config -> what the run must say about itself
 }
 
 
-def launch(out: Path, config: str | None, *extra: str, processes: int = 2):
-    launcher = ["--config_file", str(REPO / "configs" / "accelerate" / config)] if config else []
-    return run_accelerate_launch([*ARGS, *extra, f"--output_dir={out}"], num_processes=processes,
-                                 launcher_args=launcher, script=CPU_ENGINES)
+def launch(out: Path, config: str, *extra: str):
+    return run_accelerate_launch([*ARGS, *extra, f"--output_dir={out}"], num_processes=2, script=CPU_ENGINES,
+                                 launcher_args=["--config_file", str(REPO / "configs" / "accelerate" / config)])
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     """The reference: one process, K = 4."""
     out = tmp_path_factory.mktemp("engines") / "one_process"
-    result = launch(out, None, processes=1)
+    result = run_in_process([*ARGS, f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_script
+from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_in_process
 
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.wandb=false",
         "--sample.max_new_tokens=0", "--train.log_every=1", "--train.micro_batch_size=2",
@@ -57,7 +57,7 @@ def test_sbatch_script_on_two_simulated_nodes_matches_one_process(tmp_path):
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in logs[0]
     assert "step 4: loss" in logs[0] and "step 4: loss" not in logs[1]
     reference = tmp_path / "one_process"
-    single = run_script([*ARGS, f"--output_dir={reference}"])
+    single = run_in_process([*ARGS, f"--output_dir={reference}"])
     assert single.returncode == 0, single.stderr[-2000:]
     assert [r["gradient_accumulation_steps"] for r in read_metrics(reference)] == [4] * 4
     assert_same_trajectory(reference, out)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import (QUIET, REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_accelerate_launch,
-                      run_script, start_accelerate_launch)
+                      run_in_process, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
 
 STEPS = 8
@@ -181,7 +181,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate: step 1 is finite and blows the weights up; from step 2 the loss is not finite.
-    result = run_script([*ARGS, f"--output_dir={out}", "--train.lr=1e20", "--train.warmup_steps=0",
+    result = run_in_process([*ARGS, f"--output_dir={out}", "--tracking.wandb=false", "--train.lr=1e20",
+                             "--train.warmup_steps=0",
                          "--train.max_grad_norm=0", "--checkpoint.every=1", "--train.max_nonfinite_skips=2"])
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_script
+from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
@@ -22,7 +22,7 @@ COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "-
 def trained(tmp_path, name, args, processes=None):
     out = tmp_path / name
     argv = [*COMMON, *args, f"--output_dir={out}"]
-    result = run_script(argv) if processes is None else run_accelerate_launch(argv, num_processes=processes)
+    result = run_in_process(argv) if processes is None else run_accelerate_launch(argv, num_processes=processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -42,7 +42,7 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     # (Constant lr after warm-up, so that stopping at 3 of 5 steps does not change the schedule.)
     args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
             "--train.min_lr_ratio=1"]
-    a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=3"], processes=1)
+    a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=3"])
     a, resumed = trained(tmp_path, "p1", [*args, "--train.max_steps=5"], processes=2)
     b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1"], processes=2)
     assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
@@ -128,7 +128,7 @@ def test_two_processes_agree_with_one_on_epoch_schedules_and_at_the_end_of_data(
     else:
         common += ["--train.max_steps=50", "--data.repeat=false", "--train.incomplete_last_step=step"]
         one, two = ["--train.gradient_accumulation_steps=4"], ["--train.gradient_accumulation_steps=2"]
-    a, _ = trained(tmp_path, "p1", [*common, *one], processes=1)
+    a, _ = trained(tmp_path, "p1", [*common, *one])
     b, result = trained(tmp_path, "p2", [*common, *two], processes=2)
     assert "global batch: 2 processes" in result.stdout
     assert [r["global_batch_size"] for r in read_metrics(a)] == [r["global_batch_size"] for r in read_metrics(b)]
