@@ -164,7 +164,12 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether this process's part of the weights is finite (its shard under FSDP2 and ZeRO-3)."""
+    def local(p: torch.Tensor) -> torch.Tensor:
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 keeps an empty placeholder in p itself
+            return p.ds_tensor
+        return p.to_local() if hasattr(p, "to_local") else p  # FSDP2's DTensor
+    return all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
 
 
 def all_ok(accelerator: Accelerator, ok: bool) -> bool:

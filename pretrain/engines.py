@@ -23,7 +23,17 @@ GPU_ONLY_PRECISIONS = ("fp16", "fp8")
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator for `cfg`: precision, compile and accumulation come from the config, never the launcher."""
+    """The Accelerator for `cfg`: precision, compile and accumulation come from the config, never the launcher.
+
+    These checks come before any process group exists, so only the first process states a failure.
+    """
+    try:
+        return _checked_accelerator(cfg)
+    except ConfigError as err:
+        raise ConfigError(str(err) if os.environ.get("RANK", "0") == "0" else "") from None
+
+
+def _checked_accelerator(cfg: Config) -> Accelerator:
     precision = cfg.train.mixed_precision
     if precision in GPU_ONLY_PRECISIONS and not torch.cuda.is_available():
         raise ConfigError(f"train.mixed_precision: {precision} needs a GPU; use bf16 or no on this machine")
@@ -47,9 +57,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(f"accelerate config: {first_line(err)}") from None
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # e.g. --multi_gpu on a machine without GPUs: P lone processes
-        first = os.environ.get("RANK", "0") == "0"
-        raise ConfigError("" if not first else
-                          f"accelerate launch started {launched} processes, but Accelerate sees "
+        raise ConfigError(f"accelerate launch started {launched} processes, but Accelerate sees "
                           f"{accelerator.num_processes}: they did not join one process group (without GPUs, set "
                           "ACCELERATE_USE_CPU=1; see configs/accelerate/cpu.yaml)")
     if accelerator.distributed_type == DistributedType.MEGATRON_LM:
@@ -66,24 +74,45 @@ def fit_engine_to_config(accelerator: Accelerator, cfg: Config, plan: Accumulati
     DeepSpeed keeps its own K, micro-batch and clipping: each must be `auto` (filled in here) or equal.
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
-        ours = {"gradient_accumulation_steps": ("train.gradient_accumulation_steps", plan.first_k),
-                "train_micro_batch_size_per_gpu": ("train.micro_batch_size", plan.micro_batch_size),
-                "train_batch_size": ("train.global_batch_size", plan.global_batch(plan.first_k)),
-                "gradient_clipping": ("train.max_grad_norm", cfg.train.max_grad_norm)}
-        for key, (field, value) in ours.items():
-            given = ds_config.get(key, "auto")
-            if given == "auto":
-                ds_config[key] = value
-            elif given != value:
-                raise ConfigError(f"{field}: the template's value is {value} but {source} sets {key}: {given}; "
-                                  f"write {key}: auto there, so that the template's config decides")
-        if plan.schedule:  # DeepSpeed divides every loss by its own fixed K; the loop scales by that instead
-            accelerator.print(f"DeepSpeed: gradient_accumulation_steps {plan.first_k} in its config; the K schedule "
-                              "still decides where each optimizer step ends")
-    if accelerator.distributed_type == DistributedType.FSDP and cfg.train.activation_checkpointing:
-        accelerator.state.fsdp_plugin.activation_checkpointing = True  # applied per block, before sharding
+        _fit_deepspeed(accelerator, cfg, plan)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if cfg.train.activation_checkpointing:
+            plugin.activation_checkpointing = True  # applied per block, before sharding
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        if low is not None:  # compute in low precision; accumulate and reduce gradients in float32 (Accelerate: low)
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+
+
+def _fit_deepspeed(accelerator: Accelerator, cfg: Config, plan: AccumulationPlan) -> None:
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
+    if accelerator.mixed_precision != cfg.train.mixed_precision and cfg.train.mixed_precision != "fp8":
+        raise ConfigError(f"train.mixed_precision: {cfg.train.mixed_precision!r} but {source} turns on "
+                          f"{accelerator.mixed_precision!r}; write enabled: auto in its fp16 and bf16 sections")
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:  # final/ needs the full weights gathered
+        zero = ds_config.setdefault("zero_optimization", {})
+        key = "stage3_gather_16bit_weights_on_model_save"
+        if zero.get(key, "auto") in ("auto", True):
+            zero[key] = True
+        else:
+            raise ConfigError(f"accelerate config: ZeRO-3 with {key} false cannot save final/; set it true "
+                              "(zero3_save_16bit_model: true in the accelerate config)")
+    ours = {"gradient_accumulation_steps": ("train.gradient_accumulation_steps", plan.first_k),
+            "train_micro_batch_size_per_gpu": ("train.micro_batch_size", plan.micro_batch_size),
+            "train_batch_size": ("train.global_batch_size", plan.global_batch(plan.first_k)),
+            "gradient_clipping": ("train.max_grad_norm", cfg.train.max_grad_norm)}
+    for key, (field, value) in ours.items():
+        given = ds_config.get(key, "auto")
+        if given == "auto":
+            ds_config[key] = value
+        elif given != value:  # (a key the file lacks reads as DeepSpeed's default here)
+            raise ConfigError(f"{field}: the template's value is {value} but {source} has {key}: {given}; "
+                              f"write {key}: auto there, so that the template's config decides")
+    if plan.schedule:  # DeepSpeed divides every loss by its own fixed K; the loop scales by that instead
+        accelerator.print(f"DeepSpeed: gradient_accumulation_steps {plan.first_k} in its config; the K schedule "
+                          "still decides where each optimizer step ends")
 
 
 @contextmanager

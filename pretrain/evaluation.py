@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from pretrain.accumulation import count_target_tokens, summed_token_loss
+from pretrain.accumulation import count_target_tokens, null_micro_batch, summed_token_loss
 from pretrain.config import Config, ConfigError
 from pretrain.data import micro_batch_stream
 from pretrain.token_shards import is_token_shards
@@ -52,7 +52,11 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     if batches:  # the last micro-batch may be needed only in part
         rows = cfg.eval.sequences - n * (len(batches) - 1)
         batches[-1] = {key: value[:rows] for key, value in batches[-1].items()}
-    return batches[rank::world_size]
+    # Every process gets as many batches (the missing ones hold no target token): under FSDP and ZeRO-3 each
+    # forward pass gathers weights from all processes, so a process with fewer would leave the others waiting.
+    mine = batches[rank::world_size]
+    return mine + [null_micro_batch(cfg.data.seq_len, torch.device("cpu"))
+                   for _ in range(math.ceil(len(batches) / world_size) - len(mine))]
 
 
 @torch.no_grad()

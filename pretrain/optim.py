@@ -22,11 +22,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    # Not under fp16: the scaler then hands the overflow check to the fused kernel, which skips the update
+    # silently, and the loop could no longer tell (nor log) that a step was skipped.
+    fused = cfg.fused_adamw and has_fused_adamw(device) and cfg.mixed_precision != "fp16"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             fused=cfg.fused_adamw and has_fused_adamw(device))
+                             fused=fused)
 
 
 def has_fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for this kind of device (CUDA, CPU, ... in torch 2.13)."""
     return device.type in _get_fused_kernels_supported_devices()
 
 

@@ -46,16 +46,16 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
 
     # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed did not compute one
+    grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed was told not to compute it
     loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
-    # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the
-    # scaler's business (it skips the step and lowers the scale); a non-finite loss is always ours.
-    fp16_scaler = accelerator.scaler is not None
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or fp16_scaler)
-    if not finite and steps_inside_backward(accelerator):
-        raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite ({loss}, {grad_norm}) "
-                       "and DeepSpeed has already applied the step; resume from the last checkpoint "
-                       "with a lower train.lr")
+    # The same verdict on every process: loss and norm are global. Under fp16 an infinite norm is the loss
+    # scaler's business (Accelerate's or DeepSpeed's: it skips the step and lowers the scale); a non-finite
+    # loss is always ours.
+    fp16_scaler = accelerator.mixed_precision == "fp16"
+    finite = math.isfinite(loss) and (norm is None or math.isfinite(grad_norm) or fp16_scaler)
+    if not finite and steps_inside_backward(accelerator) and not accelerator.optimizer_step_was_skipped:
+        raise RunError(f"train.lr: the loss or gradient norm was not finite ({loss}, {grad_norm}) and DeepSpeed "
+                       "has already applied the step; resume from the last checkpoint with a lower train.lr")
     if finite or fp16_scaler:  # the fp16 scaler must step (and update) to skip by itself
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

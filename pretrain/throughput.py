@@ -4,9 +4,12 @@ FLOPs per token follow the PaLM paper (appendix B): 6 x (weights that multiply a
 forward and backward matmuls, plus 12 x layers x width x seq_len for attention scores. Embedding
 lookups are free; a tied output layer still multiplies, so it counts. Activation checkpointing's
 recomputation is not counted: MFU measures useful work (what it costs shows as a lower MFU).
+Mixture-of-experts models are counted as if every expert ran on every token: their MFU reads high.
 """
 
 from __future__ import annotations
+
+import resource
 
 import torch
 from transformers import PretrainedConfig
@@ -24,6 +27,7 @@ PEAK_BF16_FLOPS = (
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),  # after L40S, before L4: names are matched by substring
     ("L4", 121e12),
     ("A10", 125e12),
     ("RTX 4090", 165e12),
@@ -55,10 +59,15 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
 
 
 def throughput(step_tokens: int, seconds: float, num_processes: int, flops_per_token_: int,
-               peak: float | None) -> dict[str, float]:
-    """The metrics of one optimizer step: tokens/s in all, per device, and MFU when the peak is known."""
+               peak: float | None, device: torch.device) -> dict[str, float]:
+    """The metrics of one optimizer step: tokens/s in all and per device, MFU when the peak is known, and
+    this process's peak memory so far (GPU: allocated by torch; CPU: resident set of the process)."""
     per_device = step_tokens / seconds / num_processes
     row = {"tokens_per_sec": step_tokens / seconds, "tokens_per_sec_per_device": per_device}
     if peak:
         row["mfu"] = per_device * flops_per_token_ / peak
+    if device.type == "cuda":
+        row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     return row

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pretrain.accumulation import AccumulationPlan, lr_scale, plan_accumulation
-from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, load_checkpoint, load_trainer_state, resume_path, save_checkpoint, set_aside_newer,
-                                 settings_of)
+from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, all_ok, load_checkpoint,
+                                 load_trainer_state, resume_path, save_checkpoint, set_aside_newer, settings_of)
 from pretrain.config import Config, ConfigError, RunError, to_yaml
 from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
 from pretrain.engines import (build_accelerator, describe_engine, enable_activation_checkpointing, fit_engine_to_config,
@@ -68,14 +68,15 @@ def train(cfg: Config) -> None:
         model = build_model(setup.model_config)
     enable_activation_checkpointing(accelerator, model, cfg)
     flops = flops_per_token(model, setup.model_config, cfg.data.seq_len)
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # before sharding
     peak = peak_flops(accelerator.device, cfg.train.peak_flops_per_device)
     if accelerator.distributed_type != DistributedType.FSDP:  # FSDP2 shards first, then moves
-        model.to(accelerator.device)  # before the optimizer: a fused AdamW checks where its parameters are
+        model.to(accelerator.device)  # where the optimizer's state will live
     optimizer = build_optimizer(model, cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.print(f"model: {cfg.model.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    accelerator.print(f"model: {cfg.model.type}, {parameters / 1e6:.2f}M parameters, "
                       f"{flops / 1e6:,.1f} MFLOPs per token; {describe_engine(accelerator, optimizer, cfg)}")
-    agree(accelerator, lambda: check_free_space(cfg, model))
+    agree(accelerator, lambda: check_free_space(cfg, parameters))
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)  # model, optimizer, scaler and RNG states
         accelerator.print(f"resuming from {resume_from}: {state.step} optimizer steps done, {state.tokens:,} tokens")
@@ -108,7 +109,8 @@ def train(cfg: Config) -> None:
 
         # ---- log: the step's token-weighted loss, the same on every rank
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-               **throughput(step_tokens, time.perf_counter() - started, accelerator.num_processes, flops, peak),
+               **throughput(step_tokens, time.perf_counter() - started, accelerator.num_processes, flops, peak,
+                            accelerator.device),
                "gradient_accumulation_steps": k, "global_batch_size": plan.global_batch(k), "epoch": epoch,
                "skipped": skipped}
         if setup.eval_batches is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
@@ -259,9 +261,9 @@ def check_same_checkpoint(mine: str | None, main: str | None) -> None:
                           "is output_dir on a filesystem that every process sees the same way?")
 
 
-def check_free_space(cfg: Config, model: torch.nn.Module) -> None:
+def check_free_space(cfg: Config, parameters: int) -> None:
     """A checkpoint holds the weights and two AdamW moments in float32: refuse to start without room for one."""
-    needed = 3 * 4 * sum(p.numel() for p in model.parameters())
+    needed = 3 * 4 * parameters
     free = shutil.disk_usage(cfg.output_dir).free
     if free < 2 * needed:
         raise ConfigError(f"output_dir: {free / 2**20:,.0f} MiB free in {cfg.output_dir!r}, but a checkpoint takes "
@@ -270,7 +272,7 @@ def check_free_space(cfg: Config, model: torch.nn.Module) -> None:
 
 def checkpoint(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, state: TrainerState) -> str:
     """Save the state after `state.step`; returns the checkpoint's path."""
-    if not all_finite(model):  # never save a state that cannot be trained on
+    if not all_ok(accelerator, all_finite(model)):  # never save a state that cannot be trained on
         raise RunError(f"checkpoint: the weights are not finite after step {state.step}; not saving them "
                        "(resume from the last checkpoint with a lower train.lr)")
     return save_checkpoint(accelerator, cfg, state)

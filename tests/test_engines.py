@@ -15,7 +15,7 @@ CPU_ENGINES = Path(__file__).with_name("cpu_engines.py")  # lets Accelerate pick
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.wandb=false",
         "--sample.max_new_tokens=4", "--train.log_every=1000", "--train.micro_batch_size=2",
         "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.max_steps=4",
-        "--eval.every=2", "--eval.sequences=8"]
+        "--eval.every=2", "--eval.sequences=6"]  # 3 eval micro-batches: 2 on one process, 1 (+1 empty) on the other
 ENGINES = {  # accelerate config -> what the run must say about itself
     "fsdp2.yaml": "FSDP2 on 2 x cpu, mixed precision no, compile off, fused AdamW, activation checkpointing on",
     "deepspeed_zero2.yaml": "DeepSpeed ZeRO-2 on 2 x cpu",
@@ -81,7 +81,7 @@ def test_deepspeed_k_that_disagrees_with_the_template_is_an_error(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     # Accelerate itself would only warn and use DeepSpeed's 8.
-    assert errors == [f"error: train.gradient_accumulation_steps: the template's value is 2 but {ds_json} sets "
+    assert errors == [f"error: train.gradient_accumulation_steps: the template's value is 2 but {ds_json} has "
                       "gradient_accumulation_steps: 8; write gradient_accumulation_steps: auto there, so that the "
                       "template's config decides"]
     assert "Traceback" not in result.stderr.split("error:")[0]

@@ -62,6 +62,7 @@ def test_compiled_model_trains_like_the_eager_one_and_mfu_is_logged(tmp_path, mo
     for row in compiled:
         assert row["tokens_per_sec_per_device"] == row["tokens_per_sec"]  # one process
         assert row["mfu"] == pytest.approx(row["tokens_per_sec_per_device"] * flops / 1e12)
+        assert 100 < row["peak_memory_mib"] < 10_000  # this process's resident set, in MiB
 
 
 def test_flops_per_token_counts_every_matmul_weight_and_attention():
@@ -92,3 +93,5 @@ def test_adamw_is_fused_where_the_device_has_the_kernel():
     assert build_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups[0]["fused"] is True
     assert not build_optimizer(model, TrainConfig(fused_adamw=False), torch.device("cpu")).param_groups[0]["fused"]
     assert not build_optimizer(model, TrainConfig(), torch.device("meta")).param_groups[0]["fused"]
+    # fp16: the scaler would let the fused kernel skip overflowing steps unseen
+    assert not build_optimizer(model, TrainConfig(mixed_precision="fp16"), torch.device("cpu")).param_groups[0]["fused"]

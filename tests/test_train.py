@@ -9,7 +9,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from conftest import read_metrics
+from pretrain.accumulation import count_target_tokens
 from pretrain.config import load_config
+from pretrain.data import load_tokenizer
+from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
 from pretrain.train import check_and_open, train
 
@@ -49,3 +52,13 @@ def test_documents_held_out_for_eval_are_not_trained_on(tmp_path):
     assert not any(f"number {t.split()[2]}" in trained_text for t in held)
     assert f"number {held[0].split()[2]}" in eval_text
     setup.lock.release()
+
+
+def test_eval_batches_are_as_many_on_every_process_and_hold_every_sequence_once(monkeypatch, repo):
+    # Under FSDP and ZeRO-3 every forward pass is collective: a process with fewer batches would hang the rest.
+    monkeypatch.chdir(repo)
+    cfg = load_config(None, {"eval.sequences": 40, "train.micro_batch_size": 8, "data.seq_len": 32})  # 5 batches
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    parts = [eval_micro_batches(cfg, tokenizer, rank, 4) for rank in range(4)]
+    assert [len(part) for part in parts] == [2, 2, 2, 2]
+    assert sum(int(count_target_tokens(part)) for part in parts) == 40 * 32
