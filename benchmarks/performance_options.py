@@ -5,7 +5,8 @@
 
 Each variant is a real run of scripts/pretrain.py (fresh process, no eval, no checkpoints) for
 `--steps` optimizer steps; its figure is the median tokens/s per device over the steps after the
-first 10 (compile and warm-up happen there). Variants run in turns, `--rounds` times each, and the
+first 10 (compile and warm-up happen there), and its peak memory (GPU: allocated by torch;
+CPU: the process's resident set). Variants run in turns, `--rounds` times each, and the
 table gives each one's median and its ratio to the baseline, because this machine is noisy.
 On a GPU, MFU uses the GPU's peak (pretrain/throughput.py) unless --peak-flops is given; on CPU
 there is no MFU without --peak-flops.
@@ -48,7 +49,7 @@ def run(config: str, steps: int, overrides: list[str], peak: float | None, workd
         rows = [json.loads(line) for line in f][10:]
     return {"tokens_per_sec_per_device": statistics.median(r["tokens_per_sec_per_device"] for r in rows),
             "mfu": statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None,
-            "loss": rows[-1]["loss"]}
+            "loss": rows[-1]["loss"], "peak_memory_mib": rows[-1]["peak_memory_mib"]}
 
 
 def main() -> None:
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants to run")
     args = parser.parse_args()
+    if args.steps <= 10:
+        parser.error("--steps: give more than 10 (the first 10 steps, compile and warm-up, are not measured)")
     names = args.only.split(",")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as workdir:
@@ -68,12 +71,13 @@ def main() -> None:
                 print(f"round {round_ + 1}: {name}: {results[name][-1]['tokens_per_sec_per_device']:,.0f} "
                       "tokens/s per device", flush=True)
     base = statistics.median(r["tokens_per_sec_per_device"] for r in results[names[0]])
-    print(f"\n{'variant':<28}{'tokens/s per device':>20}{'vs ' + names[0]:>16}{'MFU':>8}{'loss at end':>13}")
+    print(f"\n{'variant':<28}{'tokens/s per device':>20}{'vs ' + names[0]:>16}{'MFU':>8}{'peak MiB':>10}"
+          f"{'loss at end':>13}")
     for name in names:
         speed = statistics.median(r["tokens_per_sec_per_device"] for r in results[name])
-        mfu = results[name][0]["mfu"]
+        mfu = results[name][0]["mfu"] and statistics.median(r["mfu"] for r in results[name])
         print(f"{name:<28}{speed:>20,.0f}{speed / base:>15.2f}x{f'{mfu:.1%}' if mfu else '-':>8}"
-              f"{results[name][0]['loss']:>13.4f}")
+              f"{results[name][0]['peak_memory_mib']:>10,.0f}{results[name][0]['loss']:>13.4f}")
 
 
 if __name__ == "__main__":
