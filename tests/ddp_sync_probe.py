@@ -1,7 +1,9 @@
 """Run under 2 processes (torchrun): records, after each micro-batch's backward, whether ranks' gradients agree.
 
-Used by test_ddp_sync.py: `torchrun --nproc_per_node 2 tests/ddp_sync_probe.py REPO [--train.sync_each_batch=true]`.
-Prints one JSON line from rank 0: [[micro-batch index, grads equal across ranks], ...].
+Used by test_ddp_sync.py: `torchrun --nproc_per_node 2 tests/ddp_sync_probe.py REPO`. One optimizer step as
+configured (train.sync_each_batch: false), then one with train.sync_each_batch turned on (as build_accelerator
+sets it: test_ddp_sync.py checks that wiring). Prints one JSON line from rank 0:
+{"false": [[micro-batch index, grads equal across ranks], ...], "true": [...]}.
 """
 
 import json
@@ -19,7 +21,7 @@ from pretrain.models import build_model, build_model_config  # noqa: E402
 from pretrain.step import optimizer_step  # noqa: E402
 
 K = 3
-accelerator = build_accelerator(load_config(*parse_cli(["--tracking.wandb=false", *sys.argv[2:]])))
+accelerator = build_accelerator(load_config(*parse_cli(["--tracking.wandb=false"])))
 accelerator.gradient_accumulation_steps = K
 assert accelerator.num_processes == 2, accelerator.num_processes
 torch.manual_seed(0)
@@ -41,12 +43,17 @@ def recording_backward(loss, **kwargs):
 
 accelerator.backward = recording_backward
 generator = torch.Generator().manual_seed(accelerator.process_index)  # different data on each rank
-micro_batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=generator),
-                  "labels": torch.randint(0, 50, (2, 6), generator=generator)} for _ in range(K)]
-tokens = int(accelerator.reduce(count_target_tokens(micro_batches), "sum"))
-optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=1.0)
+results = {}
+for sync_each_batch in (False, True):
+    accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = sync_each_batch
+    micro_batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=generator),
+                      "labels": torch.randint(0, 50, (2, 6), generator=generator)} for _ in range(K)]
+    tokens = int(accelerator.reduce(count_target_tokens(micro_batches), "sum"))
+    agreement.clear()
+    optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=1.0)
+    results[str(sync_each_batch).lower()] = list(agreement)
 if accelerator.is_main_process:
-    print(json.dumps(agreement))
+    print(json.dumps(results))
 del model, optimizer
 accelerator.free_memory()
 dist.destroy_process_group()

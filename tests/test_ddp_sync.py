@@ -7,20 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from conftest import REPO, clean_env
+from pretrain.config import load_config
+from pretrain.engines import build_accelerator
 
 
-@pytest.mark.parametrize("sync_each_batch, expected", [
-    (False, [[1, False], [2, False], [3, True]]),  # K = 3: local gradients after micro-batches 1, 2; reduced after 3
-    (True, [[1, True], [2, True], [3, True]]),  # train.sync_each_batch: reduced after every micro-batch
-])
-def test_gradients_differ_across_ranks_until_the_sync_micro_batch(sync_each_batch, expected):
+def test_gradients_differ_across_ranks_until_the_sync_micro_batch():
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_sync_probe.py"),
-           str(REPO), f"--train.sync_each_batch={str(sync_each_batch).lower()}"]
+           str(REPO)]
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    agreement = json.loads(result.stdout.strip().splitlines()[-1])
+    # K = 3: local (different) gradients after micro-batches 1 and 2, all-reduced (equal) after 3
+    assert agreement["false"] == [[1, False], [2, False], [3, True]]
+    # train.sync_each_batch: reduced after every micro-batch (the FSDP memory trade-off)
+    assert agreement["true"] == [[1, True], [2, True], [3, True]]
+
+
+def test_sync_each_batch_reaches_accelerate():
+    for value in (True, False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = build_accelerator(load_config(None, {"train.sync_each_batch": value, "tracking.wandb": False}))
+        assert accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False) is value  # (absent: default)
