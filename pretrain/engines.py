@@ -91,7 +91,7 @@ def _fit_deepspeed(accelerator: Accelerator, cfg: Config, plan: AccumulationPlan
     if accelerator.mixed_precision != cfg.train.mixed_precision and cfg.train.mixed_precision != "fp8":
         raise ConfigError(f"train.mixed_precision: {cfg.train.mixed_precision!r} but {source} turns on "
                           f"{accelerator.mixed_precision!r}; write enabled: auto in its fp16 and bf16 sections")
-    if accelerator.state.deepspeed_plugin.zero_stage == 3:  # final/ needs the full weights gathered
+    if _zero3_plugin(accelerator):  # final/ needs the full weights gathered
         zero = ds_config.setdefault("zero_optimization", {})
         key = "stage3_gather_16bit_weights_on_model_save"
         if zero.get(key, "auto") in ("auto", True):
@@ -123,8 +123,8 @@ def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
     drawn in another order) even with zero3_init_flag: false. With zero3_init_flag: true it does so on
     purpose: for a model too large for one process's memory, at the cost of other initial weights.
     """
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is None or plugin.zero_stage != 3 or plugin.zero3_init_flag:
+    plugin = _zero3_plugin(accelerator)
+    if plugin is None or plugin.zero3_init_flag:
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config
@@ -161,11 +161,15 @@ def steps_inside_backward(accelerator: Accelerator) -> bool:
 
 def weights_are_sharded(accelerator: Accelerator) -> bool:
     """Every process must take part in each forward pass (FSDP, DeepSpeed ZeRO-3)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return False
+    return accelerator.distributed_type == DistributedType.FSDP or _zero3_plugin(accelerator) is not None
+
+
+def _zero3_plugin(accelerator: Accelerator):
+    """The DeepSpeed plugin when the engine is ZeRO stage 3, else None."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin if plugin.zero_stage == 3 else None
 
 
 def describe_engine(accelerator: Accelerator, optimizer: torch.optim.Optimizer, cfg: Config) -> str:

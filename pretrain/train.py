@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast, broadcast_object_list, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -70,8 +70,6 @@ def train(cfg: Config) -> None:
     flops = flops_per_token(model, setup.model_config, cfg.data.seq_len)
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # before sharding
     peak = peak_flops(accelerator.device, cfg.train.peak_flops_per_device)
-    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP2 shards first, then moves
-        model.to(accelerator.device)  # where the optimizer's state will live
     optimizer = build_optimizer(model, cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(f"model: {cfg.model.type}, {parameters / 1e6:.2f}M parameters, "

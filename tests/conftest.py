@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,14 +75,17 @@ def run_script(args: list[str], timeout: int = 240, **env: str) -> subprocess.Co
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def fresh_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so the next Accelerator is built as in a new process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
     """pretrain.cli.main(ARGS) in this process, from the repository root: the script's work without the 4 s
     of interpreter start and imports, for the many one-process runs of the trajectory tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from pretrain.cli import main
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator, as in a new process
-    GradientState._reset_state()
+    fresh_accelerate_state()
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
     try:
         os.chdir(REPO)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
+from conftest import fresh_accelerate_state
 from pretrain.accumulation import (IGNORE_INDEX, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
                                    plan_accumulation, summed_token_loss)
 from pretrain.config import ConfigError, ModelConfig, TrainConfig, load_config
 from pretrain.models import build_model, build_model_config
-from pretrain.train import optimizer_step
+from pretrain.step import optimizer_step
 
 VOCAB, SEQ_LEN, GLOBAL_BATCH = 97, 12, 8
 FAMILIES = {
@@ -22,8 +22,7 @@ FAMILIES = {
 
 
 def fresh_accelerator(k: int) -> Accelerator:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     return Accelerator(gradient_accumulation_steps=k, cpu=True)
 
 

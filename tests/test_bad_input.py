@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
-from conftest import REPO
+from conftest import REPO, fresh_accelerate_state
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import load_config
@@ -106,8 +105,7 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capsys, monkeyp
     monkeypatch.chdir(REPO)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={tmp_path / 'run'}")

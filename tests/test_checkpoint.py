@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
+from conftest import fresh_accelerate_state
 from pretrain.checkpoint import (STATE_FILE, TrainerState, checkpoint_dirs, load_checkpoint, resume_path,
                                  save_checkpoint, settings_of)
 from pretrain.config import ConfigError, RunError, load_config
@@ -22,8 +22,7 @@ from pretrain.train import check_free_space
 
 @pytest.fixture
 def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     return Accelerator(cpu=True)
 
 

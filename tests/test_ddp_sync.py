@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from accelerate.state import AcceleratorState, GradientState
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, fresh_accelerate_state
 from pretrain.config import load_config
 from pretrain.engines import build_accelerator
 
@@ -30,7 +29,6 @@ def test_gradients_differ_across_ranks_until_the_sync_micro_batch():
 
 def test_sync_each_batch_reaches_accelerate():
     for value in (True, False):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        fresh_accelerate_state()
         accelerator = build_accelerator(load_config(None, {"train.sync_each_batch": value, "tracking.wandb": False}))
         assert accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False) is value  # (absent: default)

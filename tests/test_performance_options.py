@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from transformers.models.llama import modeling_llama
 
-from conftest import read_metrics
+from conftest import fresh_accelerate_state, read_metrics
 from pretrain.config import ModelConfig, TrainConfig, load_config
 from pretrain.models import build_model, build_model_config
 from pretrain.optim import build_optimizer
@@ -21,8 +20,7 @@ TINY = {"model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attent
 
 
 def run(tmp_path, name, config=None, **overrides):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     out = tmp_path / name
     train(load_config(config, {**(TINY if config is None else {}), "output_dir": str(out), **overrides}))
     return read_metrics(out)

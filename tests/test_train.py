@@ -6,9 +6,8 @@ import itertools
 import json
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
-from conftest import read_metrics
+from conftest import fresh_accelerate_state, read_metrics
 from pretrain.accumulation import count_target_tokens
 from pretrain.config import load_config
 from pretrain.data import load_tokenizer
@@ -22,8 +21,7 @@ def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path,
     verdicts = itertools.chain([False, False, True], itertools.repeat(False))
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: next(verdicts)))
     monkeypatch.chdir(repo)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     cfg = load_config("configs/embedding_linear.yaml", {
         "output_dir": str(tmp_path / "run"), "train.max_steps": 5, "train.warmup_steps": 10,
         "tracking.wandb": False, "sample.max_new_tokens": 0, "train.micro_batch_size": 2})
@@ -35,8 +33,7 @@ def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path,
 
 
 def test_documents_held_out_for_eval_are_not_trained_on(tmp_path):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate_state()
     texts = [f"document number {i}, with a few words in it" for i in range(200)]
     corpus = tmp_path / "d.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
