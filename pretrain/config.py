@@ -8,11 +8,13 @@ keys go to the transformers config of that model type and are checked there (pre
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
@@ -27,103 +29,171 @@ class RunError(RuntimeError):
     """Training cannot go on (a failed save, too many non-finite steps). The message is one line."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: finite, at least `low` and at most `high` (or below them when open)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # true: the value must be > low, not >= low
+    high_open: bool = False  # true: the value must be < high, not <= high
+
+    def check(self, dotted: str, value: int | float) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted}: must be a finite number {self.describe()}, got {value!r}")
+        if too_low or too_high:
+            raise ConfigError(f"{dotted}: must be {self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == INT64_MAX:  # the cap every integer has: said only as an aside
+            return f"{'>' if self.low_open else '>='} {low} (and at most 2**63 - 1)"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}"
+
+
+def _number(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}" if x is not None else ""
+
+
+@dataclass(frozen=True)
+class NotEmpty:
+    """A text field that must not be empty (a path, a name)."""
+
+    def check(self, dotted: str, value: str) -> None:
+        if not value.strip():
+            raise ConfigError(f"{dotted}: must not be empty")
+
+
+INT64_MAX = 2**63 - 1  # every integer ends up in a torch or numpy int64 somewhere
+POSITIVE = Range(low=0, low_open=True)  # finite and > 0
+NON_NEGATIVE = Range(low=0)
+AT_LEAST_1 = Range(low=1, high=INT64_MAX)
+COUNT = Range(low=0, high=INT64_MAX)  # an integer >= 0
+FRACTION = Range(low=0, high=1)
+BETA = Range(low=0, high=1, high_open=True)  # torch.optim.AdamW accepts 0 <= beta < 1
+SEED = Range(low=0, high=2**32 - 1)  # numpy's and Python's seeds (set_seed seeds both)
+
+Text = Annotated[str, NotEmpty()]
+
+
 @dataclass
 class ModelConfig:
-    type: str = "llama"  # "embedding_linear", or any transformers model_type (llama, gpt2, qwen2, ...)
+    type: Text = "llama"  # "embedding_linear", or any transformers model_type (llama, gpt2, qwen2, ...)
     # Every other key under `model:` goes to the transformers config of `type` (hidden_size, ...).
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class SourceConfig:
-    path: str  # like data.path: a file, directory, glob or Hub dataset name
-    weight: float = 1.0  # share of documents drawn from this source (weights are normalised)
-    text_column: str = "text"  # field holding the text
-    name: str | None = None  # configuration name of a Hub dataset
-    split: str = "train"  # split of a Hub dataset
+    path: Text  # like data.path: a file, directory, glob or Hub dataset name
+    weight: Annotated[float, POSITIVE] = 1.0  # share of documents drawn from this source (weights are normalised)
+    text_column: Text = "text"  # field holding the text
+    name: Text | None = None  # configuration name of a Hub dataset
+    split: Text = "train"  # split of a Hub dataset
 
 
 @dataclass
 class DataConfig:
     # A text/JSONL/JSON/Parquet file (optionally .gz/.zst/.bz2/.xz), a directory or glob of them, a Hub
     # dataset name, or a directory of token shards written by scripts/prepare_data.py.
-    path: str = "data/shakespeare"
-    tokenizer: str = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
-    seq_len: int = 128  # tokens per training sequence (each sequence has seq_len target tokens)
-    text_column: str = "text"  # field holding the text in JSONL/Parquet/Hub data
-    name: str | None = None  # configuration name of a Hub dataset (e.g. sample-10BT), if it has several
-    split: str = "train"  # split of a Hub dataset
+    path: Text = "data/shakespeare"
+    tokenizer: Text = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
+    seq_len: Annotated[int, AT_LEAST_1] = 128  # tokens per training sequence (each sequence has seq_len target tokens)
+    text_column: Text = "text"  # field holding the text in JSONL/Parquet/Hub data
+    name: Text | None = None  # configuration name of a Hub dataset (e.g. sample-10BT), if it has several
+    split: Text = "train"  # split of a Hub dataset
     mixture: list[SourceConfig] | None = None  # several sources mixed by weight (then `path` is not used)
     repeat: bool = True  # start another epoch when the data runs out; false: stop training there
     packing: bool = True  # true: documents joined by EOS and cut into full windows; false: one document per
     #                       sequence, padded to the longest in the micro-batch (padding is not a target)
     shuffle: bool = True  # shuffle the file order every epoch and the sequences within each block
-    seed: int = 0  # seeds the data order; the same seed gives the same sequences in the same order
-    block_chars: int = 1_000_000  # text tokenized as one unit: the unit of worker parallelism and of shuffling
-    num_workers: int = 0  # DataLoader worker processes that tokenize (raw text) or read (token shards)
+    seed: Annotated[int, SEED] = 0  # seeds the data order; the same seed gives the same sequences in the same order
+    block_chars: Annotated[int, AT_LEAST_1] = 1_000_000  # text tokenized as one unit: the unit of worker parallelism
+    #                                                      and of shuffling
+    num_workers: Annotated[int, Range(0, 256)] = 0  # DataLoader worker processes that tokenize (raw text) or read
+    #                                                 (token shards)
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 8  # N: sequences per process per forward pass
-    gradient_accumulation_steps: int | None = 2  # K: micro-batches per optimizer step; global batch = P x K x N
-    global_batch_size: int | None = None  # G: sequences per optimizer step; K = G / (N x P). Give K or G (or both, equal)
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # N: sequences per process per forward pass
+    # K: micro-batches per optimizer step; global batch = P x K x N
+    gradient_accumulation_steps: Annotated[int, AT_LEAST_1] | None = 2
+    # G: sequences per optimizer step; K = G / (N x P). Give K or G (or both, equal)
+    global_batch_size: Annotated[int, AT_LEAST_1] | None = None
     gradient_accumulation_schedule: dict[int, int] | None = None  # {completed optimizer steps: K}, e.g. {0: 8, 1000: 4}
-    gradient_accumulation_epoch_schedule: dict[int, int] | None = None  # {epoch from 0: K}, Lightning's form
+    # {epoch from 0: K}; a step keeps the K of the epoch its first micro-batch comes from
+    gradient_accumulation_epoch_schedule: dict[int, int] | None = None
     incomplete_last_step: str = "drop"  # when data ends mid-step (repeat: false): drop | step (token-exact over what is there)
-    max_steps: int = 800  # optimizer steps to train for
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 40  # optimizer steps of linear warm-up from 0 to lr
+    max_steps: Annotated[int, AT_LEAST_1] = 800  # optimizer steps to train for
+    lr: Annotated[float, POSITIVE] = 3e-3  # peak learning rate
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: Annotated[int, COUNT] = 40  # optimizer steps of linear warm-up from 0 to lr
     lr_scaling: str = "none"  # none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size
-    lr_base_batch_size: int | None = None  # global batch (sequences) at which lr applies unscaled
-    weight_decay: float = 0.1  # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.95  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # clip the full-batch gradient to this norm; 0 disables clipping
+    # global batch (sequences) at which lr applies unscaled
+    lr_base_batch_size: Annotated[int, AT_LEAST_1] | None = None
+    # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
+    adam_beta1: Annotated[float, BETA] = 0.9  # AdamW beta1
+    adam_beta2: Annotated[float, BETA] = 0.95  # AdamW beta2
+    adam_eps: Annotated[float, NON_NEGATIVE] = 1e-8  # AdamW epsilon
+    # clip the full-batch gradient to this norm; 0 disables clipping
+    max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 | fp8 (fp16 and fp8 need a GPU; fp8 also Hopper/Ada and an fp8 backend)
     compile: bool = False  # torch.compile the model (Accelerate's dynamo plugin, inductor): slower start, faster steps
     fused_adamw: bool = True  # torch's fused AdamW kernel where the device has one (CUDA, CPU); else for-each
     activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, ~30% more compute
     sync_each_batch: bool = False  # reduce gradients after every micro-batch, not only the K-th: more communication,
     #                                but no unsharded gradient held across micro-batches (the FSDP memory trade-off)
-    peak_flops_per_device: float | None = None  # for MFU; null: looked up from the GPU's name (bf16 dense peak)
-    seed: int = 1337  # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
-    log_every: int = 50  # print a line every this many optimizer steps (metrics and W&B get every step)
-    cpu_threads: int | None = None  # torch threads per process on CPU; null: the machine's cores / local processes
-    max_nonfinite_skips: int = 3  # skip up to this many consecutive steps with a non-finite loss or gradient
-    #                               norm (no update, logged as skipped), then stop with an error; 0: stop at once
+    # for MFU; null: looked up from the GPU's name (bf16 dense peak)
+    peak_flops_per_device: Annotated[float, POSITIVE] | None = None
+    # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
+    seed: Annotated[int, SEED] = 1337
+    # print a line every this many optimizer steps (metrics and W&B get every step)
+    log_every: Annotated[int, AT_LEAST_1] = 50
+    # torch threads per process on CPU; null: the machine's cores / local processes
+    cpu_threads: Annotated[int, Range(1, 4096)] | None = None
+    # skip up to this many consecutive steps with a non-finite loss or gradient norm (no update, logged as
+    # skipped), then stop with an error; 0: stop at once
+    max_nonfinite_skips: Annotated[int, COUNT] = 3
 
 
 @dataclass
 class TrackingConfig:
     wandb: bool = True  # log every optimizer step to Weights & Biases
-    project: str = "pretrain"  # W&B project name
+    project: Text = "pretrain"  # W&B project name
     run_name: str | None = None  # W&B run name; default: W&B picks one
     wandb_mode: str = "auto"  # auto (online with credentials, else offline) | online | offline
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate every this many optimizer steps (and after the last); 0: never
-    sequences: int = 64  # how many sequences: the first ones of the eval data, the same every time
-    path: str | None = None  # eval data, in any form data.path takes; null: the held-out documents of data
-    holdout_fraction: float = 0.0  # share of data's documents set aside for eval (chosen by a hash of the text)
+    every: Annotated[int, COUNT] = 0  # evaluate every this many optimizer steps (and after the last); 0: never
+    # how many sequences: the first ones of the eval data, the same every time
+    sequences: Annotated[int, AT_LEAST_1] = 64
+    path: Text | None = None  # eval data, in any form data.path takes; null: the held-out documents of data
+    # share of data's documents set aside for eval (chosen by a hash of the text)
+    holdout_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.0
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 200  # save the full training state every this many optimizer steps (and at the end); 0: end only
-    keep: int = 2  # how many of the newest checkpoints to keep in <output_dir>/checkpoints/
+    # save the full training state every this many optimizer steps (and at the end); 0: end only
+    every: Annotated[int, COUNT] = 200
+    keep: Annotated[int, AT_LEAST_1] = 2  # how many of the newest checkpoints to keep in <output_dir>/checkpoints/
 
 
 @dataclass
 class SampleConfig:
     prompt: str = "ROMEO:"  # text the trained model continues at the end of the run
-    max_new_tokens: int = 80  # length of that sample in tokens; 0 skips sampling
-    temperature: float = 0.8  # sampling temperature (> 0)
-    top_k: int = 50  # sample from the k most likely tokens; 0: from all
+    max_new_tokens: Annotated[int, COUNT] = 80  # length of that sample in tokens; 0 skips sampling
+    temperature: Annotated[float, POSITIVE] = 0.8  # sampling temperature (> 0)
+    top_k: Annotated[int, COUNT] = 50  # sample from the k most likely tokens; 0: from all
 
 
 @dataclass
@@ -135,10 +205,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/, final/ and W&B files go here
+    output_dir: Text = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/, final/ and W&B files go here
     # auto: continue from the newest complete checkpoint in output_dir (or start); none: start afresh
     # (refused over existing checkpoints unless overwrite); or the path of one checkpoint to continue from
-    resume: str = "auto"
+    resume: Text = "auto"
     overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
 
 
@@ -148,13 +218,6 @@ CHOICES = {
     "train.lr_scaling": ("none", "linear", "sqrt"),
     "train.incomplete_last_step": ("drop", "step"),
 }
-POSITIVE = ("data.seq_len", "data.block_chars", "eval.sequences", "checkpoint.keep", "train.micro_batch_size",
-            "train.max_steps", "train.lr", "train.log_every", "sample.temperature")
-NON_NEGATIVE = ("data.num_workers", "eval.every", "checkpoint.every", "train.max_nonfinite_skips",
-                "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
-                "train.adam_eps", "sample.max_new_tokens", "sample.top_k")
-POSITIVE_OR_NULL = ("train.gradient_accumulation_steps", "train.global_batch_size", "train.lr_base_batch_size",
-                    "train.cpu_threads", "train.peak_flops_per_device")
 SCHEDULES = ("train.gradient_accumulation_schedule", "train.gradient_accumulation_epoch_schedule")
 
 
@@ -163,25 +226,59 @@ SCHEDULES = ("train.gradient_accumulation_schedule", "train.gradient_accumulatio
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read YAML at `path` (default configs/default.yaml), apply dotted overrides, check and return it."""
-    path = path or DEFAULT_CONFIG
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such file {path!r}; give a YAML file such as configs/default.yaml")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config: {path} is not valid YAML ({_one_line(err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of sections, not {type(raw).__name__}")
+    raw = read_config_file(path or DEFAULT_CONFIG)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    cfg = _build(Config, raw, prefix="")
+    cfg = from_mapping(Config, raw, prefix="")
     validate(cfg)
     return cfg
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file; anything else (unreadable, empty, a list) is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path!r}; give a YAML file such as configs/default.yaml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {path!r} is a directory; give a YAML file such as configs/default.yaml") from None
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {path!r} ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config: {path} is not valid YAML ({_one_line(err)})") from None
+    if raw is None:
+        raise ConfigError(f"--config: {path} holds no settings; give a mapping of sections such as "
+                          "`train: {max_steps: 100}`, or leave out --config for configs/default.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections (model:, data:, train:, ...), "
+                          f"not {type(raw).__name__} {str(raw)[:40]!r}")
+    return raw
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split `[--config FILE] [--section.key=value | --section.key value ...]`; values are parsed as YAML."""
+    """Split `[--config FILE] [--section.key=value | --section.key value ...]`; values are parsed as YAML.
+
+    A key given twice takes the last value, as options do on any command line (a base command plus overrides)."""
     config_path, overrides, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -197,12 +294,13 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
             config_path = value
         else:
             try:
-                parsed = yaml.safe_load(value)
+                parsed = yaml.load(value, Loader=UniqueKeyLoader)
             except yaml.YAMLError as err:
                 raise ConfigError(f"--{key}: {value!r} is not a valid YAML value ({_one_line(err)})") from None
-            # YAML 1.1 reads no/yes/on/off as booleans; on the command line only true/false mean that.
+            # YAML 1.1 reads no/yes/on/off as booleans; on the command line only true/false mean that. And an
+            # empty value (--data.path=) is an empty text, not null: null is written out.
             is_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
-            overrides[key] = value if is_word else parsed
+            overrides[key] = value if is_word or not value.strip() else parsed
     return config_path, overrides
 
 
@@ -217,10 +315,11 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def flat_dict(cfg: Config) -> dict[str, Any]:
-    """`{"train.lr": 0.003, ...}`: the form trackers want for hyperparameters."""
+def flat_dict(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """`{"train.lr": 0.003, ...}`: the form trackers want for hyperparameters (of a Config or its to_dict)."""
+    sections = to_dict(cfg) if isinstance(cfg, Config) else cfg
     return {f"{section}.{key}" if isinstance(values, dict) else section: value
-            for section, values in to_dict(cfg).items()
+            for section, values in sections.items()
             for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
 
 
@@ -228,35 +327,15 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
+    """Checks that span fields (each field's own range is checked as it is read, see `from_mapping`)."""
     for dotted, allowed in CHOICES.items():
         value = _get_dotted(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
-    for dotted in POSITIVE:
-        if not _get_dotted(cfg, dotted) > 0:
-            raise ConfigError(f"{dotted}: must be > 0, got {_get_dotted(cfg, dotted)!r}")
-    for dotted in NON_NEGATIVE:
-        if _get_dotted(cfg, dotted) < 0:
-            raise ConfigError(f"{dotted}: must be >= 0, got {_get_dotted(cfg, dotted)!r}")
-    for dotted in POSITIVE_OR_NULL:
-        if _get_dotted(cfg, dotted) is not None and _get_dotted(cfg, dotted) < 1:
-            raise ConfigError(f"{dotted}: must be >= 1 or null, got {_get_dotted(cfg, dotted)!r}")
     for dotted in SCHEDULES:
         _check_schedule(dotted, _get_dotted(cfg, dotted))
-    if cfg.train.min_lr_ratio > 1:
-        raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio!r}")
-    if not 0 <= cfg.eval.holdout_fraction < 1:
-        raise ConfigError(f"eval.holdout_fraction: must be in [0, 1), got {cfg.eval.holdout_fraction!r}")
-    for i, source in enumerate(cfg.data.mixture or []):
-        if not source.weight > 0:
-            raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight!r}")
     if cfg.data.mixture == []:
         raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
-    if not cfg.resume:
-        raise ConfigError("resume: must be auto, none or the path of a checkpoint directory, got an empty string")
-    if not cfg.output_dir:
-        raise ConfigError("output_dir: must be a directory path, got an empty string")
 
 
 def _check_schedule(dotted: str, schedule: dict | None) -> None:
@@ -276,12 +355,12 @@ def _check_schedule(dotted: str, schedule: dict | None) -> None:
         raise ConfigError(f"{dotted}: keys {keys} must be in increasing order")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Turn a mapping into dataclass `cls`, checking every key and value type."""
+def from_mapping(cls: type, raw: Any, prefix: str) -> Any:
+    """Turn a mapping into dataclass `cls`, checking every key, value type and annotated range."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with the Annotated checks
     names = {f.name for f in dataclasses.fields(cls)}
     if cls is ModelConfig:  # open section: everything but `type` is a transformers config option
         options = {k: v for k, v in raw.items() if k != "type"}
@@ -295,10 +374,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"{prefix}{key}: unknown key in {where}; valid keys are: {valid}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+            kwargs[key] = from_mapping(hint, value, f"{prefix}{key}.")
         elif _list_item_class(hint) is not None and isinstance(value, list):
             item_cls = _list_item_class(hint)
-            kwargs[key] = [_build(item_cls, item, f"{prefix}{key}[{i}].") for i, item in enumerate(value)]
+            kwargs[key] = [from_mapping(item_cls, item, f"{prefix}{key}[{i}].") for i, item in enumerate(value)]
         else:
             kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
     for f in dataclasses.fields(cls):
@@ -309,36 +388,60 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _list_item_class(hint: Any) -> type | None:
     """The dataclass X of a `list[X] | None` field, else None."""
-    for kind in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+    for kind in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
         if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
             return typing.get_args(kind)[0]
     return None
 
 
 def _check_type(dotted: str, value: Any, hint: Any) -> Any:
-    """Return `value` if it fits `hint` (int, float, bool, str, dict, or X | None); ints pass as floats."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return None
-        if typing.get_origin(kind) is dict and isinstance(value, dict):
-            return value
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if kind is str and isinstance(value, str):
-            return value
-    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    """Return `value` if it fits `hint` (int, float, bool, str, dict, or X | None; ints pass as floats) and the
+    checks annotated on it (Range, NotEmpty)."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for annotated in allowed:
+        kind, checks = annotated, ()
+        if typing.get_origin(annotated) is Annotated:
+            kind, *checks = typing.get_args(annotated)
+        checked = _as_kind(value, kind)
+        if checked is not _NO_MATCH:
+            for check in checks if checked is not None else ():
+                check.check(dotted, checked)
+            return checked
+    names = " or ".join("null" if k is type(None) else getattr(_base(k), "__name__", str(k)) for k in allowed)
     hint = ' (YAML reads bare no/yes/on/off as booleans: quote it, e.g. "no")' if isinstance(value, bool) else ""
     raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}{hint}")
+
+
+_NO_MATCH = object()
+
+
+def _as_kind(value: Any, kind: Any) -> Any:
+    """`value` as `kind` (an int passes as a float), or _NO_MATCH."""
+    if kind is type(None) and value is None:
+        return None
+    if typing.get_origin(kind) is dict and isinstance(value, dict):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            return math.inf
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, str):
+        return value
+    return _NO_MATCH
+
+
+def _base(kind: Any) -> Any:
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -360,9 +463,13 @@ def _get_dotted(cfg: Config, dotted: str) -> Any:
 
 
 def first_line(err: Exception) -> str:
-    """The first line of an error from a library, for a one-line message (long ones cut at 300 characters)."""
+    """The first line of an error from a library, for a one-line message (a long one cut to its first sentence)."""
     lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    if len(lines[0]) > 200:  # a paragraph of advice after the fact: keep its first sentence
+        return re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0][:300]
+    return lines[0]
 
 
 def _one_line(err: Exception) -> str:

@@ -82,6 +82,6 @@ def test_under_accelerate_launch_the_templates_line_comes_first(tmp_path):
     result = run_accelerate_launch(["--train.gradient_accumulation_steps=0", f"--output_dir={tmp_path / 'run'}"],
                                    launcher_args=["-q"])
     assert result.returncode != 0
-    assert result.stderr.splitlines()[0] == "error: train.gradient_accumulation_steps: must be >= 1 or null, got 0"
+    assert result.stderr.splitlines()[0] == "error: train.gradient_accumulation_steps: must be >= 1 (and at most 2**63 - 1), got 0"
 
 
