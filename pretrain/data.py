@@ -20,6 +20,7 @@ stream from it continues exactly where an uninterrupted run would be, re-tokeniz
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,13 +38,38 @@ from pretrain.token_shards import TokenShards, is_token_shards
 START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
 
 
+def check_position(position: dict[str, Any]) -> str | None:
+    """What is wrong with a saved data position (counts >= 0 and a list of token ids as carry), or None."""
+    if "sequences" not in position:
+        return "no 'sequences' key"
+    unknown = set(position) - set(START)
+    if unknown:
+        return f"unknown keys {sorted(unknown)}; a position has {', '.join(START)}"
+    if len(position) > 1 and set(position) != set(START):  # raw text: all of them; token shards: sequences only
+        return f"has {sorted(position)}, not all of {', '.join(START)}"
+    for key, value in position.items():
+        values = value if key == "carry" and isinstance(value, list) else [value]
+        if key == "carry" and not isinstance(value, list):
+            return f"carry: expected a list of token ids, got {type(value).__name__}"
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            return f"{key}: expected {'token ids' if key == 'carry' else 'an integer'} >= 0, got {value!r}"
+    return None
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A fast tokenizer from a local directory or the Hub; it must have an EOS token to separate documents."""
+    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ConfigError(f"data.tokenizer: cannot load {name_or_path!r}: no such directory; give a tokenizer "
+                          "directory (as written by save_pretrained) or a Hub tokenizer id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
+        if not hasattr(tokenizer, "backend_tokenizer"):  # a slow (Python) tokenizer: the data path needs a fast one
+            raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer")
+        tokenizer.backend_tokenizer.encode("a")  # one that loads but cannot tokenize fails here, not in training
+    except Exception as err:  # OSError, ValueError, but also KeyError/TypeError from a tokenizer.json of another shape
+        reason = first_line(err) if not isinstance(err, LookupError) else f"no {first_line(err)} in it"
         raise ConfigError(f"data.tokenizer: cannot load {name_or_path!r} as a tokenizer directory or Hub id "
-                          f"({first_line(err)})") from None
+                          f"({type(err).__name__}: {reason})") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"data.tokenizer: {name_or_path!r} has no eos_token; documents need one between them")
     if tokenizer.pad_token_id is None:
@@ -84,10 +110,10 @@ class TextBlocks(torch.utils.data.IterableDataset):
     """Token blocks in order: every worker reads all documents, but tokenizes only the blocks it owns."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool | None,
-                 holdout_fraction: float, start: dict[str, Any], repeat: bool, shuffle: bool):
+                 holdout_fraction: float, start: dict[str, Any], repeat: bool, shuffle: bool, field: str = "data.path"):
         super().__init__()
         self.sources = sources_of(cfg)
-        self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else "data.path")
+        self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else field)
                        for i, s in enumerate(self.sources)]
         self.tokenizer, self.eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
         self.block_chars, self.seed = cfg.block_chars, cfg.seed
@@ -151,14 +177,18 @@ class TextBlocks(torch.utils.data.IterableDataset):
 
 
 def text_sequences(blocks: Iterator[TokenBlock], seq_len: int, packing: bool, shuffle: bool, seed: int,
-                   start: dict[str, Any], stats: DataStats) -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
-    """(sequence of up to seq_len + 1 tokens, epoch, position after it), from blocks arriving in order."""
+                   start: dict[str, Any], stats: DataStats,
+                   source: str = "data.path") -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
+    """(sequence of up to seq_len + 1 tokens, epoch, position after it), from blocks arriving in order.
+
+    `source` names the data in messages: "data.path: 'corpus.txt'"."""
     carry, taken, emitted_this_epoch = np.asarray(start["carry"], np.int64), start["taken"], start["taken"] > 0
     for block in blocks:
         if block.tokens is None:  # end of an epoch: the packing tail is dropped, the next epoch starts clean
             if not emitted_this_epoch:
-                raise ConfigError(f"data: epoch {block.epoch} holds no sequence of {seq_len + 1} tokens; "
-                                  "give more text (or a smaller data.seq_len)")
+                raise ConfigError(f"{source} holds no sequence of data.seq_len + 1 = {seq_len + 1} tokens (in epoch "
+                                  f"{block.epoch}, after skipping empty documents); give more text or a smaller "
+                                  "data.seq_len")
             carry, emitted_this_epoch = np.zeros(0, np.int64), False
             continue
         stats.documents += block.documents
@@ -238,7 +268,7 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
     """This process's micro-batches read straight from token shards; worker w serves local micro-batch r % W."""
 
     def __init__(self, path: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 start_sequences: int, repeat: bool, shuffle: bool, seed: int):
+                 start_sequences: int, repeat: bool, shuffle: bool, seed: int, field: str = "data.path"):
         super().__init__()
         self.path, self.seq_len, self.n = path, seq_len, micro_batch_size
         self.rank, self.world_size, self.start = rank, world_size, start_sequences
@@ -247,7 +277,7 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
         self.vocab_size = shards.vocab_size
         self.windows = (shards.total - 1) // seq_len  # per epoch; the last partial window is dropped
         if self.windows < 1:
-            raise ConfigError(f"data.path: {path!r} holds fewer than data.seq_len + 1 = {seq_len + 1} tokens")
+            raise ConfigError(f"{field}: {path!r} holds fewer than data.seq_len + 1 = {seq_len + 1} tokens")
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = torch.utils.data.get_worker_info()
@@ -290,12 +320,13 @@ def _read_windows(shards: TokenShards, starts: np.ndarray, length: int) -> np.nd
 
 def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micro_batch_size: int, rank: int,
                        world_size: int, start: dict[str, Any] | None = None, stats: DataStats | None = None,
-                       held_out: bool | None = None, holdout_fraction: float = 0.0) -> Iterator[MicroBatch]:
+                       held_out: bool | None = None, holdout_fraction: float = 0.0,
+                       field: str = "data.path") -> Iterator[MicroBatch]:
     """This process's micro-batches, from `start` (default: the beginning) on.
 
     `held_out`: None reads every document; False skips, and True reads only, the fraction
     `holdout_fraction` of documents set aside for eval. The first micro-batch is read here, so
-    bad input (no sequence at all, a column missing in a later file) is a ConfigError now.
+    bad input (no sequence at all, a column missing in a later file) is a ConfigError now, naming `field`.
     """
     start = start or START
     loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
@@ -304,14 +335,15 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micr
         if not cfg.packing:
             raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
         dataset = ShardMicroBatches(cfg.path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
-                                    cfg.repeat, cfg.shuffle, cfg.seed)
+                                    cfg.repeat, cfg.shuffle, cfg.seed, field)
         _check_vocab(dataset.vocab_size, tokenizer, cfg.path)
         stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
     else:
-        blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle)
+        blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle, field)
         loader = torch.utils.data.DataLoader(blocks, **loader_args)
+        source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
         sequences = text_sequences(_worker_errors_unwrapped(iter(loader)), cfg.seq_len, cfg.packing, cfg.shuffle,
-                                   cfg.seed, start, stats if stats is not None else DataStats())
+                                   cfg.seed, start, stats if stats is not None else DataStats(), source)
         stream = deal(sequences, micro_batch_size, rank, world_size, start["sequences"], tokenizer.eos_token_id)
     first = next(stream, None)
     return itertools.chain([first] if first is not None else [], stream)

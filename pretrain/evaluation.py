@@ -27,7 +27,7 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     """
     if cfg.eval.every == 0:
         return None
-    path, held_out = cfg.eval.path, None
+    path, held_out, field = cfg.eval.path, None, "eval.path" if cfg.eval.path is not None else "data.path"
     if path is None and is_token_shards(cfg.data.path):
         path = os.path.join(cfg.data.path, "eval")
         if not is_token_shards(path):
@@ -42,7 +42,7 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     n = cfg.train.micro_batch_size
     try:
         stream = micro_batch_stream(eval_data, tokenizer, n, 0, 1, held_out=held_out,
-                                    holdout_fraction=cfg.eval.holdout_fraction)
+                                    holdout_fraction=cfg.eval.holdout_fraction, field=field)
     except ConfigError as err:
         if held_out:  # the hash chose no document, or too few: say which knob to turn
             raise ConfigError(f"eval.holdout_fraction: the {cfg.eval.holdout_fraction} of data's documents held out "

@@ -6,6 +6,10 @@ a saved `final/` loads with `AutoModelForCausalLM.from_pretrained` after `import
 
 from __future__ import annotations
 
+import copy
+import math
+import os
+import re
 from typing import Any
 
 import torch
@@ -98,6 +102,14 @@ def build_model_config(cfg: ModelConfig, vocab_size: int, special_tokens: dict[s
         default = defaults.get(key)
         if isinstance(default, (bool, int, float, str)) and not _same_kind(value, default):
             raise ConfigError(f"model.{key}: expected {type(default).__name__}, got {type(value).__name__} {value!r}")
+        # Sizes, counts, ids, epsilons, scales: transformers checks few of them, and a negative or infinite one
+        # builds a model that is empty or trains on NaN.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            raise ConfigError(f"model.{key}: must be a finite number >= 0, got {value!r}")
+    aliases = getattr(config_class, "attribute_map", {})  # gpt2: num_attention_heads -> n_head, ...
+    for alias, name in aliases.items():
+        if alias in cfg.options and name in cfg.options:
+            raise ConfigError(f"model.{alias}: names the same setting as model.{name} in {cfg.type}; give one of them")
     given_vocab = cfg.options.get("vocab_size")
     if given_vocab is not None and given_vocab < vocab_size:
         raise ConfigError(f"model.vocab_size: {given_vocab} is smaller than the tokenizer's {vocab_size} tokens; "
@@ -107,7 +119,50 @@ def build_model_config(cfg: ModelConfig, vocab_size: int, special_tokens: dict[s
     for key, default in defaults.items():
         if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(default, float) and key not in options:
             options[key] = 0.0
-    return config_class(**options)
+    try:
+        return config_class(**options)
+    except Exception as err:  # transformers validates some options (head sizes, rope settings) here
+        raise model_error(cfg, err) from None
+
+
+def check_model_builds(cfg: ModelConfig, model_config: PretrainedConfig, seq_len: int) -> int:
+    """Build the model on the meta device (no memory, no compute) and run a forward pass there: transformers
+    checks some options only when it builds the layers, and some shapes meet only in the forward pass.
+    Returns the number of parameters."""
+    # No pad token: else models look into the ids for padding, which meta tensors cannot show.
+    meta_config = copy.deepcopy(model_config)
+    meta_config.pad_token_id = None
+    with torch.device("meta"):
+        try:
+            model = build_model(meta_config)
+        except Exception as err:
+            raise model_error(cfg, err) from None
+        try:
+            model(input_ids=torch.zeros(1, min(seq_len, 16), dtype=torch.long))
+        except Exception as err:
+            if "meta" not in str(err):  # a check that needs real values: the real build will do it
+                raise model_error(cfg, err) from None
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_error(cfg: ModelConfig, err: Exception) -> ConfigError:
+    """What transformers said about the model options, as one line naming the options it is about.
+
+    Its messages name options in prose ("the hidden size (65)") or by value, so an option counts as named
+    when its name, its name in words or its value (if no other option has it) appears in the message."""
+    message = " ".join(str(err).split())[:300] or type(err).__name__
+    if isinstance(err, LookupError):  # KeyError('gelu_fancy'): the message is only the value looked up
+        message = f"no such value: {message}"
+    words = set(re.findall(r"[a-z0-9.+-]+", message.lower()))  # num_heads -> num, heads
+    by_name = [key for key in cfg.options if key in message or all(
+        word in words or f"{word}s" in words for word in key.lower().split("_") if word not in ("num", "n"))]
+    values = [str(value).lower() for value in cfg.options.values()]
+    by_value = [key for key, value in cfg.options.items()  # a value that several options share names none of them
+                if (str(value).lower() in words or isinstance(value, str) and value.lower() in message.lower())
+                and values.count(str(value).lower()) == 1]
+    named = [key for key in cfg.options if key in by_name or key in by_value]
+    where = ", ".join(f"model.{key}" for key in named) if named else "model.type"
+    return ConfigError(f"{where}: transformers cannot build a {cfg.type} model from these options ({message})")
 
 
 def build_model(model_config: PretrainedConfig) -> PreTrainedModel:
@@ -121,6 +176,40 @@ def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedCon
     if not getattr(model_class, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.activation_checkpointing: model type {cfg.type} cannot recompute activations "
                           "(it has no blocks); set it to false")
+
+
+def check_memory_fits(parameters: int, model_config: PretrainedConfig, micro_batch_size: int, seq_len: int,
+                      device: torch.device, processes: int) -> None:
+    """Refuse what cannot fit in the memory free on the device before allocating it (it could only fail after a
+    long wait, with the machine swapping or an OOM): the float32 weights, gradients and two AdamW moments (shared
+    out by P processes at best), and a micro-batch's logits and their gradient (float32, N x seq_len x vocab)."""
+    free = free_memory(device)
+    state = 16 * parameters // processes
+    if free is not None and state > free:
+        raise ConfigError(f"model: {parameters:,} parameters need at least {state / 2**30:,.1f} GiB for the weights, "
+                          f"gradients and AdamW moments, but {free / 2**30:,.1f} GiB is free on {device.type}; "
+                          "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
+    needed = 8 * micro_batch_size * seq_len * model_config.vocab_size
+    if free is not None and needed > free:
+        fitting = max(1, micro_batch_size * free // needed)
+        raise ConfigError(f"train.micro_batch_size: {micro_batch_size} sequences of {seq_len} tokens need at least "
+                          f"{needed / 2**30:,.1f} GiB for the logits and their gradient alone, but {free / 2**30:,.1f} "
+                          f"GiB is free on {device.type}; use fewer than {fitting} (and a larger "
+                          "gradient_accumulation_steps for the same global batch)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process may still use on `device` (a CPU's available memory shared by its local processes)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+        return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None
 
 
 def max_positions(model_config: PretrainedConfig) -> int | None:

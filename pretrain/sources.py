@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import re
 import zlib
 from collections.abc import Iterator
 
@@ -23,6 +24,9 @@ from pretrain.config import ConfigError, DataConfig, SourceConfig, first_line
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 REPLACEMENT_CHAR = "\ufffd"  # what invalid UTF-8 becomes
+# datasets logs a failure to read a file ("Failed to load JSON from file ...") and then raises it; the template
+# reports what it raises as one line naming the key, so the log line would only say it twice.
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def sources_of(cfg: DataConfig) -> list[SourceConfig]:
@@ -146,15 +150,14 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
     """Files that `path` names locally, sorted; None if it is not a local path (then it is a Hub name)."""
     expanded = os.path.expanduser(path)
     if glob.has_magic(expanded):
-        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+        files = once_each(f for f in _glob(expanded) if os.path.isfile(f))
         if not files:
             raise ConfigError(f"{field}: the glob {path!r} matches no file")
         return files
     if os.path.isfile(expanded):
         return [expanded]
     if os.path.isdir(expanded):
-        files = sorted(f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
-                       if os.path.isfile(f) and _suffix(f) in BUILDERS)
+        files = once_each(f for f in _walk(expanded) if _suffix(f) in BUILDERS)
         if not files:
             raise ConfigError(f"{field}: directory {path!r} holds no {', '.join(BUILDERS)} files "
                               "(nor token shards from scripts/prepare_data.py)")
@@ -164,6 +167,69 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
     if expanded.startswith((".", "/")) or _suffix(expanded) in BUILDERS or (first_part and os.path.isdir(first_part)):
         raise ConfigError(f"{field}: {path!r} does not exist; give a file, directory, glob or Hub dataset name")
     return None
+
+
+def _walk(directory: str) -> Iterator[str]:
+    """Every file under `directory` but hidden ones (as glob), following links to other directories but entering
+    each directory once (a link back to a parent would otherwise repeat everything below it)."""
+    seen = set()
+    for parent, subdirectories, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(parent)
+        subdirectories[:] = [] if real in seen else [d for d in subdirectories if not d.startswith(".")]
+        if real not in seen:
+            seen.add(real)
+            yield from (os.path.join(parent, name) for name in names
+                        if not name.startswith(".") and os.path.isfile(os.path.join(parent, name)))
+
+
+def _glob(pattern: str) -> Iterator[str]:
+    """glob.glob, except that `**` walks each directory once (glob's own `**` follows a link back to a parent
+    until the path is too long)."""
+    if "**" not in pattern:
+        yield from glob.glob(pattern)
+        return
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = os.sep.join(parts[:fixed]) or ("/" if pattern.startswith(os.sep) else ".")
+    rest = re.compile(_pattern_regex(os.sep.join(parts[fixed:])))
+    for path in _walk(root):
+        if rest.fullmatch(os.path.relpath(path, root)):
+            yield path if parts[:fixed] else os.path.relpath(path, root)
+
+
+def _pattern_regex(pattern: str) -> str:
+    """A glob pattern (with `**` for any number of directories) as a regular expression over relative paths."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 2) if pattern[i + 1] == "]" else pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
+def once_each(paths: Iterator[str]) -> list[str]:
+    """The paths sorted, each file once: two paths to one file (a symbolic or hard link) keep the first."""
+    files, seen = [], set()
+    for path in sorted(paths):
+        identity = (os.stat(path).st_dev, os.stat(path).st_ino)
+        if identity not in seen:
+            seen.add(identity)
+            files.append(path)
+    return files
 
 
 def _builder_for(files: list[str], field: str) -> str:
