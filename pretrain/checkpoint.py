@@ -9,6 +9,7 @@ must match). It is written to a hidden temporary directory, flushed and then ren
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -18,13 +19,14 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from accelerate import Accelerator
 
-from pretrain.config import Config, ConfigError, RunError, first_line, to_dict
-from pretrain.data import START
+from pretrain.config import (AT_LEAST_1, COUNT, Config, ConfigError, RunError, first_line, flat_dict, from_mapping,
+                             to_dict)
+from pretrain.data import START, check_position
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -36,17 +38,25 @@ MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "
               "eval.holdout_fraction")
 
 
+# Settings that change neither the model nor the order of the training data, nor the updates: a run resumed by
+# `resume: auto` may change these freely; a change of any other key needs an explicit `--resume=PATH`.
+FREE_ON_RESUME = ("output_dir", "resume", "overwrite", "tracking.", "checkpoint.", "sample.", "eval.every",
+                  "eval.sequences", "eval.path", "train.log_every", "train.cpu_threads", "train.peak_flops_per_device",
+                  "train.max_nonfinite_skips", "data.num_workers")
+
+
 @dataclass
 class TrainerState:
     """What the loop needs, beside the model and optimizer, to continue exactly where it stopped."""
-    step: int = 0  # optimizer steps completed
-    updates: int = 0  # steps that changed the weights (the lr schedule counts these)
-    tokens: int = 0  # target tokens trained on
-    k: int | None = None  # K of the last step (recomputed from the schedule on resume; kept for the record)
-    consecutive_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient norm
+    step: Annotated[int, COUNT] = 0  # optimizer steps completed
+    updates: Annotated[int, COUNT] = 0  # steps that changed the weights (the lr schedule counts these)
+    tokens: Annotated[int, COUNT] = 0  # target tokens trained on
+    k: Annotated[int, AT_LEAST_1] | None = None  # K of the last step (recomputed from the schedule on resume)
+    consecutive_skips: Annotated[int, COUNT] = 0  # steps skipped in a row for a non-finite loss or gradient norm
     data_position: dict[str, Any] = field(default_factory=lambda: dict(START))  # where the stream continues
     wandb_run_id: str | None = None  # the W&B run a resume continues
     settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
+    config: dict[str, Any] | None = None  # the whole config of the run that saved it (absent before 2026-11)
 
 
 def settings_of(cfg: Config) -> dict[str, Any]:
@@ -86,17 +96,75 @@ def resume_path(cfg: Config) -> str | None:
 def load_trainer_state(path: str, cfg: Config) -> TrainerState:
     """The trainer state saved in checkpoint `path`, checked against `cfg` before any model is built."""
     try:
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = TrainerState(**json.load(f))
-    except (OSError, ValueError, TypeError) as err:
-        raise ConfigError(f"resume: cannot read {os.path.join(path, STATE_FILE)} ({err})") from None
+        state = read_trainer_state(path)
+    except ConfigError as err:
+        older = [p for p in checkpoint_dirs(cfg.output_dir) if p != path]
+        if cfg.resume != "auto" or len(older) == len(checkpoint_dirs(cfg.output_dir)):
+            raise
+        readable = next((p for p in reversed(older) if _reads(p)), None)
+        raise ConfigError(f"{err}; {use_older(readable)}") from None
     now = settings_of(cfg)
     for key in MUST_MATCH:
         if state.settings.get(key) != now[key]:
             raise ConfigError(f"{key}: the checkpoint {path!r} was made with {state.settings.get(key)!r}, this "
                               f"config has {now[key]!r}; resume with the same value, or start afresh "
                               "(resume: none and another output_dir)")
+    if cfg.resume == "auto" and state.config is not None:
+        now_saved = json.loads(json.dumps(to_dict(cfg)))  # as JSON holds it: a schedule's {4: 1} is {"4": 1}
+        changed = changed_settings(state.config, now_saved)
+        if changed:
+            raise ConfigError(f"resume: auto would continue the run in {cfg.output_dir!r}, but this config changes "
+                              f"{'; '.join(changed)}. To continue that run with these settings, pass --resume={path}; "
+                              "to start a new run, choose another output_dir (or --resume=none --overwrite=true to "
+                              "replace it)")
     return state
+
+
+def read_trainer_state(path: str) -> TrainerState:
+    """trainer_state.json of checkpoint `path`, every key and type checked like a config."""
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"resume: cannot read {file} ({getattr(err, 'strerror', None) or first_line(err)})") from None
+    if isinstance(raw, dict):
+        missing = [f.name for f in dataclasses.fields(TrainerState) if f.name not in raw and f.name != "config"]
+        if missing:
+            raise ConfigError(f"resume: {file} has no {', '.join(missing)}; it is not a checkpoint this template wrote")
+    state = from_mapping(TrainerState, raw, prefix=f"resume: {file}: ")
+    problem = check_position(state.data_position)
+    if problem:
+        raise ConfigError(f"resume: {file}: data_position: {problem}")
+    if state.updates > state.step:
+        raise ConfigError(f"resume: {file}: updates: {state.updates} is more than step {state.step}")
+    directory = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if directory and int(directory.group(1)) != state.step:
+        raise ConfigError(f"resume: {file}: step {state.step} does not match the directory {os.path.basename(path)}")
+    return state
+
+
+def _reads(path: str) -> bool:
+    try:
+        read_trainer_state(path)
+        return True
+    except ConfigError:
+        return False
+
+
+def use_older(path: str | None) -> str:
+    """The end of the line that says the newest checkpoint cannot be resumed: which one can, and how."""
+    if path is None:
+        return ("no older checkpoint is intact: start afresh in another output_dir (or with --resume=none "
+                "--overwrite=true)")
+    return f"the newest intact checkpoint is {path}: to continue from it, run again with --resume={path}"
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'train.lr 0.003 -> 0.001' for each setting that differs and would change the training (not FREE_ON_RESUME)."""
+    before, after = flat_dict(saved), flat_dict(now)
+    return [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
 
 
 def load_checkpoint(accelerator: Accelerator, path: str) -> None:
@@ -105,6 +173,18 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> None:
         accelerator.load_state(path)
     except Exception as err:  # a size mismatch, a missing or corrupt file (safetensors has its own error type)
         raise ConfigError(f"resume: cannot load {path!r} into this model ({first_line(err)})") from None
+
+
+def newest_loadable(accelerator: Accelerator, paths: list[str]) -> str | None:
+    """The newest of `paths` whose trainer state reads and whose files load into the prepared objects."""
+    for path in reversed(paths):
+        try:
+            read_trainer_state(path)
+            load_checkpoint(accelerator, path)
+            return path
+        except ConfigError:
+            continue
+    return None
 
 
 def set_aside_newer(output_dir: str, step: int) -> list[str]:
@@ -213,8 +293,9 @@ class OutputDirLock:
     never blocks a resume; a run still finishing its last step does.
     """
 
-    def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, LOCK_FILE)
+    def __init__(self, output_dir: str, made_dir: bool = False):
+        self.path, self.made_dir = os.path.join(output_dir, LOCK_FILE), made_dir  # made_dir: this run created it
+        self.made_file = not os.path.exists(self.path)
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,12 +308,23 @@ class OutputDirLock:
         except OSError as err:  # a filesystem without locks (some NFS or Lustre setups)
             print(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run uses this "
                   "output_dir", file=sys.stderr)
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        self.file.flush()
+        with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk must not stop the run
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            self.file.flush()
 
     def release(self) -> None:
         if not self.file.closed:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+    def abandon(self) -> None:
+        """Release the lock of a run that never started, removing the lock file and the output dir if this run
+        made them (the dir only if nothing else is in it)."""
+        self.release()
+        with contextlib.suppress(OSError):
+            if self.made_file:
+                os.remove(self.path)
+            if self.made_dir:
+                os.rmdir(os.path.dirname(self.path))

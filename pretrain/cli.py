@@ -2,11 +2,12 @@
 
 Bad input ends the run with one line on stderr that names the key, and exit status 2; a run that
 cannot go on (a failed save, too many non-finite steps) with one line and status 1; a run stopped
-by SIGTERM or SIGINT, after saving a checkpoint, with 128 + the signal's number.
+by SIGTERM or SIGINT, after saving a checkpoint, with 128 + the signal's number (130 for a Ctrl-C while starting).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from pretrain.config import ConfigError, RunError, load_config, parse_cli
@@ -17,6 +18,7 @@ USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--secti
 Trains the model that the YAML config describes (default: configs/default.yaml).
 Any config key can be overridden; values are parsed as YAML, for example
   --train.gradient_accumulation_steps=4 --train.lr=1e-3 --model.num_hidden_layers=6
+A key given twice takes the last value. In the YAML file a key given twice is an error.
 """
 
 
@@ -37,4 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as err:  # SIGTERM/SIGINT: the current step was finished and saved
         print(str(err), file=sys.stderr)
         return err.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was trained
+        print("interrupted (SIGINT) while starting; nothing was trained", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0

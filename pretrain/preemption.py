@@ -12,9 +12,10 @@ import torch
 from accelerate import Accelerator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# The same signal delivered twice at once (torchrun forwarding it, and the scheduler sending it to every
-# process) is one request; a second one later than this is the user insisting.
-DUPLICATE_WINDOW_S = 2.0
+# One request often arrives twice within milliseconds: a scheduler signals the process group and every process,
+# a launcher forwards what it got, a terminal's Ctrl-C reaches the launcher and the trainer. A second signal
+# within this window is taken as the same request (and said so); a later one is the user insisting.
+DUPLICATE_WINDOW_S = 0.5
 # Shared with DataLoader workers (forked after import): set when the trainer is stopping cleanly.
 _STOPPING = multiprocessing.Value("b", 0, lock=False)
 
@@ -31,6 +32,9 @@ class StopRequest:
         _STOPPING.value = 1
         if self.signal is not None:
             if time.monotonic() - self._since < DUPLICATE_WINDOW_S:
+                _say(f"received {signal.Signals(signum).name} again within {DUPLICATE_WINDOW_S} s: the same request "
+                     "(delivered twice); send it again to exit at once")
+                self._since = 0.0  # the next one exits, however soon
                 return
             _say(f"received {signal.Signals(signum).name} again: exiting now, without a checkpoint")
             os._exit(128 + signum)

@@ -6,6 +6,7 @@ never prompts; if it fails to start or to log, training goes on with a single wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
@@ -15,7 +16,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from pretrain.config import Config, flat_dict
+from pretrain.config import Config, RunError, flat_dict
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -57,9 +58,13 @@ class MetricsLogger:
         self.file = None
         if not accelerator.is_main_process:
             return
-        path = os.path.join(cfg.output_dir, METRICS_FILE)
-        earlier = keep_rows_up_to(path, resumed_at) if resumed_at is not None and os.path.exists(path) else []
-        self.file = open(path, "a" if resumed_at is not None else "w")
+        self.path = os.path.join(cfg.output_dir, METRICS_FILE)
+        try:
+            earlier = keep_rows_up_to(self.path, resumed_at) if resumed_at is not None and os.path.exists(self.path) \
+                else []
+            self.file = open(self.path, "a" if resumed_at is not None else "w", encoding="utf-8")
+        except OSError as err:
+            raise RunError(f"metrics: cannot write {self.path} ({err.strerror})") from None
         if self.use_wandb:
             init = {"dir": cfg.output_dir, "mode": wandb_mode(cfg), "name": cfg.tracking.run_name, "id": run_id,
                     "resume": "allow"}
@@ -77,8 +82,16 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()  # a crash loses at most the row being written
+        end = self.file.tell()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()  # a crash loses at most the row being written
+        except OSError as err:  # a full disk: take back the part of the row that was written, then stop
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, end)
+            self.file = None
+            raise RunError(f"metrics: cannot write step {row['step']} to {self.path} ({err.strerror}); the "
+                           "last checkpoint is intact: free some space and run the same command again") from None
         if self.use_wandb:
             try:
                 self._send(row)
@@ -90,7 +103,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # what could not be written was reported by log()
+                self.file.close()
             self.file = None
         if self.use_wandb:
             try:
@@ -111,16 +125,21 @@ class MetricsLogger:
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
     """Rewrite metrics.jsonl with the rows of steps <= last_step, and return them (a half-written line is dropped)."""
     kept = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if row.get("step", last_step + 1) <= last_step:
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
                 kept.append(row)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return kept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import time
@@ -10,20 +12,23 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pretrain.accumulation import AccumulationPlan, lr_scale, plan_accumulation
-from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, all_ok, load_checkpoint,
-                                 load_trainer_state, resume_path, save_checkpoint, set_aside_newer, settings_of)
-from pretrain.config import Config, ConfigError, RunError, to_yaml
+from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, all_finite, all_ok, checkpoint_dirs,
+                                 load_checkpoint, load_trainer_state, newest_loadable, resume_path, save_checkpoint,
+                                 set_aside_newer, settings_of, use_older)
+from pretrain.config import Config, ConfigError, RunError, first_line, to_dict, to_yaml
 from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
 from pretrain.engines import (build_accelerator, describe_engine, enable_activation_checkpointing, fit_engine_to_config,
                               weights_are_sharded, whole_model_init)
 from pretrain.evaluation import eval_micro_batches, evaluate
-from pretrain.models import build_model, build_model_config, check_activation_checkpointing, max_positions
+from pretrain.models import (build_model, build_model_config, check_activation_checkpointing, check_memory_fits,
+                             check_model_builds, max_positions)
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.preemption import StopRequest
 from pretrain.step import gather_step, optimizer_step
@@ -32,6 +37,8 @@ from pretrain.tracking import METRICS_FILE, MetricsLogger, new_run_id
 
 T = TypeVar("T")
 FINAL_DIR = "final"
+FINAL_TMP = ".final.tmp"  # final/ is written here first: a kill mid-save leaves no half-written final/
+CONFIG_FILE = "config.yaml"
 
 
 def train(cfg: Config) -> None:
@@ -40,47 +47,22 @@ def train(cfg: Config) -> None:
     accelerator = build_accelerator(cfg)
     # Every process runs the checks; if any fails, all stop (none waits alone at a barrier).
     setup = agree(accelerator, lambda: check_and_open(cfg, accelerator))
+    try:
+        model, optimizer, flops, peak = start(accelerator, cfg, setup)
+    except BaseException:
+        if setup.lock is not None:
+            setup.lock.abandon()  # a run that never started leaves no lock file (nor the dir it made)
+        raise
     plan, tokenizer, state, resume_from = setup.plan, setup.tokenizer, setup.state, setup.resume_from
-    accelerator.gradient_accumulation_steps = plan.first_k  # set again at every step (K may follow a schedule)
-    if accelerator.num_processes > 1:  # every process must continue from the same checkpoint
-        decided = [resume_from]
-        broadcast_object_list(decided, from_process=0)
-        agree(accelerator, lambda: check_same_checkpoint(resume_from, decided[0]))
-    if accelerator.is_main_process and resume_from is None and cfg.overwrite:
-        shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)  # a fresh start
-    if accelerator.is_main_process and resume_from is not None:
-        newer = set_aside_newer(cfg.output_dir, state.step)
-        if newer:
-            accelerator.print(f"resuming from step {state.step}: moved the newer checkpoints "
-                              f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
-    accelerator.wait_for_everyone()
-
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg.train.cpu_threads)
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-    accelerator.print(to_yaml(cfg))
-    accelerator.print(describe_global_batch(plan, cfg.data.seq_len))
-
-    set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
-    with whole_model_init(accelerator):
-        model = build_model(setup.model_config)
-    enable_activation_checkpointing(accelerator, model, cfg)
-    flops = flops_per_token(model, setup.model_config, cfg.data.seq_len)
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # before sharding
-    peak = peak_flops(accelerator.device, cfg.train.peak_flops_per_device)
-    optimizer = build_optimizer(model, cfg.train, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.print(f"model: {cfg.model.type}, {parameters / 1e6:.2f}M parameters, "
-                      f"{flops / 1e6:,.1f} MFLOPs per token; {describe_engine(accelerator, optimizer, cfg)}")
-    agree(accelerator, lambda: check_free_space(cfg, parameters))
-    if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)  # model, optimizer, scaler and RNG states
-        accelerator.print(f"resuming from {resume_from}: {state.step} optimizer steps done, {state.tokens:,} tokens")
     reader = MicroBatchReader(setup.batches, accelerator.device, start=state.data_position)
     metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resume_from else None)
     stop_request = StopRequest()
+
+    final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
+    nothing_left = resume_from is not None and state.step >= cfg.train.max_steps and os.path.isdir(final_dir)
+    if resume_from is not None and state.step >= cfg.train.max_steps:
+        accelerator.print(f"nothing left to do: {resume_from} is at step {state.step} and train.max_steps is "
+                          f"{cfg.train.max_steps}" + ("" if nothing_left else "; writing the missing final/"))
 
     # ---- loop: one iteration is one optimizer step
     progress = tqdm(range(state.step + 1, cfg.train.max_steps + 1), desc="optimizer steps", unit="step",
@@ -150,17 +132,11 @@ def train(cfg: Config) -> None:
     # ---- end: a last checkpoint, the final model in Hugging Face format, then a sample from it
     if not os.path.isdir(os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")):  # not saved above
         accelerator.print(f"checkpoint: {checkpoint(accelerator, model, cfg, state)}")
-    final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     unwrapped = accelerator.unwrap_model(model)
-    full_weights = accelerator.get_state_dict(model)  # gathered from the shards under FSDP and ZeRO-3
-    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=full_weights)
-    del full_weights
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(final_dir)
-        accelerator.print(f"saved the model and tokenizer to {final_dir}")
+    if not nothing_left:
+        save_final(accelerator, model, tokenizer, cfg, state.step)
     sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
-    if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded):
+    if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded) and not nothing_left:
         text = sample_text(unwrapped, tokenizer, cfg, synced=sharded)
         accelerator.print(f"sample:\n{text}")
     metrics.close()
@@ -172,6 +148,40 @@ def train(cfg: Config) -> None:
     stop_request.restore()  # only now: a signal during the last checkpoint or final/ must not cut them short
     if setup.lock is not None:
         setup.lock.release()
+
+
+def start(accelerator: Accelerator, cfg: Config, setup: Setup) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                    float, float | None]:
+    """Build and prepare the model and optimizer, load the checkpoint to resume, and only once all of that has
+    worked touch the output dir (the resolved config.yaml, checkpoints set aside or replaced). Returns the model,
+    the optimizer, FLOPs per token and the device's peak FLOPs."""
+    accelerator.gradient_accumulation_steps = setup.plan.first_k  # set again at every step (K may follow a schedule)
+    if accelerator.num_processes > 1:  # every process must continue from the same checkpoint
+        decided = [setup.resume_from]
+        broadcast_object_list(decided, from_process=0)
+        agree(accelerator, lambda: check_same_checkpoint(setup.resume_from, decided[0]))
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.train.cpu_threads)
+    accelerator.print(to_yaml(cfg))
+    accelerator.print(describe_global_batch(setup.plan, cfg.data.seq_len))
+
+    set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
+    with whole_model_init(accelerator):
+        model = build_model(setup.model_config)
+    enable_activation_checkpointing(accelerator, model, cfg)
+    flops = flops_per_token(model, setup.model_config, cfg.data.seq_len)
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # before sharding
+    peak = peak_flops(accelerator.device, cfg.train.peak_flops_per_device)
+    optimizer = build_optimizer(model, cfg.train, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.print(f"model: {cfg.model.type}, {parameters / 1e6:.2f}M parameters, "
+                      f"{flops / 1e6:,.1f} MFLOPs per token; {describe_engine(accelerator, optimizer, cfg)}")
+    agree(accelerator, lambda: check_free_space(cfg, parameters))
+    if setup.resume_from is not None:
+        agree(accelerator, lambda: resume(accelerator, cfg, setup.resume_from, setup.state))
+    agree(accelerator, lambda: prepare_output_dir(cfg, fresh=setup.resume_from is None)
+          if accelerator.is_main_process else None)
+    return model, optimizer, flops, peak
 
 
 class Stopped(Exception):
@@ -209,6 +219,9 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     model_config = build_model_config(cfg.model, len(tokenizer), special)
+    parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
+    check_memory_fits(parameters, model_config, plan.micro_batch_size, cfg.data.seq_len, accelerator.device,
+                      plan.num_processes)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
     limit = max_positions(model_config)
@@ -217,20 +230,27 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
                           f"(model.max_position_embeddings); use at most {limit}")
     # The main process locks an existing output_dir before deciding where to start from, so that a run still
     # finishing there cannot add a checkpoint meanwhile. (A new output_dir is made and locked below.)
-    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process and os.path.isdir(cfg.output_dir) else None
-    resume_from = resume_path(cfg)
-    state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
-    state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
-    # The data is opened (and checked) now; with workers, they start reading while the model is built.
-    stats = DataStats()
-    holdout = cfg.eval.holdout_fraction
-    batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
-                                 plan.num_processes, start=state.data_position, stats=stats,
-                                 held_out=False if holdout else None, holdout_fraction=holdout)  # never train on eval
-    eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
-    check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
-    if accelerator.is_main_process and lock is None:
-        lock = OutputDirLock(cfg.output_dir)
+    existed = os.path.isdir(cfg.output_dir)
+    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process and existed else None
+    try:
+        resume_from = resume_path(cfg)
+        state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
+        state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
+        state.config = to_dict(cfg)  # what the checkpoints of this run will record
+        # The data is opened (and checked) now; with workers, they start reading while the model is built.
+        stats = DataStats()
+        holdout = cfg.eval.holdout_fraction
+        batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
+                                     plan.num_processes, start=state.data_position, stats=stats,
+                                     held_out=False if holdout else None, holdout_fraction=holdout)  # not on eval
+        eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
+        check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
+        if accelerator.is_main_process and lock is None:
+            lock = OutputDirLock(cfg.output_dir, made_dir=not existed)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()
+        raise
     return Setup(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock)
 
 
@@ -251,6 +271,24 @@ def agree(accelerator: Accelerator, check: Callable[[], T]) -> T:
         speak = error is not None and (accelerator.is_main_process or not main_failed)
         raise error if speak else ConfigError("")  # "": the reason is printed by another process
     return result
+
+
+def resume(accelerator: Accelerator, cfg: Config, path: str, state: TrainerState) -> None:
+    """Load checkpoint `path` into the prepared objects; only then set aside the newer checkpoints it replaces."""
+    try:
+        load_checkpoint(accelerator, path)  # model, optimizer, scaler and RNG states
+    except ConfigError as err:
+        older = checkpoint_dirs(cfg.output_dir)
+        if cfg.resume != "auto" or path not in older:
+            raise
+        intact = newest_loadable(accelerator, older[:older.index(path)])
+        raise ConfigError(f"{err}; {use_older(intact)}") from None
+    if accelerator.is_main_process:
+        newer = set_aside_newer(cfg.output_dir, state.step)
+        if newer:
+            accelerator.print(f"resuming from step {state.step}: moved the newer checkpoints "
+                              f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
+    accelerator.print(f"resuming from {path}: {state.step} optimizer steps done, {state.tokens:,} tokens")
 
 
 def check_same_checkpoint(mine: str | None, main: str | None) -> None:
@@ -300,14 +338,20 @@ def say(progress: tqdm, accelerator: Accelerator, line: str) -> None:
 
 
 def check_output_dir(cfg: Config, resuming: bool) -> None:
-    """Refuse to overwrite an earlier run, and fail now (not after training) if the dir cannot be written."""
+    """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
+    cannot be written."""
     previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
                 if os.path.exists(os.path.join(cfg.output_dir, name))]
-    if previous == [METRICS_FILE] and _saved_config(cfg) == to_yaml(cfg):
+    saved = _saved_config(cfg)
+    if previous == [METRICS_FILE] and saved == to_yaml(cfg):
         previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing
     if previous and not cfg.overwrite and not resuming:
         raise ConfigError(f"output_dir: {cfg.output_dir!r} already holds a run ({', '.join(previous)}); "
                           "choose another output_dir or pass --overwrite=true")
+    if saved is not None and not _written_by_a_run(saved):
+        raise ConfigError(f"output_dir: {os.path.join(cfg.output_dir, CONFIG_FILE)!r} was not written by a run (it "
+                          "has comments or its own layout), and a run writes its resolved config there; keep your "
+                          "config outside output_dir, or choose another output_dir")
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")
@@ -319,10 +363,79 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
 
 def _saved_config(cfg: Config) -> str | None:
     try:
-        with open(os.path.join(cfg.output_dir, "config.yaml")) as f:
-            return f.read()
+        with open(os.path.join(cfg.output_dir, CONFIG_FILE), encoding="utf-8") as f:
+            return f.read(1 << 20)  # at most 1 MiB: a link to /dev/zero must not be read forever
+    except (OSError, ValueError):  # ValueError: not UTF-8, so not one a run wrote
+        return "" if os.path.exists(os.path.join(cfg.output_dir, CONFIG_FILE)) else None
+
+
+def _written_by_a_run(text: str) -> bool:
+    """Whether config.yaml is exactly as a run writes it (yaml.safe_dump of a mapping): a hand-written file has
+    comments, blank lines or its own order and quoting, and is the user's to keep."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and yaml.safe_dump(data, sort_keys=False) == text
+
+
+def prepare_output_dir(cfg: Config, fresh: bool) -> None:
+    """Remove what a killed save left behind (and with overwrite, an earlier run's checkpoints), then write the
+    resolved config. Main process only, once every check has passed."""
+    if fresh and cfg.overwrite:
+        shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)
+    for unfinished in glob.glob(os.path.join(glob.escape(cfg.output_dir), CHECKPOINTS_DIR, ".step_*.tmp")) + \
+            [os.path.join(cfg.output_dir, FINAL_TMP)]:
+        shutil.rmtree(unfinished, ignore_errors=True)
+    try:
+        write_atomically(os.path.join(cfg.output_dir, CONFIG_FILE), to_yaml(cfg))
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write {CONFIG_FILE} in {cfg.output_dir!r} ({err.strerror})") from None
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write `path` whole or not at all: into a temporary file first, then renamed over it."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError:
-        return None
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Config,
+               step: int) -> None:
+    """The model and tokenizer in Hugging Face format, written to final.tmp/ and then renamed to final/."""
+    final_dir, tmp = os.path.join(cfg.output_dir, FINAL_DIR), os.path.join(cfg.output_dir, FINAL_TMP)
+    full_weights = accelerator.get_state_dict(model)  # gathered from the shards under FSDP and ZeRO-3 (collective)
+    error = None
+    try:
+        accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
+                                                        save_function=accelerator.save, state_dict=full_weights)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)
+    except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
+        error = err
+    del full_weights
+    written = all_ok(accelerator, error is None)  # and every process is done with tmp
+    if written and accelerator.is_main_process:
+        try:
+            shutil.rmtree(final_dir, ignore_errors=True)  # the final/ of an earlier run (overwrite: true)
+            os.rename(tmp, final_dir)
+        except OSError as err:
+            error = err
+    if not all_ok(accelerator, written and error is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = (getattr(error, "strerror", None) or first_line(error)) if error else "failed on another process"
+        raise RunError(f"final: cannot write {final_dir!r} ({reason}); the checkpoint of step {step} is intact: free "
+                       "some space and run the same command again to write final/")
+    accelerator.print(f"saved the model and tokenizer to {final_dir}")
 
 
 def set_cpu_threads(requested: int | None) -> None:

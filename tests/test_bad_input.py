@@ -1,19 +1,37 @@
 """The catalogue of bad input: each case stops with one `error:` line naming the field, exit status 2, no traceback.
 
-Run in-process through `pretrain.cli.main` (the function the script calls), so that thirty-four cases
-take seconds; tests/test_end_to_end.py checks the same through the script and the launcher.
+Run in-process through `pretrain.cli.main` (the function the script calls), so that the many cases take
+seconds; tests/test_end_to_end.py checks the same through the script and the launcher. Then the classes
+of bad input that need more than one line: every numeric key out of range, a config.yaml the user wrote,
+corrupt and hand-edited checkpoints, a full disk, a data directory that links to itself, signals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+import typing
 
 import pytest
+import transformers
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
 
-from conftest import REPO, fresh_accelerate_state
+from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
-from pretrain.config import load_config
+from pretrain.config import Config, Range, RunError, SourceConfig, load_config
+from pretrain.sources import local_files
+from pretrain.tracking import MetricsLogger
 
 
 def fake_checkpoint(directory, step, **overrides):
@@ -36,6 +54,32 @@ def files(tmp_path):
     earlier.mkdir()
     (earlier / "metrics.jsonl").write_text('{"step": 1}\n')
     (earlier / "config.yaml").write_text("an earlier, different run\n")
+    (tmp_path / "latin1.yaml").write_bytes("# r\xe9sum\xe9 of the run\ntrain:\n  lr: 0.001\n".encode("latin-1"))
+    (tmp_path / "blank.yaml").write_text("# only a comment\n")
+    (tmp_path / "zero.yaml").write_text("0\n")
+    (tmp_path / "list.yaml").write_text("[]\n")
+    (tmp_path / "twice.yaml").write_text("train:\n  lr: 0.001\n  max_steps: 5\n  lr: 0.1\n")
+    (tmp_path / "sections_twice.yaml").write_text("train:\n  lr: 0.001\ntrain:\n  max_steps: 5\n")
+    (tmp_path / "gpt2.yaml").write_text("model: {type: gpt2, n_embd: 64, n_head: 4, n_layer: 1, n_positions: 256}\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    (tmp_path / "not_a_tokenizer").mkdir()
+    (tmp_path / "not_a_tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    (tmp_path / "tokenizer_list").mkdir()
+    (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
+    for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
+                        "state_bad_position": {"data_position": {"sequences": -3}},
+                        "state_other_step": {"step": 9}, "state_not_json": None}.items():
+        checkpoint = tmp_path / name / "checkpoints" / "step_4"
+        fake_checkpoint(checkpoint, 4)
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+        if state is None:
+            (checkpoint / STATE_FILE).write_text('{"step": 4,')
+            continue
+        for key, value in state.items():
+            saved.pop(key) if value is None else saved.__setitem__(key, value)
+        (checkpoint / STATE_FILE).write_text(json.dumps(saved))
 
 
 # (arguments, environment, the start of the one error line)
@@ -44,7 +88,7 @@ CASES = {
     "unknown section": (["--trian.lr=1"], {}, "trian: unknown key"),
     "wrong type": (["--train.micro_batch_size=eight"], {}, "train.micro_batch_size: expected int"),
     "K < 1": (["--train.gradient_accumulation_steps=0"], {}, "train.gradient_accumulation_steps: must be >= 1"),
-    "N < 1": (["--train.micro_batch_size=0"], {}, "train.micro_batch_size: must be > 0"),
+    "N < 1": (["--train.micro_batch_size=0"], {}, "train.micro_batch_size: must be >= 1"),
     "zero lr": (["--train.lr=0"], {}, "train.lr: must be > 0"),
     "negative lr": (["--train.lr=-1e-3"], {}, "train.lr: must be > 0"),
     "global batch does not divide": (["--train.global_batch_size=20", "--train.gradient_accumulation_steps=null"], {},
@@ -94,12 +138,77 @@ CASES = {
         ["--config=configs/embedding_linear.yaml", "--train.activation_checkpointing=true"], {},
         "train.activation_checkpointing: model type embedding_linear cannot recompute"),
     "missing config file": (["--config={tmp}/nope.yaml"], {}, "--config: no such file"),
+    # The config file itself
+    "config not UTF-8": (["--config={tmp}/latin1.yaml"], {}, "--config: {tmp}/latin1.yaml is not UTF-8 text"),
+    "config is a directory": (["--config={tmp}"], {}, "--config: '{tmp}' is a directory"),
+    "config cannot be read": (["--config=/proc/self/mem"], {}, "--config: cannot read '/proc/self/mem'"),
+    "config holds only a comment": (["--config={tmp}/blank.yaml"], {}, "--config: {tmp}/blank.yaml holds no settings"),
+    "config holds 0": (["--config={tmp}/zero.yaml"], {}, "--config: {tmp}/zero.yaml must hold a mapping"),
+    "config holds a list": (["--config={tmp}/list.yaml"], {}, "--config: {tmp}/list.yaml must hold a mapping"),
+    "config key twice": (["--config={tmp}/twice.yaml"], {}, "--config: {tmp}/twice.yaml is not valid YAML (key 'lr' "
+                                                            "appears twice (line 2 and line 4)"),
+    "config section twice": (["--config={tmp}/sections_twice.yaml"], {}, "--config: {tmp}/sections_twice.yaml is not "
+                                                                         "valid YAML (key 'train' appears twice"),
+    "key twice inside an override": (["--data.mixture=[{path: a, path: b}]"], {}, "--data.mixture: "),
+    # Numbers (every numeric key is covered by test_every_numeric_key_refuses_values_out_of_its_range)
+    "infinite lr": (["--train.lr=inf"], {}, "train.lr: must be a finite number > 0, got inf"),
+    "beta1 over 1": (["--train.adam_beta1=1.5"], {}, "train.adam_beta1: must be in [0, 1), got 1.5"),
+    "negative seed": (["--train.seed=-1"], {}, "train.seed: must be in [0, 4294967295], got -1"),
+    "negative data seed": (["--data.seed=-1"], {}, "data.seed: must be in [0, 4294967295], got -1"),
+    "infinite mixture weight": (["--data.mixture=[{path: data/shakespeare, weight: .inf}]"], {},
+                                "data.mixture[0].weight: must be a finite number > 0, got inf"),
+    "huge micro-batch": (["--train.micro_batch_size=100000000"], {}, "train.micro_batch_size: 100000000 sequences of "
+                                                                     "128 tokens need at least"),
+    "huge model": (["--model.vocab_size=20000000000"], {}, "model: 2,560,"),  # 2e10 x 128 embedding weights
+    # What transformers refuses, as one line naming the model key
+    "hidden size the heads do not divide": (["--model.hidden_size=130"], {},
+                                            "model.hidden_size, model.num_attention_heads: transformers cannot build"),
+    "gpt2 width the heads do not divide": (["--config={tmp}/gpt2.yaml", "--model.n_embd=130"], {},
+                                           "model.n_embd, model.n_head: transformers cannot build a gpt2 model"),
+    "kv heads that do not divide the heads (seen in the forward pass)": (
+        ["--model.num_attention_heads=8", "--model.num_key_value_heads=3"], {},
+        "model.num_key_value_heads: transformers cannot build a llama model"),
+    "unknown activation": (["--model.hidden_act=gelu_fancy"], {}, "model.hidden_act: transformers cannot build"),
+    "negative layer count": (["--model.num_hidden_layers=-1"], {}, "model.num_hidden_layers: must be a finite number"),
+    "infinite model epsilon": (["--model.rms_norm_eps=.inf"], {}, "model.rms_norm_eps: must be a finite number"),
+    "a model key and its alias": (["--config={tmp}/gpt2.yaml", "--model.num_attention_heads=4"], {},
+                                  "model.num_attention_heads: names the same setting as model.n_head"),
+    # Tokenizers that are not tokenizers
+    "tokenizer.json of another shape": (["--data.tokenizer={tmp}/not_a_tokenizer"], {},
+                                        "data.tokenizer: cannot load '{tmp}/not_a_tokenizer'"),
+    "tokenizer.json holding a list": (["--data.tokenizer={tmp}/tokenizer_list"], {},
+                                      "data.tokenizer: cannot load '{tmp}/tokenizer_list'"),
+    # Hand-edited trainer_state.json
+    "trainer state with a wrong type": (["--output_dir={tmp}/state_wrong_type"], {},
+                                        "resume: {tmp}/state_wrong_type/checkpoints/step_4/trainer_state.json: step: "
+                                        "expected int, got str '4'"),
+    "trainer state without a key": (["--output_dir={tmp}/state_missing_key"], {},
+                                    "resume: {tmp}/state_missing_key/checkpoints/step_4/trainer_state.json has no "
+                                    "tokens"),
+    "trainer state with a bad data position": (["--output_dir={tmp}/state_bad_position"], {},
+                                               "resume: {tmp}/state_bad_position/checkpoints/step_4/trainer_state.json"
+                                               ": data_position: sequences: expected an integer >= 0, got -3"),
+    "trainer state of another step": (["--output_dir={tmp}/state_other_step"], {},
+                                      "resume: {tmp}/state_other_step/checkpoints/step_4/trainer_state.json: step 9 "
+                                      "does not match the directory step_4"),
+    "trainer state not JSON": (["--resume={tmp}/state_not_json/checkpoints/step_4"], {},
+                               "resume: cannot read {tmp}/state_not_json/checkpoints/step_4/trainer_state.json"),
+    # Messages that named the wrong thing
+    "empty data path": (["--data.path="], {}, "data.path: must not be empty"),
+    "empty output_dir": (["--output_dir="], {}, "output_dir: must not be empty"),
+    "empty text file": (["--data.path={tmp}/empty.txt"], {}, "data.path: '{tmp}/empty.txt' holds no sequence of "
+                                                             "data.seq_len + 1 = 129 tokens"),
+    "corrupt JSONL": (["--data.path={tmp}/broken.jsonl"], {},
+                      "data.path: cannot read '{tmp}/broken.jsonl' (JSON parse"),
+    "corrupt Parquet": (["--data.path={tmp}/broken.parquet"], {}, "data.path: cannot read '{tmp}/broken.parquet'"),
+    "missing eval path": (["--eval.path={tmp}/no_eval.txt", "--eval.every=10"], {},
+                          "eval.path: '{tmp}/no_eval.txt' does not exist"),
     "negative checkpoint interval": (["--checkpoint.every=-1"], {}, "checkpoint.every: must be >= 0"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypatch):
     args, env, expected = CASES[case]
     files(tmp_path)
     monkeypatch.chdir(REPO)
@@ -116,9 +225,288 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capsys, monkeyp
     finally:
         if lock:
             lock.release()
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # at the file descriptors: a library's log line to the real stderr counts too
     assert status == 2
     assert err.splitlines() == [err.strip()] and err.startswith("error: " + expected.replace("{tmp}", str(tmp_path)))
     assert "Traceback" not in err and "model:" not in out  # no model was built
     assert not (tmp_path / "run").exists()  # nothing left behind
     assert (tmp_path / "earlier" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing overwritten
+
+
+# --------------------------------------------------------------------------- every numeric key, every way out of range
+
+
+def numeric_fields(cls=Config, prefix=""):
+    """(dotted key, its Range) for every int or float field of the config, sections and mixture sources included."""
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls, include_extras=True)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_fields(hint, f"{prefix}{f.name}.")
+            continue
+        if f.name == "mixture":
+            yield from numeric_fields(SourceConfig, f"{prefix}mixture[0].")
+            continue
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for kind in kinds:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+            if base in (int, float):
+                ranges = [m for m in getattr(kind, "__metadata__", ()) if isinstance(m, Range)]
+                yield f"{prefix}{f.name}", base, ranges[0] if ranges else None
+
+
+def out_of_range(base, valid):
+    """Values the key must refuse: not finite, and just past each bound (bounds written out here, not taken
+    from the code: the README and the libraries' own limits)."""
+    values = [math.inf, -math.inf, math.nan] if base is float else [2**63]  # ints: past int64, where torch stops
+    if valid.low is not None:
+        values.append(valid.low if valid.low_open else (valid.low - 1 if base is int else valid.low - 1e-9))
+    if valid.high is not None and valid.high != 2**63 - 1:
+        values.append(valid.high if valid.high_open else (valid.high + 1 if base is int else valid.high + 1e-9))
+    return values
+
+
+def test_every_numeric_key_has_a_range():
+    # A numeric key added without one would take inf, nan or a negative count silently.
+    missing = [key for key, _, valid in numeric_fields() if valid is None]
+    assert not missing, f"no Range on {missing}"
+    assert len(list(numeric_fields())) >= 30
+
+
+# The limits of the libraries that use the values, written out independently of config.py.
+EXPECTED_BOUNDS = {"train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.seed": (0, 2**32 - 1),
+                   "data.seed": (0, 2**32 - 1), "eval.holdout_fraction": (0, 1), "train.min_lr_ratio": (0, 1),
+                   "train.lr": (0, None), "train.micro_batch_size": (1, None), "train.adam_eps": (0, None)}
+
+
+@pytest.mark.parametrize("key", [key for key, _, _ in numeric_fields()])
+def test_every_numeric_key_refuses_values_out_of_its_range(key, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    base, valid = next((b, v) for k, b, v in numeric_fields() if k == key)
+    if key in EXPECTED_BOUNDS:
+        assert (valid.low, valid.high if valid.high != 2**63 - 1 else None) == EXPECTED_BOUNDS[key]
+    for value in out_of_range(base, valid):
+        if key.startswith("data.mixture[0]."):
+            args = [f"--data.mixture=[{{path: data/shakespeare, {key.split('.')[-1]}: {yaml_number(value)}}}]"]
+        else:
+            args = [f"--{key}={yaml_number(value)}"]
+        status = main([*args, f"--output_dir={tmp_path / 'run'}", "--tracking.wandb=false"])
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith(f"error: {key}: must be "), (value, err)
+        assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def yaml_number(value) -> str:
+    return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan" if value != value else repr(value))
+
+
+# --------------------------------------------------------------------------- runs, checkpoints and files on disk
+
+TINY_RUN = ["--config=configs/embedding_linear.yaml", "--train.max_steps=4", "--checkpoint.every=1",
+            "--checkpoint.keep=4", "--sample.max_new_tokens=2", "--eval.every=0", "--tracking.wandb=false",
+            "--train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step run with a checkpoint after every step; each test works on its own copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = run_in_process([*TINY_RUN, f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def again(out, *args):
+    return run_in_process([*TINY_RUN, f"--output_dir={out}", *args])
+
+
+def one_error_line(result, status=2):
+    assert result.returncode == status, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def tree(directory):
+    """Every file under `directory` with its bytes: to show that nothing was moved, removed or rewritten."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_config_the_user_keeps_in_output_dir_is_never_overwritten(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    mine = (REPO / "configs" / "embedding_linear.yaml").read_text()  # comments and all
+    (exp / "config.yaml").write_text(mine)
+    result = run_in_process([f"--config={exp}/config.yaml", f"--output_dir={exp}", "--tracking.wandb=false"])
+    assert one_error_line(result).startswith(f"error: output_dir: '{exp}/config.yaml' was not written by a run")
+    assert tree(exp) == {"config.yaml": mine.encode()}  # the same bytes, and nothing beside them
+
+
+def test_the_config_a_run_wrote_may_be_given_back_to_it(run_copy):
+    before = tree(run_copy)
+    result = run_in_process([f"--config={run_copy}/config.yaml"])  # its output_dir is run_copy
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nothing left to do" in result.stdout
+    assert {k: v for k, v in tree(run_copy).items() if k != "config.yaml"} == {
+        k: v for k, v in before.items() if k != "config.yaml"}
+
+
+def test_auto_resume_refuses_a_changed_training_and_a_finished_run_has_nothing_left_to_do(run_copy):
+    before = tree(run_copy)
+    changed = again(run_copy, "--train.gradient_accumulation_steps=4", "--train.lr=0.01")
+    line = one_error_line(changed)
+    step_4 = f"{run_copy}/checkpoints/step_4"
+    assert line.startswith(f"error: resume: auto would continue the run in '{run_copy}', but this config changes "
+                           "train.gradient_accumulation_steps 2 -> 4; train.lr 0.03 -> 0.01.")
+    assert f"pass --resume={step_4}" in line
+    assert tree(run_copy) == before  # nothing written, moved or removed
+
+    same = again(run_copy)  # the README's "run the same command again" after a finished run
+    assert same.returncode == 0 and f"nothing left to do: {step_4} is at step 4 and train.max_steps is 4" in same.stdout
+    assert tree(run_copy)["final/model.safetensors"] == before["final/model.safetensors"]  # final/ not rewritten
+
+    longer = again(run_copy, "--train.max_steps=6", f"--resume={step_4}")  # on purpose: allowed
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_corrupt_older_checkpoint_moves_nothing(run_copy):
+    (run_copy / "checkpoints" / "step_2" / "model.safetensors").write_bytes(b"\0" * 100)
+    before = tree(run_copy)
+    result = again(run_copy, f"--resume={run_copy}/checkpoints/step_2")
+    assert one_error_line(result).startswith(f"error: resume: cannot load '{run_copy}/checkpoints/step_2'")
+    assert tree(run_copy) == before  # step_3 and step_4 are where they were: not moved to superseded/
+
+
+@pytest.mark.parametrize("damage", ["weights", "optimizer", "trainer_state"])
+def test_a_corrupt_newest_checkpoint_names_the_newest_intact_one(run_copy, damage):
+    newest, intact = run_copy / "checkpoints" / "step_4", run_copy / "checkpoints" / "step_3"
+    file = {"weights": "model.safetensors", "optimizer": "optimizer.bin", "trainer_state": STATE_FILE}[damage]
+    cut = (newest / file).read_bytes()[:200]  # cut short, as by a full disk or a bad copy
+    (newest / file).write_bytes(cut)
+    before = tree(run_copy)
+    line = one_error_line(again(run_copy))
+    assert line.endswith(f"the newest intact checkpoint is {intact}: to continue from it, run again with "
+                         f"--resume={intact}"), line
+    assert tree(run_copy) == before
+    resumed = again(run_copy, f"--resume={intact}")  # the command the line gives
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.read_bytes() for p in (run_copy / "checkpoints" / "superseded").glob(f"*/step_4/{file}")] == [cut]
+    assert (newest / file).read_bytes() != cut  # step 4 trained again and saved whole
+
+
+def test_what_a_killed_save_left_is_removed_by_the_next_run(run_copy):
+    # What a kill -9 during final/ or a checkpoint leaves: a model-sized temporary file, a half checkpoint.
+    (run_copy / ".final.tmp").mkdir()
+    (run_copy / ".final.tmp" / "model.safetensors").write_bytes(b"\0" * 4_000_000)
+    (run_copy / "checkpoints" / ".step_5.tmp").mkdir()
+    (run_copy / "checkpoints" / ".step_5.tmp" / "optimizer.bin").write_bytes(b"\0" * 1000)
+    assert again(run_copy).returncode == 0
+    assert not (run_copy / ".final.tmp").exists() and not (run_copy / "checkpoints" / ".step_5.tmp").exists()
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(run_copy, monkeypatch):
+    shutil.rmtree(run_copy / "final")  # so that the run writes it again
+
+    def half_then_full(tensors, filename, *args, **kwargs):  # a disk that fills up part-way through the file
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)
+        enospc()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_then_full)
+    line = one_error_line(again(run_copy), status=1)
+    assert line == (f"error: final: cannot write '{run_copy}/final' (No space left on device); the checkpoint of "
+                    "step 4 is intact: free some space and run the same command again to write final/")
+    assert not (run_copy / "final").exists() and not (run_copy / ".final.tmp").exists()
+    monkeypatch.undo()
+    result = again(run_copy)  # space freed: the same command writes the missing final/
+    assert result.returncode == 0 and "writing the missing final/" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(run_copy / "final") is not None
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_half_row(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+    line = one_error_line(run_in_process([*TINY_RUN, f"--output_dir={out}", "--resume=none", "--overwrite=true"]),
+                          status=1)
+    assert line.startswith(f"error: metrics: cannot write step 1 to {out}/metrics.jsonl (No space left on device)")
+
+
+def test_a_metrics_row_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    fresh_accelerate_state()
+    logger = MetricsLogger(Accelerator(cpu=True), load_config(None, {"output_dir": str(tmp_path),
+                                                                      "tracking.wandb": False}), None)
+    logger.log({"step": 1, "loss": 2.5})
+    real_write = logger.file.write
+
+    def half_then_full(text):
+        real_write(text[:len(text) // 2])
+        logger.file.flush()
+        enospc()
+    monkeypatch.setattr(logger.file, "write", half_then_full)
+    with pytest.raises(RunError, match=r"^metrics: cannot write step 2 to .* \(No space left on device\)"):
+        logger.log({"step": 2, "loss": 2.4})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+
+
+def test_a_full_disk_while_writing_config_yaml_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml.tmp").symlink_to("/dev/full")
+    line = one_error_line(run_in_process([*TINY_RUN, f"--output_dir={out}"]))
+    assert line == f"error: output_dir: cannot write config.yaml in '{out}' (No space left on device)"
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text((REPO / "data" / "shakespeare" / "hamlet.txt").read_text()[:20_000])
+    (data / "sub" / "b.txt").write_text((REPO / "data" / "shakespeare" / "macbeth.txt").read_text()[:20_000])
+    (data / "self").symlink_to(".")  # ln -s . data/self
+    (data / "sub" / "up").symlink_to("..")
+    (data / "also_a.txt").symlink_to("a.txt")
+    os.link(data / "sub" / "b.txt", data / "hard_b.txt")  # a hard link: the same file under another name
+    assert local_files(str(data)) == [str(data / "a.txt"), str(data / "hard_b.txt")]
+    assert local_files(f"{data}/**/*.txt") == [str(data / "a.txt"), str(data / "hard_b.txt")]
+    result = run_in_process([*TINY_RUN, f"--output_dir={tmp_path / 'run'}", f"--data.path={data}",
+                             "--data.repeat=false", "--train.max_steps=1000", "--checkpoint.every=0"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data: 2 documents read" in result.stdout  # one epoch of two files, not dozens of copies
+
+
+def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_third_exits():
+    script = ("import os, signal, time\n"
+              "from pretrain.preemption import StopRequest\n"
+              "request = StopRequest()\n"
+              "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(0.2); print('still training', flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT and result.stdout == "still training\n"
+    assert result.stderr.splitlines() == [
+        "received SIGINT: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
+        "received SIGINT again within 0.5 s: the same request (delivered twice); send it again to exit at once",
+        "received SIGINT again: exiting now, without a checkpoint"]
+
+
+@pytest.mark.parametrize("delay", [0.5, 3.0])  # during the imports, during the checks
+def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
+    run = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *TINY_RUN,
+                            f"--output_dir={tmp_path / 'run'}"], cwd=REPO, env=clean_env(), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert err.splitlines()[-1] == "interrupted (SIGINT) while starting; nothing was trained" and "Traceback" not in err

@@ -16,9 +16,10 @@ import torch
 import zstandard
 
 from conftest import run_script
-from pretrain.config import ConfigError, DataConfig, SourceConfig
+from pretrain.config import ConfigError, DataConfig, SourceConfig, load_config
 from pretrain.data import (START, DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack,
                            split_documents, text_sequences)
+from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
 
 
@@ -121,7 +122,7 @@ def test_invalid_utf8_is_replaced_and_counted_not_fatal(tokenizer, tmp_path, suf
 
 def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["", "", ""]), seq_len=4)
-    with pytest.raises(ConfigError, match=r"data: epoch 0 holds no sequence of 5 tokens"):
+    with pytest.raises(ConfigError, match=rf"^data\.path: '{tmp_path}/d\.jsonl' holds no sequence of data\.seq_len \+ 1 = 5"):
         next(micro_batch_stream(cfg, tokenizer, 1, 0, 1))
 
 
@@ -268,3 +269,35 @@ def test_train_tokenizer_trains_on_what_a_configs_data_reads(tmp_path, monkeypat
                                      f"--data.path={empty}", "--out", str(tmp_path / "none")])
     assert script.main() == 2
     assert capsys.readouterr().err.startswith("error: data.path:")
+
+
+def test_eval_reads_only_the_held_out_documents(tokenizer, tmp_path):
+    # Distinct documents (a seeded draw of words, numbered), so that no window of one stream occurs in the other.
+    rng = np.random.default_rng(0)
+    words = ["castle", "raven", "dagger", "crown", "witch", "thane", "storm", "blood", "night", "forest"]
+    texts = [f"record {i}: " + " ".join(rng.choice(words, size=8)) for i in range(200)]
+    fraction, seq_len = 0.25, 16
+    held = [zlib.crc32(t.encode("utf-8")) < fraction * 2**32 for t in texts]  # the rule, independently
+    assert 20 < sum(held) < 80
+
+    def stream_of(chosen):
+        return [t for text in chosen for t in tokenizer(text, add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id]]
+
+    held_stream = stream_of(t for t, h in zip(texts, held) if h)
+    train_stream = stream_of(t for t, h in zip(texts, held) if not h)
+    held_windows = [tuple(held_stream[i * seq_len:i * seq_len + seq_len + 1])
+                    for i in range((len(held_stream) - 1) // seq_len)]
+    train_spans = {tuple(train_stream[i:i + seq_len + 1]) for i in range(len(train_stream) - seq_len)}
+    assert not train_spans & set(held_windows)  # the documents tell the two apart
+    cfg = load_config(None, {"data.path": write_jsonl(tmp_path / "d.jsonl", texts), "data.seq_len": seq_len,
+                             "eval.every": 1, "eval.path": None,
+                             "eval.holdout_fraction": fraction, "eval.sequences": len(held_windows),
+                             "train.micro_batch_size": 4})
+    batches = eval_micro_batches(cfg, tokenizer, 0, 1)
+    got = [tuple(b["input_ids"][row].tolist()) + (int(b["labels"][row, -1]),)
+           for b in batches for row in range(len(b["input_ids"]))]
+    # Every eval sequence is a window of the held-out documents' stream (all of them, in order); none can
+    # come from the training documents.
+    assert got == held_windows
+    assert not train_spans & set(got)

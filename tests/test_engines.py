@@ -45,7 +45,8 @@ def test_engine_on_two_processes_follows_the_one_process_trajectory(config, one_
     if config == "fsdp2.yaml":  # stopped after step 2 and resumed from its sharded checkpoint
         first = launch(out, config, "--train.max_steps=2")
         assert first.returncode == 0, first.stderr[-3000:]
-    result = launch(out, config)
+    # The longer run continues the stopped one on purpose (resume: auto refuses a changed max_steps).
+    result = launch(out, config, *([f"--resume={out}/checkpoints/step_2"] if config == "fsdp2.yaml" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     if config == "fsdp2.yaml":
         assert f"resuming from {out}/checkpoints/step_2" in result.stdout
