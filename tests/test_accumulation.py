@@ -176,7 +176,7 @@ def test_step_schedule_keys_count_completed_optimizer_steps():
     assert [plan.k_at(done, epoch=0) for done in (0, 999, 1000, 5000)] == [8, 8, 4, 4]
 
 
-def test_epoch_schedule_is_lightnings_form():
+def test_epoch_schedule_keys_are_epochs_counted_from_0():
     # {0: 8, 4: 4, 8: 1}: till the 5th epoch (index 4) every 8 batches, then 4, from the 9th (index 8) none
     plan = plan_accumulation(train_config(gradient_accumulation_epoch_schedule={0: 8, 4: 4, 8: 1}), 1)
     assert [plan.k_at(123, epoch) for epoch in range(10)] == [8, 8, 8, 8, 4, 4, 4, 4, 1, 1]

@@ -138,3 +138,49 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
     monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
     checkpoint.OutputDirLock(str(tmp_path))
     assert "warning: cannot lock" in capsys.readouterr().err
+
+
+def test_step_n_appears_only_once_the_save_is_complete(accelerator, tmp_path, monkeypatch):
+    # Atomicity itself, without a kill: while Accelerate writes, no step_4 may exist, and what it writes into
+    # must be another (hidden) directory, so that a kill at any moment leaves no half-written step_4.
+    model, optimizer = prepared(accelerator)
+    cfg = config(tmp_path)
+    final = tmp_path / "checkpoints" / "step_4"
+    real_save_state, seen = accelerator.save_state, []
+
+    def watched(directory):
+        seen.append((os.path.abspath(directory), final.exists()))
+        return real_save_state(directory)
+
+    monkeypatch.setattr(accelerator, "save_state", watched)
+    save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
+    [(written, existed)] = seen
+    assert not existed and written != str(final)
+    assert not os.path.exists(written)  # renamed into place
+    assert sorted(os.listdir(final)) == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", STATE_FILE]
+
+
+def test_a_save_killed_part_way_leaves_no_step_directory_and_the_next_save_completes(accelerator, tmp_path,
+                                                                                     monkeypatch):
+    # A kill in the middle of save_state (here: an exception nothing catches, so no cleanup runs) must leave
+    # only a hidden leftover: resume: auto then takes step_2, and saving step 4 again is not "saved already".
+    model, optimizer = prepared(accelerator)
+    cfg = config(tmp_path)
+    save_checkpoint(accelerator, cfg, TrainerState(step=2, settings=settings_of(cfg)))
+
+    class Killed(BaseException):
+        pass
+
+    def killed(directory):
+        open(os.path.join(directory, "model.safetensors"), "w").write("half")
+        raise Killed
+
+    monkeypatch.setattr(accelerator, "save_state", killed)
+    with pytest.raises(Killed):
+        save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
+    assert not (tmp_path / "checkpoints" / "step_4").exists()
+    assert resume_path(config(tmp_path)) == str(tmp_path / "checkpoints" / "step_2")
+    monkeypatch.undo()  # the restarted run saves step 4 for real
+    save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
+    load_checkpoint(accelerator, str(tmp_path / "checkpoints" / "step_4"))  # complete: it loads
+    assert json.loads((tmp_path / "checkpoints" / "step_4" / STATE_FILE).read_text())["step"] == 4

@@ -27,13 +27,19 @@ def trained(tmp_path, name, args, processes=None):
     return out, result
 
 
-@pytest.mark.parametrize("precision, tolerances", [("no", {}), ("bf16", {"rel": 1e-2, "weights_rel_l2": 1e-2})])
-def test_k4_n2_and_k1_n8_follow_the_same_trajectory_over_adamw_steps_with_warmup(tmp_path, precision, tolerances):
+# bf16, measured on 2 CPU cores over these 6 steps: losses differ by at most 7.6e-5 (relative), grad norms by
+# 2.6e-3, final weights by 4.5e-3 (relative L2). rel=1e-3 allows 1e-3 on losses and 1e-2 on grad norms (10 x rel
+# in assert_same_trajectory); losses are then held to 3e-4 on their own.
+@pytest.mark.parametrize("precision, tolerances, loss_rel", [("no", {}, 1e-5),
+                                                             ("bf16", {"rel": 1e-3, "weights_rel_l2": 1e-2}, 3e-4)])
+def test_k4_n2_and_k1_n8_follow_the_same_trajectory_over_adamw_steps_with_warmup(tmp_path, precision, tolerances,
+                                                                                 loss_rel):
     steps = ["--train.max_steps=6", f"--train.mixed_precision={precision}"]
     a, _ = trained(tmp_path, "k4n2", [*steps, "--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2"])
     b, _ = trained(tmp_path, "k1n8", [*steps, "--train.gradient_accumulation_steps=1", "--train.micro_batch_size=8"])
     assert [r["global_batch_size"] for r in read_metrics(a)] == [8] * 6
     assert_same_trajectory(a, b, **tolerances)
+    assert [r["loss"] for r in read_metrics(b)] == pytest.approx([r["loss"] for r in read_metrics(a)], rel=loss_rel)
 
 
 def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_trajectory(tmp_path):
@@ -43,13 +49,17 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
             "--train.min_lr_ratio=1"]
     a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=3"])
-    a, resumed = trained(tmp_path, "p1", [*args, "--train.max_steps=5"], processes=2)
+    # A longer run than the checkpoint's: resumed on purpose (resume: auto refuses a changed max_steps).
+    a, resumed = trained(tmp_path, "p1", [*args, "--train.max_steps=5", f"--resume={tmp_path}/p1/checkpoints/step_3"],
+                         processes=2)
     b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1"], processes=2)
     assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
     assert "global batch: 1 processes x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
     assert f"resuming from {a}/checkpoints/step_3" in resumed.stdout
     assert [r["gradient_accumulation_steps"] for r in read_metrics(a)] == [4, 4, 4, 2, 2]
+    for row in read_metrics(b):  # two processes: each device does half of the step's tokens
+        assert row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, rel=1e-12)
     assert_same_trajectory(a, b)
 
 
