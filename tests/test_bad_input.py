@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -219,17 +220,24 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
     if not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={tmp_path / 'run'}")
     args += ["--tracking.wandb=false"]
+    # The libraries' loggers hold the stderr of their import (pytest's, then): point them at the captured one, so
+    # that a line they log before ours (datasets' "Failed to load JSON ...") shows here as it would to a user.
+    fd2 = open(2, "w", buffering=1, closefd=False)  # the captured file descriptor 2
+    for handler in logging.getLogger("datasets").handlers + logging.getLogger("transformers").handlers:
+        if type(handler) is logging.StreamHandler:  # the libraries' own (not pytest's capture handlers)
+            monkeypatch.setattr(handler, "stream", fd2)
     lock = OutputDirLock(str(tmp_path / "busy")) if case == "output_dir in use" else None
     try:
         status = main(args)
     finally:
         if lock:
             lock.release()
-    out, err = capfd.readouterr()  # at the file descriptors: a library's log line to the real stderr counts too
+    out, err = capfd.readouterr()  # at the file descriptors: what a library writes to fd 2 itself counts too
     assert status == 2
     assert err.splitlines() == [err.strip()] and err.startswith("error: " + expected.replace("{tmp}", str(tmp_path)))
     assert "Traceback" not in err and "model:" not in out  # no model was built
-    assert not (tmp_path / "run").exists()  # nothing left behind
+    assert not (tmp_path / "run").exists()  # nothing left behind: no new output_dir, no lock file in an old one
+    assert [p for p in tmp_path.rglob(".lock") if p.parent.name != "busy"] == []
     assert (tmp_path / "earlier" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing overwritten
 
 
@@ -413,6 +421,20 @@ def test_what_a_killed_save_left_is_removed_by_the_next_run(run_copy):
 
 def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_final_save_keeps_the_previous_final_and_writes_aside_first(run_copy, monkeypatch):
+    before = tree(run_copy / "final")
+    written_to = []
+
+    def record_then_full(tensors, filename, *args, **kwargs):
+        written_to.append(os.path.relpath(filename, run_copy))
+        enospc()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", record_then_full)
+    line = one_error_line(again(run_copy, "--train.max_steps=5", f"--resume={run_copy}/checkpoints/step_4"), status=1)
+    assert line.startswith(f"error: final: cannot write '{run_copy}/final' (No space left on device)")
+    assert written_to == [".final.tmp/model.safetensors"]  # never into final/: a kill there would leave half of it
+    assert tree(run_copy / "final") == before and not (run_copy / ".final.tmp").exists()
 
 
 def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(run_copy, monkeypatch):
