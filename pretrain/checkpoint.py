@@ -218,17 +218,22 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
         error = err
     if all_ok(accelerator, error is None):
         try:
-            accelerator.save_state(tmp)  # every process writes its RNG states; the main process the rest
+            accelerator.save_state(tmp)  # every process writes its RNG states (and its shards); the main the rest
             _test_delay("PRETRAIN_TEST_SAVE_DELAY")
-            if accelerator.is_main_process:
-                with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump(dataclasses.asdict(state), f, indent=1)
-                _flush_tree(tmp)
-                os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
-                _fsync_dir(root)
         except Exception as err:  # a full disk or quota: OSError, or safetensors' and torch's own errors
             error = err
-    if not all_ok(accelerator, error is None):
+    # Only once every process has written its part: else the rename below can leave one writing into a gone dir.
+    written = all_ok(accelerator, error is None)
+    if written and accelerator.is_main_process:
+        try:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(dataclasses.asdict(state), f, indent=1)
+            _flush_tree(tmp)
+            os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
+            _fsync_dir(root)
+        except OSError as err:
+            error = err
+    if not all_ok(accelerator, written and error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for p in checkpoint_dirs(cfg.output_dir) if p != final]

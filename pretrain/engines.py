@@ -124,7 +124,18 @@ def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
     purpose: for a model too large for one process's memory, at the cost of other initial weights.
     """
     plugin = _zero3_plugin(accelerator)
-    if plugin is None or plugin.zero3_init_flag:
+    if plugin is not None and plugin.zero3_init_flag:
+        yield
+        return
+    with without_zero3_init(accelerator):
+        yield
+
+
+@contextmanager
+def without_zero3_init(accelerator: Accelerator) -> Iterator[None]:
+    """Models built in this block are plain ones, whatever ZeRO-3 says (also a meta-device model for checks)."""
+    plugin = _zero3_plugin(accelerator)
+    if plugin is None:
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config

@@ -25,7 +25,7 @@ from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, a
 from pretrain.config import Config, ConfigError, RunError, first_line, to_dict, to_yaml
 from pretrain.data import DataStats, MicroBatch, MicroBatchReader, load_tokenizer, micro_batch_stream
 from pretrain.engines import (build_accelerator, describe_engine, enable_activation_checkpointing, fit_engine_to_config,
-                              weights_are_sharded, whole_model_init)
+                              weights_are_sharded, whole_model_init, without_zero3_init)
 from pretrain.evaluation import eval_micro_batches, evaluate
 from pretrain.models import (build_model, build_model_config, check_activation_checkpointing, check_memory_fits,
                              check_model_builds, max_positions)
@@ -219,7 +219,8 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     model_config = build_model_config(cfg.model, len(tokenizer), special)
-    parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
+    with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
+        parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
     check_memory_fits(parameters, model_config, plan.micro_batch_size, cfg.data.seq_len, accelerator.device,
                       plan.num_processes)
     if cfg.train.activation_checkpointing:
