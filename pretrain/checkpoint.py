@@ -193,9 +193,18 @@ def set_aside_newer(output_dir: str, step: int) -> list[str]:
     newer = [path for path in checkpoint_dirs(output_dir) if int(os.path.basename(path)[5:]) > step]
     if newer:
         aside = os.path.join(output_dir, CHECKPOINTS_DIR, "superseded", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for path in newer:
-            os.rename(path, os.path.join(aside, os.path.basename(path)))
+        try:
+            os.makedirs(aside, exist_ok=True)
+            for path in newer:
+                os.rename(path, os.path.join(aside, os.path.basename(path)))
+            # The run they belong to, as it was: its later metrics rows are about to be replaced, and final/ too.
+            if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+                shutil.copy2(os.path.join(output_dir, "metrics.jsonl"), aside)
+            if os.path.isdir(os.path.join(output_dir, "final")):
+                os.rename(os.path.join(output_dir, "final"), os.path.join(aside, "final"))
+        except OSError as err:
+            raise ConfigError(f"resume: cannot set the newer checkpoints aside in {aside!r} ({err.strerror}); "
+                              "nothing was trained") from None
     return newer
 
 
@@ -206,8 +215,12 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
     """Write `state` and everything Accelerate holds to checkpoints/step_<step>/, atomically. All processes call it."""
     root = os.path.join(cfg.output_dir, CHECKPOINTS_DIR)
     final = os.path.join(root, f"step_{state.step}")
-    if os.path.isdir(final):  # saved already: every process sees it, so all return here together
+    if os.path.isfile(os.path.join(final, STATE_FILE)):  # saved already: every process sees it, all return here
         return final
+    if accelerator.is_main_process and os.path.isdir(final):  # step_N without its trainer state: not a checkpoint
+        aside = os.path.join(root, "superseded", f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(aside, exist_ok=True)
+        os.rename(final, os.path.join(aside, os.path.basename(final)))
     tmp = os.path.join(root, f".step_{state.step}.tmp")
     error = None
     try:
@@ -300,8 +313,12 @@ class OutputDirLock:
 
     def __init__(self, output_dir: str, made_dir: bool = False):
         self.path, self.made_dir = os.path.join(output_dir, LOCK_FILE), made_dir  # made_dir: this run created it
-        self.made_file = not os.path.exists(self.path)
-        self.file = open(self.path, "a+")
+        self.made_file = not os.path.lexists(self.path)
+        try:  # never through a link: the pid line would be written into whatever it points at
+            self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
+        except OSError as err:
+            raise ConfigError(f"output_dir: cannot use {self.path!r} as the run's lock file ({err.strerror}); it "
+                              "must be a plain file: move what is there, or choose another output_dir") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held by a live process

@@ -231,6 +231,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         _set_dotted(raw, dotted, value)
     cfg = from_mapping(Config, raw, prefix="")
     validate(cfg)
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)  # as data.path: a shell leaves ~ in --output_dir=~/runs
+    if cfg.resume not in ("auto", "none"):
+        cfg.resume = os.path.expanduser(cfg.resume)
     return cfg
 
 
@@ -250,6 +253,8 @@ def read_config_file(path: str) -> dict[str, Any]:
                           f"{err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--config: {path} is not valid YAML ({_one_line(err)})") from None
+    except (RecursionError, ValueError) as err:  # nested thousands deep; an integer of more than 4300 digits
+        raise ConfigError(f"--config: {path} cannot be read as a config ({_one_line(err)[:200]})") from None
     if raw is None:
         raise ConfigError(f"--config: {path} holds no settings; give a mapping of sections such as "
                           "`train: {max_steps: 100}`, or leave out --config for configs/default.yaml")
@@ -295,8 +300,9 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
         else:
             try:
                 parsed = yaml.load(value, Loader=UniqueKeyLoader)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"--{key}: {value!r} is not a valid YAML value ({_one_line(err)})") from None
+            except (yaml.YAMLError, RecursionError, ValueError) as err:
+                raise ConfigError(f"--{key}: {value[:80]!r} is not a valid YAML value ({_one_line(err)[:200]})"
+                                  ) from None
             # YAML 1.1 reads no/yes/on/off as booleans; on the command line only true/false mean that. And an
             # empty value (--data.path=) is an empty text, not null: null is written out.
             is_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
@@ -336,6 +342,9 @@ def validate(cfg: Config) -> None:
         _check_schedule(dotted, _get_dotted(cfg, dotted))
     if cfg.data.mixture == []:
         raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
+    if not math.isfinite(sum(source.weight for source in cfg.data.mixture or [])):
+        raise ConfigError("data.mixture: the weights add up to more than a float holds; give smaller weights "
+                          "(only their ratios matter)")
 
 
 def _check_schedule(dotted: str, schedule: dict | None) -> None:

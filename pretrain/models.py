@@ -17,7 +17,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutput
 
-from pretrain.accumulation import IGNORE_INDEX
+from pretrain.accumulation import IGNORE_INDEX, AccumulationPlan
 from pretrain.config import ConfigError, ModelConfig
 
 
@@ -95,7 +95,15 @@ def build_model_config(cfg: ModelConfig, vocab_size: int, special_tokens: dict[s
                           "(for example llama, gpt2, qwen2, mistral)") from None
     defaults = config_class().to_dict()
     known = set(defaults) | set(getattr(config_class, "attribute_map", {}))
-    for key, value in cfg.options.items():
+    for key, value in list(cfg.options.items()):
+        if key in ("dtype", "torch_dtype"):
+            raise ConfigError(f"model.{key}: the weights stay float32 and train.mixed_precision sets the precision of "
+                              f"the computation; remove model.{key} and set train.mixed_precision (no, bf16, fp16)")
+        if isinstance(defaults.get(key), float) and isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                value = cfg.options[key] = float(value)
+            except ValueError:
+                pass
         if key not in known:
             raise ConfigError(f"model.{key}: unknown key for model type {cfg.type}; "
                               f"it has: {', '.join(sorted(defaults))}")
@@ -151,6 +159,9 @@ def model_error(cfg: ModelConfig, err: Exception) -> ConfigError:
     Its messages name options in prose ("the hidden size (65)") or by value, so an option counts as named
     when its name, its name in words or its value (if no other option has it) appears in the message."""
     message = " ".join(str(err).split())[:300] or type(err).__name__
+    if "scaled_dot_product_attention" in message or "sdpa" in message.lower():
+        return ConfigError(f"model.type: {cfg.type} has no SDPA attention, which the template uses for every model; "
+                           "choose a model type that has it (llama, gpt2, qwen2, mistral, ...)")
     if isinstance(err, LookupError):  # KeyError('gelu_fancy'): the message is only the value looked up
         message = f"no such value: {message}"
     words = set(re.findall(r"[a-z0-9.+-]+", message.lower()))  # num_heads -> num, heads
@@ -178,24 +189,34 @@ def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedCon
                           "(it has no blocks); set it to false")
 
 
-def check_memory_fits(parameters: int, model_config: PretrainedConfig, micro_batch_size: int, seq_len: int,
-                      device: torch.device, processes: int) -> None:
+def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: AccumulationPlan, seq_len: int,
+                      device: torch.device) -> None:
     """Refuse what cannot fit in the memory free on the device before allocating it (it could only fail after a
     long wait, with the machine swapping or an OOM): the float32 weights, gradients and two AdamW moments (shared
-    out by P processes at best), and a micro-batch's logits and their gradient (float32, N x seq_len x vocab)."""
-    free = free_memory(device)
-    state = 16 * parameters // processes
+    out by P processes at best), a micro-batch's logits and their gradient (float32, N x seq_len x vocab), and the
+    K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
+    free, micro_batch_size = free_memory(device), plan.micro_batch_size
+    state = 16 * parameters // plan.num_processes
     if free is not None and state > free:
         raise ConfigError(f"model: {parameters:,} parameters need at least {state / 2**30:,.1f} GiB for the weights, "
                           f"gradients and AdamW moments, but {free / 2**30:,.1f} GiB is free on {device.type}; "
                           "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
     needed = 8 * micro_batch_size * seq_len * model_config.vocab_size
     if free is not None and needed > free:
+        if micro_batch_size == 1:
+            raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least {needed / 2**30:,.1f} "
+                              f"GiB for its logits and their gradient alone, but {free / 2**30:,.1f} GiB is free on "
+                              f"{device.type}; use a smaller data.seq_len (or a smaller vocabulary)")
         fitting = max(1, micro_batch_size * free // needed)
         raise ConfigError(f"train.micro_batch_size: {micro_batch_size} sequences of {seq_len} tokens need at least "
                           f"{needed / 2**30:,.1f} GiB for the logits and their gradient alone, but {free / 2**30:,.1f} "
                           f"GiB is free on {device.type}; use fewer than {fitting} (and a larger "
                           "gradient_accumulation_steps for the same global batch)")
+    largest_k = max([plan.base_k, *(k for _, k in plan.schedule)])
+    if free is not None and 16 * largest_k * micro_batch_size * (seq_len + 1) > free:
+        raise ConfigError(f"train.gradient_accumulation_steps: a step of K={largest_k} micro-batches of "
+                          f"{micro_batch_size} x {seq_len + 1} tokens is read before its first forward pass and does "
+                          f"not fit in the {free / 2**30:,.1f} GiB free; use a smaller K (or a K schedule's K)")
 
 
 def free_memory(device: torch.device) -> int | None:

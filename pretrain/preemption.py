@@ -36,7 +36,8 @@ class StopRequest:
                      "(delivered twice); send it again to exit at once")
                 self._since = 0.0  # the next one exits, however soon
                 return
-            _say(f"received {signal.Signals(signum).name} again: exiting now, without a checkpoint")
+            _say(f"received {signal.Signals(signum).name} again: exiting now, without finishing the step or a "
+                 "checkpoint being written")
             os._exit(128 + signum)
         self.signal, self._since = signal.Signals(signum), time.monotonic()
         _say(f"received {self.signal.name}: finishing this optimizer step, then saving a checkpoint "

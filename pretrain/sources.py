@@ -64,7 +64,10 @@ class Source:
                 or pa.types.is_large_binary(kind)):
             raise ConfigError(f"{column_field}: column {self.column!r} of {config.path!r} holds {kind}, not text; "
                               "name a column of strings")
-        self.dataset = self._with_text_column(raw)
+        try:
+            self.dataset = self._with_text_column(raw)
+        except Exception as err:  # a .json file holding one array, not one object a line
+            raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
 
     @property
     def column(self) -> str:

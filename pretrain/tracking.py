@@ -91,7 +91,8 @@ class MetricsLogger:
                 os.truncate(self.path, end)
             self.file = None
             raise RunError(f"metrics: cannot write step {row['step']} to {self.path} ({err.strerror}); the "
-                           "last checkpoint is intact: free some space and run the same command again") from None
+                           "checkpoints written so far are intact: free some space and run the same command again"
+                           ) from None
         if self.use_wandb:
             try:
                 self._send(row)

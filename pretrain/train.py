@@ -137,8 +137,11 @@ def train(cfg: Config) -> None:
         save_final(accelerator, model, tokenizer, cfg, state.step)
     sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
     if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded) and not nothing_left:
-        text = sample_text(unwrapped, tokenizer, cfg, synced=sharded)
-        accelerator.print(f"sample:\n{text}")
+        try:  # the model is saved: a sample that cannot be drawn is worth a warning, not a failed run
+            accelerator.print(f"sample:\n{sample_text(unwrapped, tokenizer, cfg, synced=sharded)}")
+        except Exception as err:
+            accelerator.print(f"warning: sample: cannot generate from {cfg.sample.prompt!r} ({first_line(err)}); "
+                              "the model in final/ is complete")
     metrics.close()
     # Free DDP before the process group goes: tearing down gloo under a live DDP can hang at exit.
     accelerator.wait_for_everyone()
@@ -218,11 +221,12 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    model_config = build_model_config(cfg.model, len(tokenizer), special)
+    # The ids may have gaps (a vocabulary renumbered by hand): the embedding needs a row for the largest one.
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    model_config = build_model_config(cfg.model, vocab_size, special)
     with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
         parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
-    check_memory_fits(parameters, model_config, plan.micro_batch_size, cfg.data.seq_len, accelerator.device,
-                      plan.num_processes)
+    check_memory_fits(parameters, model_config, plan, cfg.data.seq_len, accelerator.device)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
     limit = max_positions(model_config)
@@ -245,7 +249,11 @@ def check_and_open(cfg: Config, accelerator: Accelerator) -> Setup:
                                      plan.num_processes, start=state.data_position, stats=stats,
                                      held_out=False if holdout else None, holdout_fraction=holdout)  # not on eval
         eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
-        check_output_dir(cfg, resuming=resume_from is not None)  # last: bad input above leaves no empty dir behind
+        # Resuming continues the run in output_dir only from one of its own checkpoints; one of another run's
+        # would replace what is there.
+        own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(
+            os.path.join(cfg.output_dir, CHECKPOINTS_DIR))
+        check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
         if accelerator.is_main_process and lock is None:
             lock = OutputDirLock(cfg.output_dir, made_dir=not existed)
     except BaseException:
@@ -341,8 +349,15 @@ def say(progress: tqdm, accelerator: Accelerator, line: str) -> None:
 def check_output_dir(cfg: Config, resuming: bool) -> None:
     """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
     cannot be written."""
-    previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
-                if os.path.exists(os.path.join(cfg.output_dir, name))]
+    previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
+                if os.path.exists(os.path.join(cfg.output_dir, name))
+                and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]
+    out = os.path.realpath(cfg.output_dir)
+    for field, path in (("data.path", cfg.data.path), ("eval.path", cfg.eval.path)):
+        data = os.path.realpath(os.path.expanduser(path)) if path and os.path.isdir(os.path.expanduser(path)) else None
+        if data is not None and (out == data or out.startswith(data + os.sep)):
+            raise ConfigError(f"output_dir: {cfg.output_dir!r} is inside {field} {path!r}; a run's files there would "
+                              "be read as data next time: choose an output_dir outside it")
     saved = _saved_config(cfg)
     if previous == [METRICS_FILE] and saved == to_yaml(cfg):
         previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing

@@ -63,6 +63,10 @@ def files(tmp_path):
     (tmp_path / "sections_twice.yaml").write_text("train:\n  lr: 0.001\ntrain:\n  max_steps: 5\n")
     (tmp_path / "gpt2.yaml").write_text("model: {type: gpt2, n_embd: 64, n_head: 4, n_layer: 1, n_positions: 256}\n")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "deep.yaml").write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "precious.txt").write_text("mine\n")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / ".lock").symlink_to(tmp_path / "precious.txt")
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     (tmp_path / "not_a_tokenizer").mkdir()
@@ -151,6 +155,8 @@ CASES = {
     "config section twice": (["--config={tmp}/sections_twice.yaml"], {}, "--config: {tmp}/sections_twice.yaml is not "
                                                                          "valid YAML (key 'train' appears twice"),
     "key twice inside an override": (["--data.mixture=[{path: a, path: b}]"], {}, "--data.mixture: "),
+    "config nested 5000 deep": (["--config={tmp}/deep.yaml"], {}, "--config: {tmp}/deep.yaml cannot be read as a config"),
+    "an integer of 5000 digits": (["--train.max_steps=" + "1" * 5000], {}, "--train.max_steps: '1111"),
     # Numbers (every numeric key is covered by test_every_numeric_key_refuses_values_out_of_its_range)
     "infinite lr": (["--train.lr=inf"], {}, "train.lr: must be a finite number > 0, got inf"),
     "beta1 over 1": (["--train.adam_beta1=1.5"], {}, "train.adam_beta1: must be in [0, 1), got 1.5"),
@@ -161,6 +167,12 @@ CASES = {
     "huge micro-batch": (["--train.micro_batch_size=100000000"], {}, "train.micro_batch_size: 100000000 sequences of "
                                                                      "128 tokens need at least"),
     "huge model": (["--model.vocab_size=20000000000"], {}, "model: 2,560,"),  # 2e10 x 128 embedding weights
+    "huge K": (["--train.gradient_accumulation_steps=10000000000000"], {},
+               "train.gradient_accumulation_steps: a step of K=10000000000000 micro-batches"),
+    "huge K in a schedule": (["--train.gradient_accumulation_schedule={0: 2, 9: 10000000000000}"], {},
+                             "train.gradient_accumulation_steps: a step of K=10000000000000"),
+    "a model dtype (the precision is train.mixed_precision)": (["--model.dtype=float16"], {},
+                                                               "model.dtype: the weights stay float32"),
     # What transformers refuses, as one line naming the model key
     "hidden size the heads do not divide": (["--model.hidden_size=130"], {},
                                             "model.hidden_size, model.num_attention_heads: transformers cannot build"),
@@ -197,6 +209,13 @@ CASES = {
     # Messages that named the wrong thing
     "empty data path": (["--data.path="], {}, "data.path: must not be empty"),
     "empty output_dir": (["--output_dir="], {}, "output_dir: must not be empty"),
+    "output_dir inside the data": (["--output_dir=data/shakespeare/run"], {},
+                                   "output_dir: 'data/shakespeare/run' is inside data.path 'data/shakespeare'"),
+    "lock file that links to a user's file": (["--output_dir={tmp}/linked"], {},
+                                              "output_dir: cannot use '{tmp}/linked/.lock' as the run's lock file"),
+    "another run's checkpoint into a dir holding a run": (
+        ["--output_dir={tmp}/earlier", "--resume={tmp}/checkpointed/checkpoints/step_2"], {},
+        "output_dir: '{tmp}/earlier' already holds a run"),
     "empty text file": (["--data.path={tmp}/empty.txt"], {}, "data.path: '{tmp}/empty.txt' holds no sequence of "
                                                              "data.seq_len + 1 = 129 tokens"),
     "corrupt JSONL": (["--data.path={tmp}/broken.jsonl"], {},
@@ -237,8 +256,9 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
     assert err.splitlines() == [err.strip()] and err.startswith("error: " + expected.replace("{tmp}", str(tmp_path)))
     assert "Traceback" not in err and "model:" not in out  # no model was built
     assert not (tmp_path / "run").exists()  # nothing left behind: no new output_dir, no lock file in an old one
-    assert [p for p in tmp_path.rglob(".lock") if p.parent.name != "busy"] == []
+    assert [p for p in tmp_path.rglob(".lock") if p.parent.name not in ("busy", "linked")] == []
     assert (tmp_path / "earlier" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing overwritten
+    assert (tmp_path / "precious.txt").read_text() == "mine\n" and not (REPO / "data" / "shakespeare" / "run").exists()
 
 
 # --------------------------------------------------------------------------- every numeric key, every way out of range
@@ -409,6 +429,20 @@ def test_a_corrupt_newest_checkpoint_names_the_newest_intact_one(run_copy, damag
     assert (newest / file).read_bytes() != cut  # step 4 trained again and saved whole
 
 
+def test_resuming_an_older_checkpoint_on_purpose_keeps_the_run_it_replaces(run_copy):
+    metrics, final = (run_copy / "metrics.jsonl").read_bytes(), tree(run_copy / "final")
+    (run_copy / "checkpoints" / "step_4" / STATE_FILE).unlink()  # step_4 without its state: never complete
+    result = again(run_copy, f"--resume={run_copy}/checkpoints/step_2", "--train.lr=0.01",
+                   "--sample.temperature=1e-300", "--sample.max_new_tokens=4")  # a sample that cannot be drawn
+    assert result.returncode == 0, result.stderr[-2000:]
+    aside = next((run_copy / "checkpoints" / "superseded").glob("2*"))
+    assert (aside / "metrics.jsonl").read_bytes() == metrics and tree(aside / "final") == final
+    assert (aside / "step_3").is_dir() and list((run_copy / "checkpoints" / "superseded").glob("*/step_4"))
+    assert (run_copy / "checkpoints" / "step_4" / STATE_FILE).is_file()  # saved again, whole
+    assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3, 4]
+    assert "warning: sample: cannot generate" in result.stdout and "Traceback" not in result.stderr
+
+
 def test_what_a_killed_save_left_is_removed_by_the_next_run(run_copy):
     # What a kill -9 during final/ or a checkpoint leaves: a model-sized temporary file, a half checkpoint.
     (run_copy / ".final.tmp").mkdir()
@@ -519,7 +553,7 @@ def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_
     assert result.stderr.splitlines() == [
         "received SIGINT: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
         "received SIGINT again within 0.5 s: the same request (delivered twice); send it again to exit at once",
-        "received SIGINT again: exiting now, without a checkpoint"]
+        "received SIGINT again: exiting now, without finishing the step or a checkpoint being written"]
 
 
 @pytest.mark.parametrize("delay", [0.5, 3.0])  # during the imports, during the checks

@@ -175,7 +175,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
     time.sleep(1.0)  # past the 0.5 s in which a second signal counts as the same request
     run.send_signal(signal.SIGTERM)  # ... and a second signal does not wait for it
     assert run.wait(timeout=10) == 128 + signal.SIGTERM
-    assert "received SIGTERM again: exiting now, without a checkpoint" in (tmp_path / "run.err").read_text()
+    assert ("received SIGTERM again: exiting now, without finishing the step or a checkpoint being written"
+            in (tmp_path / "run.err").read_text())
     assert not list((out / "checkpoints").glob("step_*"))  # nothing half-saved was committed
 
 
