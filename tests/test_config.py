@@ -178,3 +178,15 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert again == cfg
     assert yaml.safe_load(to_yaml(cfg))["model"]["hidden_size"] == 48
     assert isinstance(again, Config)
+
+
+def test_yaml_merge_keys_work_and_may_be_overridden_while_a_repeated_key_is_an_error(tmp_path):
+    merged = write(tmp_path, "base: &base {path: data/shakespeare, weight: 1}\n"
+                             "data:\n  mixture:\n    - {<<: *base, weight: 3}\n    - *base\n")
+    with pytest.raises(ConfigError, match=r"^base: unknown key"):  # the anchor's holder is not a section...
+        load_config(merged)
+    merged = write(tmp_path, "data:\n  mixture:\n    - &base {path: data/shakespeare, weight: 1}\n"
+                             "    - {<<: *base, weight: 3}\n")
+    assert [s.weight for s in load_config(merged).data.mixture] == [1.0, 3.0]  # ...but merging works
+    with pytest.raises(ConfigError, match=r"key 'weight' appears twice"):
+        load_config(write(tmp_path, "data:\n  mixture:\n    - {<<: {path: a}, weight: 1, weight: 3}\n"))
