@@ -339,6 +339,12 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micr
         _check_vocab(dataset.vocab_size, tokenizer, cfg.path)
         stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
     else:
+        if set(start) != set(START):  # a position saved by the token-shard stream has the sequence count only
+            raise ConfigError(f"resume: the checkpoint's data position {start} was saved reading token shards, but "
+                              f"{field} is raw text; resume with the data it was made with")
+        if any(token >= len(tokenizer) for token in start["carry"]):
+            raise ConfigError(f"resume: the checkpoint's data position holds token ids beyond the tokenizer's "
+                              f"{len(tokenizer)}; it was not saved with this data.tokenizer")
         blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle, field)
         loader = torch.utils.data.DataLoader(blocks, **loader_args)
         source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"

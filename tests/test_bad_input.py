@@ -31,6 +31,7 @@ from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, Range, RunError, SourceConfig, load_config
+from pretrain.data import START
 from pretrain.sources import local_files
 from pretrain.tracking import MetricsLogger
 
@@ -74,6 +75,8 @@ def files(tmp_path):
     (tmp_path / "tokenizer_list").mkdir()
     (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
     for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
+                        "state_shard_position": {"data_position": {"sequences": 64}},
+                        "state_carry_past_vocab": {"data_position": {**START, "carry": [99999]}},
                         "state_bad_position": {"data_position": {"sequences": -3}},
                         "state_other_step": {"step": 9}, "state_not_json": None}.items():
         checkpoint = tmp_path / name / "checkpoints" / "step_4"
@@ -204,6 +207,12 @@ CASES = {
     "trainer state of another step": (["--output_dir={tmp}/state_other_step"], {},
                                       "resume: {tmp}/state_other_step/checkpoints/step_4/trainer_state.json: step 9 "
                                       "does not match the directory step_4"),
+    "trainer state with a token-shard position on raw text": (["--output_dir={tmp}/state_shard_position"], {},
+                                                               "resume: the checkpoint's data position {'sequences': "
+                                                               "64} was saved reading token shards"),
+    "trainer state with a carry past the vocabulary": (["--output_dir={tmp}/state_carry_past_vocab"], {},
+                                                        "resume: the checkpoint's data position holds token ids "
+                                                        "beyond the tokenizer's 4096"),
     "trainer state not JSON": (["--resume={tmp}/state_not_json/checkpoints/step_4"], {},
                                "resume: cannot read {tmp}/state_not_json/checkpoints/step_4/trainer_state.json"),
     # Messages that named the wrong thing
