@@ -52,7 +52,8 @@ def measure(config_path: str, k: int, n: int) -> float:
         micro_batches = [{"input_ids": torch.randint(0, vocab, (n, seq_len), device=accelerator.device),
                           "labels": torch.randint(0, vocab, (n, seq_len), device=accelerator.device)}
                          for _ in range(k)]
-        optimizer_step(accelerator, model, optimizer, micro_batches, int(count_target_tokens(micro_batches)), 1.0)
+        optimizer_step(accelerator, model, optimizer, micro_batches,
+                       global_tokens=int(count_target_tokens(micro_batches)), max_grad_norm=1.0)
     after = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return (after - before) / 2**20
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import TrainConfig
+from pretrain.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value of a position that is not a target (padding, masked prompt, ...)
 

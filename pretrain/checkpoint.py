@@ -16,17 +16,17 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import torch
 from accelerate import Accelerator
 
-from pretrain.config import (AT_LEAST_1, COUNT, Config, ConfigError, RunError, first_line, flat_dict, from_mapping,
-                             to_dict)
+from pretrain.config import AT_LEAST_1, COUNT, Config, flat_dict, from_mapping, to_dict
+from pretrain.console import say
 from pretrain.data import START, check_position
+from pretrain.distributed import all_true
+from pretrain.errors import ConfigError, RunError, first_line
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -57,6 +57,12 @@ class TrainerState:
     wandb_run_id: str | None = None  # the W&B run a resume continues
     settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
     config: dict[str, Any] | None = None  # the whole config of the run that saved it (absent before 2026-11)
+
+    def advance(self, step: int, *, k: int, tokens: int, data_position: dict[str, Any], result: Any) -> None:
+        """Count optimizer step `step` of K micro-batches holding `tokens` target tokens, with its StepResult."""
+        self.step, self.k, self.tokens, self.data_position = step, k, self.tokens + tokens, data_position
+        self.updates += not result.skipped
+        self.consecutive_skips = 0 if result.finite else self.consecutive_skips + 1
 
 
 def settings_of(cfg: Config) -> dict[str, Any]:
@@ -229,14 +235,13 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
             os.makedirs(tmp)
     except OSError as err:
         error = err
-    if all_ok(accelerator, error is None):
+    if all_true(accelerator, error is None):
         try:
             accelerator.save_state(tmp)  # every process writes its RNG states (and its shards); the main the rest
-            _test_delay("PRETRAIN_TEST_SAVE_DELAY")
         except Exception as err:  # a full disk or quota: OSError, or safetensors' and torch's own errors
             error = err
     # Only once every process has written its part: else the rename below can leave one writing into a gone dir.
-    written = all_ok(accelerator, error is None)
+    written = all_true(accelerator, error is None)
     if written and accelerator.is_main_process:
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -246,7 +251,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
             _fsync_dir(root)
         except OSError as err:
             error = err
-    if not all_ok(accelerator, written and error is None):
+    if not all_true(accelerator, written and error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for p in checkpoint_dirs(cfg.output_dir) if p != final]
@@ -259,23 +264,6 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def all_finite(model: torch.nn.Module) -> bool:
-    """Whether this process's part of the weights is finite (its shard under FSDP2 and ZeRO-3)."""
-    def local(p: torch.Tensor) -> torch.Tensor:
-        if hasattr(p, "ds_tensor"):  # ZeRO-3 keeps an empty placeholder in p itself
-            return p.ds_tensor
-        return p.to_local() if hasattr(p, "to_local") else p  # FSDP2's DTensor
-    return all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
-
-
-def all_ok(accelerator: Accelerator, ok: bool) -> bool:
-    """True on every process only if `ok` on every process (so no process waits alone at a barrier)."""
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=accelerator.device)
-    return int(accelerator.reduce(flag, "sum")) == 0
 
 
 def _flush_tree(directory: str) -> None:
@@ -292,13 +280,6 @@ def _fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _test_delay(variable: str) -> None:
-    """Tests set this to kill a run in the middle of a save."""
-    if os.environ.get(variable):
-        time.sleep(float(os.environ[variable]))
-
 
 
 # --------------------------------------------------------------------------- one run per output_dir
@@ -328,8 +309,8 @@ class OutputDirLock:
             raise ConfigError(f"output_dir: {output_dir!r} is in use by a run that is still going ({holder}); "
                               "wait for it to exit, or choose another output_dir") from None
         except OSError as err:  # a filesystem without locks (some NFS or Lustre setups)
-            print(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run uses this "
-                  "output_dir", file=sys.stderr)
+            say(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run uses this output_dir",
+                warning=True)
         with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk must not stop the run
             self.file.seek(0)
             self.file.truncate()

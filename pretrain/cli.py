@@ -10,8 +10,9 @@ from __future__ import annotations
 import signal
 import sys
 
-from pretrain.config import ConfigError, RunError, load_config, parse_cli
-from pretrain.train import Stopped, train
+from pretrain.config import load_config, parse_cli
+from pretrain.errors import ConfigError, ReportedElsewhere, RunError, Stopped
+from pretrain.train import train
 
 USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]
 
@@ -29,13 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(load_config(*parse_cli(argv)))
-    except ConfigError as err:  # bad input: nothing was trained
-        if str(err):  # empty: another process failed its checks and printed why
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:  # training cannot go on; the last checkpoint is intact
+    except ReportedElsewhere as err:  # another process failed its checks and printed why
+        return err.exit_status
+    except (ConfigError, RunError) as err:  # bad input (nothing was trained); a run that cannot go on
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_status
     except Stopped as err:  # SIGTERM/SIGINT: the current step was finished and saved
         print(str(err), file=sys.stderr)
         return err.exit_status

@@ -1,5 +1,11 @@
 """Typed run configuration: dataclasses per section, loaded from YAML plus `--section.key=value` overrides.
 
+Each field says all about its key in one place: its type (`Literal[...]` for choices), its range
+(`Annotated[int, Range(...)]`), its default, which is the default run (configs/default.yaml holds the same
+values), and its doc, the string right below it (read by `field_docs`; the shipped YAMLs' key comments repeat it,
+tests/test_config.py checks). Checks beyond a value's type and range (a K schedule, a mixture's weights) sit
+in their section's `__post_init__`.
+
 Unknown keys and wrong types raise ConfigError naming the key, so a typo never silently
 falls back to a default. The `model` section is open-ended on purpose: besides `type`, its
 keys go to the transformers config of that model type and are checked there (pretrain.models).
@@ -7,26 +13,23 @@ keys go to the transformers config of that model type and are checked there (pre
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
 import math
 import os
-import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from pretrain.errors import ConfigError, one_line
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
-
-
-class ConfigError(ValueError):
-    """Bad user input. The message is one line that names the key and says what would be valid."""
-
-
-class RunError(RuntimeError):
-    """Training cannot go on (a failed save, too many non-finite steps). The message is one line."""
 
 
 @dataclass(frozen=True)
@@ -83,121 +86,184 @@ Text = Annotated[str, NotEmpty()]
 
 @dataclass
 class ModelConfig:
-    type: Text = "llama"  # "embedding_linear", or any transformers model_type (llama, gpt2, qwen2, ...)
-    # Every other key under `model:` goes to the transformers config of `type` (hidden_size, ...).
-    options: dict[str, Any] = field(default_factory=dict)
+    """The `model:` section. One given (in the file, or made by `--model.*` overrides) replaces the default model
+    as a whole: its keys but `type` are all the options (`model: {type: gpt2}` is GPT-2 with transformers' defaults)."""
+    type: Text = "llama"
+    """embedding_linear or any transformers model_type; other keys of model: go to its config"""
+    options: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "intermediate_size": 384, "max_position_embeddings": 256, "tie_word_embeddings": True})
+    """every other key under `model:`, given to the transformers config of `type` (hidden_size, ...)"""
 
 
 @dataclass
 class SourceConfig:
-    path: Text  # like data.path: a file, directory, glob or Hub dataset name
-    weight: Annotated[float, POSITIVE] = 1.0  # share of documents drawn from this source (weights are normalised)
-    text_column: Text = "text"  # field holding the text
-    name: Text | None = None  # configuration name of a Hub dataset
-    split: Text = "train"  # split of a Hub dataset
+    """One source of `data.mixture`."""
+    path: Text
+    """like data.path: a file, directory, glob or Hub dataset name"""
+    weight: Annotated[float, POSITIVE] = 1.0
+    """share of documents drawn from this source (weights are normalised)"""
+    text_column: Text = "text"
+    """field holding the text"""
+    name: Text | None = None
+    """configuration name of a Hub dataset"""
+    split: Text = "train"
+    """split of a Hub dataset"""
 
 
 @dataclass
 class DataConfig:
-    # A text/JSONL/JSON/Parquet file (optionally .gz/.zst/.bz2/.xz), a directory or glob of them, a Hub
-    # dataset name, or a directory of token shards written by scripts/prepare_data.py.
     path: Text = "data/shakespeare"
-    tokenizer: Text = "data/tokenizer"  # a local tokenizer directory or a Hub tokenizer id
-    seq_len: Annotated[int, AT_LEAST_1] = 128  # tokens per training sequence (each sequence has seq_len target tokens)
-    text_column: Text = "text"  # field holding the text in JSONL/Parquet/Hub data
-    name: Text | None = None  # configuration name of a Hub dataset (e.g. sample-10BT), if it has several
-    split: Text = "train"  # split of a Hub dataset
-    mixture: list[SourceConfig] | None = None  # several sources mixed by weight (then `path` is not used)
-    repeat: bool = True  # start another epoch when the data runs out; false: stop training there
-    packing: bool = True  # true: documents joined by EOS and cut into full windows; false: one document per
-    #                       sequence, padded to the longest in the micro-batch (padding is not a target)
-    shuffle: bool = True  # shuffle the file order every epoch and the sequences within each block
-    seed: Annotated[int, SEED] = 0  # seeds the data order; the same seed gives the same sequences in the same order
-    block_chars: Annotated[int, AT_LEAST_1] = 1_000_000  # text tokenized as one unit: the unit of worker parallelism
-    #                                                      and of shuffling
-    num_workers: Annotated[int, Range(0, 256)] = 0  # DataLoader worker processes that tokenize (raw text) or read
-    #                                                 (token shards)
+    """a text/JSONL/JSON/Parquet file (optionally .gz/.zst/.bz2/.xz), a directory or glob of them, a Hub
+    dataset name, or token shards of scripts/prepare_data.py"""
+    tokenizer: Text = "data/tokenizer"
+    """a local tokenizer directory or a Hub tokenizer id"""
+    seq_len: Annotated[int, AT_LEAST_1] = 128
+    """tokens per training sequence; each sequence gives seq_len target tokens"""
+    text_column: Text = "text"
+    """field holding the text in JSONL/Parquet/Hub data (plain .txt needs none)"""
+    name: Text | None = None
+    """configuration name of a Hub dataset (e.g. sample-10BT), if it has several"""
+    split: Text = "train"
+    """split of a Hub dataset"""
+    mixture: list[SourceConfig] | None = None
+    """instead of path, sources by weight: [{path: a.jsonl, weight: 3}, {path: b, weight: 1}]"""
+    repeat: bool = True
+    """start another epoch when the data runs out; false: stop training there"""
+    packing: bool = True
+    """true: documents joined by EOS and cut into full windows; false: one document per sequence, padded to the
+    longest in the micro-batch (padding is not a target)"""
+    shuffle: bool = True
+    """shuffle the file order every epoch and the sequences within each block"""
+    seed: Annotated[int, SEED] = 0
+    """seeds the data order (train.seed the model): same seed, same sequences, same order"""
+    block_chars: Annotated[int, AT_LEAST_1] = 1_000_000
+    """characters tokenized as one block: the unit of worker parallelism and of shuffling"""
+    num_workers: Annotated[int, Range(0, 256)] = 0
+    """DataLoader worker processes that tokenize (raw text) or read (token shards)"""
+
+    def __post_init__(self) -> None:
+        """A mixture holds at least one source, and weights whose sum a float holds."""
+        if self.mixture == []:
+            raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
+        if not math.isfinite(sum(source.weight for source in self.mixture or [])):
+            raise ConfigError("data.mixture: the weights add up to more than a float holds; give smaller weights "
+                              "(only their ratios matter)")
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # N: sequences per process per forward pass
-    # K: micro-batches per optimizer step; global batch = P x K x N
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8
+    """N: sequences per process per forward pass (sets activation memory)"""
     gradient_accumulation_steps: Annotated[int, AT_LEAST_1] | None = 2
-    # G: sequences per optimizer step; K = G / (N x P). Give K or G (or both, equal)
+    """K: micro-batches per optimizer step, summed; global batch = P processes x K x N"""
     global_batch_size: Annotated[int, AT_LEAST_1] | None = None
-    gradient_accumulation_schedule: dict[int, int] | None = None  # {completed optimizer steps: K}, e.g. {0: 8, 1000: 4}
-    # {epoch from 0: K}; a step keeps the K of the epoch its first micro-batch comes from
+    """G: sequences per step, instead of K (or both, equal); K = G / (N x P) must be whole"""
+    gradient_accumulation_schedule: dict[int, int] | None = None
+    """K by completed optimizer steps, e.g. {0: 8, 1000: 4}"""
     gradient_accumulation_epoch_schedule: dict[int, int] | None = None
-    incomplete_last_step: str = "drop"  # when data ends mid-step (repeat: false): drop | step (token-exact over what is there)
-    max_steps: Annotated[int, AT_LEAST_1] = 800  # optimizer steps to train for
-    lr: Annotated[float, POSITIVE] = 3e-3  # peak learning rate
-    min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: Annotated[int, COUNT] = 40  # optimizer steps of linear warm-up from 0 to lr
-    lr_scaling: str = "none"  # none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size
-    # global batch (sequences) at which lr applies unscaled
+    """K by epoch from 0, e.g. {0: 8, 4: 4, 8: 1}; a step keeps the K of the epoch it starts in"""
+    incomplete_last_step: Literal["drop", "step"] = "drop"
+    """data ends mid-step (repeat: false): drop the step, or step: token-exact on the rest"""
+    max_steps: Annotated[int, AT_LEAST_1] = 800
+    """optimizer steps to train for (not micro-batches)"""
+    lr: Annotated[float, POSITIVE] = 3e-3
+    """peak learning rate, reached after warmup_steps"""
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    """the cosine decays to lr x min_lr_ratio at max_steps"""
+    warmup_steps: Annotated[int, COUNT] = 40
+    """optimizer steps of linear warm-up from 0 to lr"""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size"""
     lr_base_batch_size: Annotated[int, AT_LEAST_1] | None = None
-    # AdamW decay for weight matrices and embeddings; biases and norm weights are not decayed
+    """the global batch (sequences) at which lr applies unscaled"""
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
-    adam_beta1: Annotated[float, BETA] = 0.9  # AdamW beta1
-    adam_beta2: Annotated[float, BETA] = 0.95  # AdamW beta2
-    adam_eps: Annotated[float, NON_NEGATIVE] = 1e-8  # AdamW epsilon
-    # clip the full-batch gradient to this norm; 0 disables clipping
+    """AdamW decay on weight matrices and embeddings; biases and norm weights are not decayed"""
+    adam_beta1: Annotated[float, BETA] = 0.9
+    """AdamW beta1"""
+    adam_beta2: Annotated[float, BETA] = 0.95
+    """AdamW beta2"""
+    adam_eps: Annotated[float, NON_NEGATIVE] = 1e-8
+    """AdamW epsilon"""
     max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 | fp8 (fp16 and fp8 need a GPU; fp8 also Hopper/Ada and an fp8 backend)
-    compile: bool = False  # torch.compile the model (Accelerate's dynamo plugin, inductor): slower start, faster steps
-    fused_adamw: bool = True  # torch's fused AdamW kernel where the device has one (CUDA, CPU); else for-each
-    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, ~30% more compute
-    sync_each_batch: bool = False  # reduce gradients after every micro-batch, not only the K-th: more communication,
-    #                                but no unsharded gradient held across micro-batches (the FSDP memory trade-off)
-    # for MFU; null: looked up from the GPU's name (bf16 dense peak)
+    """clip the full-batch gradient to this norm; 0 turns clipping off"""
+    mixed_precision: Literal["no", "bf16", "fp16", "fp8"] = "no"
+    """no | bf16 | fp16 | fp8: fp16 and fp8 need a GPU (fp8 also Hopper/Ada and an fp8 backend); bf16 is
+    faster on many CPUs"""
+    compile: bool = False
+    """torch.compile the model (Accelerate's dynamo, inductor): slower start, faster steps"""
+    fused_adamw: bool = True
+    """torch's fused AdamW kernel where the device has one (CPU, CUDA); false: for-each"""
+    activation_checkpointing: bool = False
+    """recompute each block in backward: less activation memory, about 30% more compute"""
+    sync_each_batch: bool = False
+    """reduce gradients after every micro-batch, not only the K-th: more traffic, but no unsharded gradient
+    held between micro-batches (FSDP's memory trade-off)"""
     peak_flops_per_device: Annotated[float, POSITIVE] | None = None
-    # seeds init and sampling (data.seed seeds the data order): same seeds and config, same run
+    """peak FLOP/s of a device for MFU; null: the GPU's bf16 dense peak, looked up by name"""
     seed: Annotated[int, SEED] = 1337
-    # print a line every this many optimizer steps (metrics and W&B get every step)
+    """seeds init and sampling (data.seed the data order): same seeds and config, same run"""
     log_every: Annotated[int, AT_LEAST_1] = 50
-    # torch threads per process on CPU; null: the machine's cores / local processes
+    """print a line every this many optimizer steps (metrics.jsonl and W&B get every step)"""
     cpu_threads: Annotated[int, Range(1, 4096)] | None = None
-    # skip up to this many consecutive steps with a non-finite loss or gradient norm (no update, logged as
-    # skipped), then stop with an error; 0: stop at once
+    """torch threads per process on CPU; null: the machine's cores / local processes"""
     max_nonfinite_skips: Annotated[int, COUNT] = 3
+    """skip up to this many steps in a row with a non-finite loss or gradient norm (no update, logged as
+    skipped), then stop with an error; 0: stop at once"""
+
+    def __post_init__(self) -> None:
+        """The K schedules map starting points to K (a field's type and range are checked as it is read)."""
+        for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
+            _check_schedule(f"train.{name}", getattr(self, name))
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True  # log every optimizer step to Weights & Biases
-    project: Text = "pretrain"  # W&B project name
-    run_name: str | None = None  # W&B run name; default: W&B picks one
-    wandb_mode: str = "auto"  # auto (online with credentials, else offline) | online | offline
+    wandb: bool = True
+    """log every optimizer step to Weights & Biases"""
+    project: Text = "pretrain"
+    """W&B project name"""
+    run_name: str | None = None
+    """W&B run name; null: W&B picks one"""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """auto (online with W&B credentials, else offline into output_dir), online or offline"""
 
 
 @dataclass
 class EvalConfig:
-    every: Annotated[int, COUNT] = 0  # evaluate every this many optimizer steps (and after the last); 0: never
-    # how many sequences: the first ones of the eval data, the same every time
+    every: Annotated[int, COUNT] = 100
+    """eval loss and perplexity every this many optimizer steps and after the last; 0: never"""
     sequences: Annotated[int, AT_LEAST_1] = 64
-    path: Text | None = None  # eval data, in any form data.path takes; null: the held-out documents of data
-    # share of data's documents set aside for eval (chosen by a hash of the text)
+    """how many sequences: the first ones of the eval data, the same every time"""
+    path: Text | None = "data/shakespeare_eval"
+    """eval data (any form of data.path); null: data's held-out documents (holdout_fraction)"""
     holdout_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    """share of data's documents held out of training for eval (chosen by a hash of the text)"""
 
 
 @dataclass
 class CheckpointConfig:
-    # save the full training state every this many optimizer steps (and at the end); 0: end only
     every: Annotated[int, COUNT] = 200
-    keep: Annotated[int, AT_LEAST_1] = 2  # how many of the newest checkpoints to keep in <output_dir>/checkpoints/
+    """full training state every this many optimizer steps and at the end; 0: only at the end"""
+    keep: Annotated[int, AT_LEAST_1] = 2
+    """newest checkpoints kept in checkpoints/step_<N>/; older ones are deleted"""
 
 
 @dataclass
 class SampleConfig:
-    prompt: str = "ROMEO:"  # text the trained model continues at the end of the run
-    max_new_tokens: Annotated[int, COUNT] = 80  # length of that sample in tokens; 0 skips sampling
-    temperature: Annotated[float, POSITIVE] = 0.8  # sampling temperature (> 0)
-    top_k: Annotated[int, COUNT] = 50  # sample from the k most likely tokens; 0: from all
+    prompt: str = "ROMEO:"
+    """text the trained model continues at the end of the run"""
+    max_new_tokens: Annotated[int, COUNT] = 80
+    """length of that sample in tokens; 0 skips sampling"""
+    temperature: Annotated[float, POSITIVE] = 0.8
+    """sampling temperature"""
+    top_k: Annotated[int, COUNT] = 50
+    """sample among the k most likely tokens; 0: among all"""
 
 
 @dataclass
 class Config:
+    """The whole run; its defaults are the default run, configs/default.yaml."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -205,20 +271,21 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    output_dir: Text = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/, final/ and W&B files go here
-    # auto: continue from the newest complete checkpoint in output_dir (or start); none: start afresh
-    # (refused over existing checkpoints unless overwrite); or the path of one checkpoint to continue from
+    output_dir: Text = "runs/default"
+    """config.yaml, metrics.jsonl, checkpoints/, final/ and wandb/ are written here"""
     resume: Text = "auto"
-    overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
+    """auto: continue from the newest complete checkpoint in output_dir, or start; none: start afresh (refused
+    over checkpoints unless overwrite); or a checkpoint's path"""
+    overwrite: bool = False
+    """true: with resume: none, replace an earlier run in output_dir"""
 
 
-CHOICES = {
-    "train.mixed_precision": ("no", "bf16", "fp16", "fp8"),
-    "tracking.wandb_mode": ("auto", "online", "offline"),
-    "train.lr_scaling": ("none", "linear", "sqrt"),
-    "train.incomplete_last_step": ("drop", "step"),
-}
-SCHEDULES = ("train.gradient_accumulation_schedule", "train.gradient_accumulation_epoch_schedule")
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its doc} of dataclass `cls`: the string right below each field, on one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in itertools.pairwise(body)
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -230,7 +297,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     cfg = from_mapping(Config, raw, prefix="")
-    validate(cfg)
     cfg.output_dir = os.path.expanduser(cfg.output_dir)  # as data.path: a shell leaves ~ in --output_dir=~/runs
     if cfg.resume not in ("auto", "none"):
         cfg.resume = os.path.expanduser(cfg.resume)
@@ -252,12 +318,12 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset "
                           f"{err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config: {path} is not valid YAML ({_one_line(err)})") from None
+        raise ConfigError(f"--config: {path} is not valid YAML ({one_line(err)})") from None
     except (RecursionError, ValueError) as err:  # nested thousands deep; an integer of more than 4300 digits
-        raise ConfigError(f"--config: {path} cannot be read as a config ({_one_line(err)[:200]})") from None
+        raise ConfigError(f"--config: {path} cannot be read as a config ({one_line(err)[:200]})") from None
     if raw is None:
         raise ConfigError(f"--config: {path} holds no settings; give a mapping of sections such as "
-                          "`train: {max_steps: 100}`, or leave out --config for configs/default.yaml")
+                          "`train: {max_steps: 100}`, or `{}` (or no --config) for the defaults, configs/default.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections (model:, data:, train:, ...), "
                           f"not {type(raw).__name__} {str(raw)[:40]!r}")
@@ -303,7 +369,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
             try:
                 parsed = yaml.load(value, Loader=UniqueKeyLoader)
             except (yaml.YAMLError, RecursionError, ValueError) as err:
-                raise ConfigError(f"--{key}: {value[:80]!r} is not a valid YAML value ({_one_line(err)[:200]})"
+                raise ConfigError(f"--{key}: {value[:80]!r} is not a valid YAML value ({one_line(err)[:200]})"
                                   ) from None
             # YAML 1.1 reads no/yes/on/off as booleans; on the command line only true/false mean that. And an
             # empty value (--data.path=) is an empty text, not null: null is written out.
@@ -334,21 +400,6 @@ def flat_dict(cfg: Config | dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checks
 
 
-def validate(cfg: Config) -> None:
-    """Checks that span fields (each field's own range is checked as it is read, see `from_mapping`)."""
-    for dotted, allowed in CHOICES.items():
-        value = _get_dotted(cfg, dotted)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
-    for dotted in SCHEDULES:
-        _check_schedule(dotted, _get_dotted(cfg, dotted))
-    if cfg.data.mixture == []:
-        raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
-    if not math.isfinite(sum(source.weight for source in cfg.data.mixture or [])):
-        raise ConfigError("data.mixture: the weights add up to more than a float holds; give smaller weights "
-                          "(only their ratios matter)")
-
-
 def _check_schedule(dotted: str, schedule: dict | None) -> None:
     """A K schedule maps integer starting points (>= 0, increasing) to integer K >= 1."""
     if schedule is None:
@@ -367,17 +418,16 @@ def _check_schedule(dotted: str, schedule: dict | None) -> None:
 
 
 def from_mapping(cls: type, raw: Any, prefix: str) -> Any:
-    """Turn a mapping into dataclass `cls`, checking every key, value type and annotated range."""
+    """Turn a mapping into dataclass `cls`, checking every key, value type and annotated range (and, in the
+    dataclass's `__post_init__`, the checks beyond one value)."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls, include_extras=True)  # with the Annotated checks
     names = {f.name for f in dataclasses.fields(cls)}
-    if cls is ModelConfig:  # open section: everything but `type` is a transformers config option
+    if cls is ModelConfig:  # open section: all but `type` are options, and they replace the default model's
         options = {k: v for k, v in raw.items() if k != "type"}
-        raw = {k: v for k, v in raw.items() if k == "type"}
-        if options:
-            raw["options"] = options
+        raw = {**{k: v for k, v in raw.items() if k == "type"}, "options": options}
     kwargs = {}
     for key, value in raw.items():
         if not isinstance(key, str) or key not in names:
@@ -406,18 +456,21 @@ def _list_item_class(hint: Any) -> type | None:
 
 
 def _check_type(dotted: str, value: Any, hint: Any) -> Any:
-    """Return `value` if it fits `hint` (int, float, bool, str, dict, or X | None; ints pass as floats) and the
-    checks annotated on it (Range, NotEmpty)."""
+    """Return `value` if it fits `hint` (int, float, bool, str, dict, Literal choices, or X | None; ints pass as
+    floats) and the checks annotated on it (Range, NotEmpty)."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for annotated in allowed:
         kind, checks = annotated, ()
         if typing.get_origin(annotated) is Annotated:
             kind, *checks = typing.get_args(annotated)
         checked = _as_kind(value, kind)
-        if checked is not _NO_MATCH:
-            for check in checks if checked is not None else ():
-                check.check(dotted, checked)
-            return checked
+        if checked is _NO_MATCH:
+            continue
+        if typing.get_origin(kind) is Literal and checked not in typing.get_args(kind):
+            raise ConfigError(f"{dotted}: {checked!r} is not one of {', '.join(typing.get_args(kind))}")
+        for check in checks if checked is not None else ():
+            check.check(dotted, checked)
+        return checked
     names = " or ".join("null" if k is type(None) else getattr(_base(k), "__name__", str(k)) for k in allowed)
     hint = ' (YAML reads bare no/yes/on/off as booleans: quote it, e.g. "no")' if isinstance(value, bool) else ""
     raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}{hint}")
@@ -427,7 +480,9 @@ _NO_MATCH = object()
 
 
 def _as_kind(value: Any, kind: Any) -> Any:
-    """`value` as `kind` (an int passes as a float), or _NO_MATCH."""
+    """`value` as `kind` (an int passes as a float; a Literal's choice as the choices' type), or _NO_MATCH."""
+    if typing.get_origin(kind) is Literal:  # which choice is checked by the caller, to name the choices
+        return _as_kind(value, _base(kind))
     if kind is type(None) and value is None:
         return None
     if typing.get_origin(kind) is dict and isinstance(value, dict):
@@ -452,6 +507,9 @@ def _as_kind(value: Any, kind: Any) -> Any:
 
 
 def _base(kind: Any) -> Any:
+    """The plain type of an `Annotated[X, ...]` (X) or of a `Literal` of choices (their type)."""
+    if typing.get_origin(kind) is Literal:
+        return type(typing.get_args(kind)[0])
     return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
 
 
@@ -464,24 +522,3 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--{dotted}: {section!r} is not a section")
         node = child
     node[key] = value
-
-
-def _get_dotted(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def first_line(err: Exception) -> str:
-    """The first line of an error from a library, for a one-line message (a long one cut to its first sentence)."""
-    lines = str(err).strip().splitlines()
-    if not lines:
-        return type(err).__name__
-    if len(lines[0]) > 200:  # a paragraph of advice after the fact: keep its first sentence
-        return re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0][:300]
-    return lines[0]
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())

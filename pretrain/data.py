@@ -30,7 +30,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
-from pretrain.config import ConfigError, DataConfig, first_line
+from pretrain.config import DataConfig
+from pretrain.errors import ConfigError, first_line
 from pretrain.preemption import prepare_worker
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
@@ -386,9 +387,9 @@ class MicroBatchReader:
         self.position = dict(start or START)  # after the last micro-batch taken
         self._next = next(self._batches, None)
 
-    def next_epoch(self) -> int | None:
-        """Epoch of the next micro-batch, or None when the data has run out."""
-        return None if self._next is None else self._next.epoch
+    def next_epoch(self) -> int:
+        """Epoch of the next micro-batch, or -1 when the data has run out."""
+        return -1 if self._next is None else self._next.epoch
 
     def take(self, count: int) -> list[dict[str, torch.Tensor]]:
         """Up to `count` micro-batches; fewer only when the data runs out."""

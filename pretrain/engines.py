@@ -16,7 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, TorchDynamoPlugin
 
 from pretrain.accumulation import AccumulationPlan
-from pretrain.config import Config, ConfigError, first_line
+from pretrain.config import Config
+from pretrain.console import say
+from pretrain.errors import ConfigError, ReportedElsewhere, first_line
 from pretrain.tracking import wandb_mode
 
 GPU_ONLY_PRECISIONS = ("fp16", "fp8")
@@ -29,8 +31,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     """
     try:
         return _checked_accelerator(cfg)
-    except ConfigError as err:
-        raise ConfigError(str(err) if os.environ.get("RANK", "0") == "0" else "") from None
+    except ConfigError:
+        if os.environ.get("RANK", "0") != "0":
+            raise ReportedElsewhere() from None
+        raise
 
 
 def _checked_accelerator(cfg: Config) -> Accelerator:
@@ -71,8 +75,14 @@ def _checked_accelerator(cfg: Config) -> Accelerator:
 def fit_engine_to_config(accelerator: Accelerator, cfg: Config, plan: AccumulationPlan) -> None:
     """Make the engine's own settings follow the template's config, before `accelerator.prepare`.
 
-    DeepSpeed keeps its own K, micro-batch and clipping: each must be `auto` (filled in here) or equal.
+    The launcher's K must be the template's (or unset); DeepSpeed keeps its own K, micro-batch and clipping:
+    each must be `auto` (filled in here) or equal.
     """
+    launcher_k = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher_k not in (None, "", "1", "auto", str(plan.first_k)):  # "auto": a DeepSpeed config leaving K to us
+        raise ConfigError(f"train.gradient_accumulation_steps: the template's K is {plan.first_k} but the launcher "
+                          f"asks for {launcher_k} (accelerate launch --gradient_accumulation_steps, accelerate config "
+                          "or a DeepSpeed config); set K in the template's config only")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fit_deepspeed(accelerator, cfg, plan)
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -111,7 +121,7 @@ def _fit_deepspeed(accelerator: Accelerator, cfg: Config, plan: AccumulationPlan
             raise ConfigError(f"{field}: the template's value is {value} but {source} has {key}: {given}; "
                               f"write {key}: auto there, so that the template's config decides")
     if plan.schedule:  # DeepSpeed divides every loss by its own fixed K; the loop scales by that instead
-        accelerator.print(f"DeepSpeed: gradient_accumulation_steps {plan.first_k} in its config; the K schedule "
+        say(f"DeepSpeed: gradient_accumulation_steps {plan.first_k} in its config; the K schedule "
                           "still decides where each optimizer step ends")
 
 
@@ -173,6 +183,20 @@ def steps_inside_backward(accelerator: Accelerator) -> bool:
 def weights_are_sharded(accelerator: Accelerator) -> bool:
     """Every process must take part in each forward pass (FSDP, DeepSpeed ZeRO-3)."""
     return accelerator.distributed_type == DistributedType.FSDP or _zero3_plugin(accelerator) is not None
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO-3 has already partitioned it (zero3_init_flag)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Whether this process's part of the weights is finite (its shard under FSDP2 and ZeRO-3)."""
+    def local(p: torch.Tensor) -> torch.Tensor:
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 keeps an empty placeholder in p itself
+            return p.ds_tensor
+        return p.to_local() if hasattr(p, "to_local") else p  # FSDP2's DTensor
+    return all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
 
 
 def _zero3_plugin(accelerator: Accelerator):

@@ -12,8 +12,9 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from pretrain.accumulation import count_target_tokens, null_micro_batch, summed_token_loss
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
 from pretrain.data import micro_batch_stream
+from pretrain.errors import ConfigError
 from pretrain.token_shards import is_token_shards
 
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from pretrain.accumulation import IGNORE_INDEX, AccumulationPlan
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigError
 
 
 class EmbeddingLinearConfig(PretrainedConfig):

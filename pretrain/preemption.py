@@ -8,8 +8,9 @@ import signal
 import sys
 import time
 
-import torch
 from accelerate import Accelerator
+
+from pretrain.distributed import max_over_processes
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # One request often arrives twice within milliseconds: a scheduler signals the process group and every process,
@@ -45,9 +46,7 @@ class StopRequest:
 
     def agreed(self, accelerator: Accelerator) -> signal.Signals | None:
         """The signal if any process got one (all processes must stop at the same step), else None."""
-        number = self.signal.value if self.signal is not None else 0
-        if accelerator.num_processes > 1:
-            number = int(accelerator.reduce(torch.tensor([number], device=accelerator.device), "max"))
+        number = max_over_processes(accelerator, self.signal.value if self.signal is not None else 0)
         return signal.Signals(number) if number else None
 
     def restore(self) -> None:
@@ -56,6 +55,8 @@ class StopRequest:
 
 
 def _say(line: str) -> None:
+    """Print from a signal handler: plain print, since console.say would take tqdm's lock (held, maybe, by the
+    code the signal interrupted)."""
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError:  # stderr is a closed pipe (tee killed with the job): the checkpoint matters more

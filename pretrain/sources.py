@@ -18,7 +18,8 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from pretrain.config import ConfigError, DataConfig, SourceConfig, first_line
+from pretrain.config import DataConfig, SourceConfig
+from pretrain.errors import ConfigError, first_line
 
 # File suffix -> the `datasets` builder that reads it. Compressed copies (.gz, .zst, ...) work too.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -96,7 +97,10 @@ class Source:
         # Bytes for every source: Arrow refuses invalid UTF-8 in string columns (it is decoded with replacement
         # later), and sources of different kinds then share one type and can be interleaved.
         dataset = raw.select_columns([self.column])
-        if self.builder != "text":  # the text builder reads bytes already (see _load_raw)
+        if self.builder != "text" and dataset.features is None:  # a builder that learns its columns as it reads (csv)
+            dataset = dataset.map(lambda rows: {self.column: [_utf8(t) for t in rows[self.column]]}, batched=True,
+                                  features=datasets.Features({self.column: datasets.Value("binary")}))
+        elif self.builder != "text":  # the text builder reads bytes already (see _load_raw)
             dataset = dataset.cast_column(self.column, datasets.Value("binary"))
         return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
@@ -124,8 +128,8 @@ def epoch_texts(opened: list[Source], weights: list[float], seed: int, epoch: in
     probabilities = np.asarray(weights) / sum(weights)
     mixed: list[str | bytes] = []
     for index in iter(lambda: int(rng.choice(len(documents), p=probabilities)), None):
-        document = next(documents[index], None)
-        if document is None:
+        document = next(documents[index], _END)
+        if document is _END:  # (not None: a null text is a document, an empty one)
             break
         mixed.append(document)
         if len(mixed) == 256:
@@ -133,6 +137,9 @@ def epoch_texts(opened: list[Source], weights: list[float], seed: int, epoch: in
             mixed = []
     if mixed:
         yield mixed
+
+
+_END = object()
 
 
 def _arrow_texts(dataset: datasets.IterableDataset) -> Iterator[list[str | bytes]]:
@@ -143,6 +150,10 @@ def _arrow_texts(dataset: datasets.IterableDataset) -> Iterator[list[str | bytes
 def is_held_out(text: str, fraction: float) -> bool:
     """Whether a document belongs to the evaluation set: decided by a hash of its text, not its position."""
     return fraction > 0 and zlib.crc32(text.encode("utf-8", "surrogatepass")) < fraction * 2**32
+
+
+def _utf8(text: str | bytes | None) -> bytes | None:
+    return text.encode("utf-8") if isinstance(text, str) else text
 
 
 def decode(text: str | bytes) -> str:

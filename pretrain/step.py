@@ -9,9 +9,10 @@ import torch
 from accelerate import Accelerator
 
 from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch, summed_token_loss
-from pretrain.config import RunError
 from pretrain.data import MicroBatchReader
+from pretrain.distributed import sum_over_processes
 from pretrain.engines import loss_divisor, steps_inside_backward
+from pretrain.errors import RunError
 
 
 class StepResult(NamedTuple):
@@ -22,7 +23,7 @@ class StepResult(NamedTuple):
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
+                   micro_batches: list[dict[str, torch.Tensor]], *, global_tokens: int,
                    max_grad_norm: float) -> StepResult:
     """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
 
@@ -62,8 +63,8 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)
 
 
-def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerator, incomplete: str,
-                seq_len: int) -> tuple[list[dict[str, torch.Tensor]], int] | None:
+def gather_step(reader: MicroBatchReader, accelerator: Accelerator, k: int, *, micro_batch_size: int, seq_len: int,
+                incomplete: str) -> tuple[list[dict[str, torch.Tensor]], int] | None:
     """The K micro-batches of this step and their global target-token count; None when training must stop.
 
     When the data runs out mid-step, every process learns it from the same all-reduce: with
@@ -71,10 +72,9 @@ def gather_step(reader: MicroBatchReader, k: int, n: int, accelerator: Accelerat
     filled with empty ones (no target tokens), so the step is token-exact over what there is.
     """
     micro_batches = reader.take(k)
-    full = len(micro_batches) == k and all(len(mb["labels"]) == n for mb in micro_batches)
+    full = len(micro_batches) == k and all(len(mb["labels"]) == micro_batch_size for mb in micro_batches)
     tokens = int(count_target_tokens(micro_batches)) if micro_batches else 0
-    counts = torch.tensor([tokens, int(not full)], device=accelerator.device)  # one all-reduce for both
-    global_tokens, incomplete_processes = (int(x) for x in accelerator.reduce(counts, "sum"))
+    global_tokens, incomplete_processes = sum_over_processes(accelerator, [tokens, not full])
     if global_tokens == 0 or (incomplete_processes and incomplete == "drop"):
         return None
     micro_batches += [null_micro_batch(seq_len, accelerator.device) for _ in range(k - len(micro_batches))]

@@ -58,8 +58,8 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
-def throughput(step_tokens: int, seconds: float, num_processes: int, flops_per_token_: int,
-               peak: float | None, device: torch.device) -> dict[str, float]:
+def throughput(step_tokens: int, seconds: float, *, num_processes: int, flops_per_token_: int, peak: float | None,
+               device: torch.device) -> dict[str, float]:
     """The metrics of one optimizer step: tokens/s in all and per device, MFU when the peak is known, and
     this process's peak memory so far (GPU: allocated by torch; CPU: resident set of the process)."""
     per_device = step_tokens / seconds / num_processes

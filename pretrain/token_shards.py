@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 INDEX_FILE = "index.json"
 FORMAT = "pretrain-token-shards/1"

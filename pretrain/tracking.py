@@ -1,4 +1,4 @@
-"""Per-optimizer-step metrics: one row per step to `<output_dir>/metrics.jsonl` and to W&B through Accelerate.
+"""Per-optimizer-step metrics: the row of a step, to `<output_dir>/metrics.jsonl` and to W&B through Accelerate.
 
 W&B runs offline (files under `<output_dir>/wandb/`) when no credentials are configured, so it
 never prompts; if it fails to start or to log, training goes on with a single warning.
@@ -10,15 +10,38 @@ import contextlib
 import json
 import netrc
 import os
-import sys
 import uuid
 from typing import Any
 
 from accelerate import Accelerator
 
-from pretrain.config import Config, RunError, flat_dict
+from pretrain.config import Config, flat_dict
+from pretrain.console import say
+from pretrain.errors import RunError
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def step_row(step: int, *, loss: float, lr: float, grad_norm: float, tokens: int, speed: dict[str, float], k: int,
+             global_batch: int, epoch: int, skipped: bool) -> dict[str, Any]:
+    """The metrics row of one optimizer step: its token-weighted loss (the same on every process), the lr and the
+    gradient norm before clipping, target tokens so far, throughput (`speed`), and how the batch was made.
+    Add a metric here (and, for the printed line, in `describe_step`)."""
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **speed,
+            "gradient_accumulation_steps": k, "global_batch_size": global_batch, "epoch": epoch, "skipped": skipped}
+
+
+def describe_step(row: dict[str, Any], finite: bool) -> str:
+    """The line printed every train.log_every steps (and for a skipped step)."""
+    reason = "" if not row["skipped"] else " (skipped: gradient overflow)" if finite else " (skipped: not finite)"
+    mfu = f", MFU {row['mfu']:.1%}" if "mfu" in row else ""
+    return (f"step {row['step']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, grad norm {row['grad_norm']:.3f}, "
+            f"K {row['gradient_accumulation_steps']}, {row['tokens']:,} tokens, "
+            f"{row['tokens_per_sec_per_device']:,.0f} tokens/s per device{mfu}{reason}")
+
+
+def describe_eval(row: dict[str, Any]) -> str:
+    return f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_perplexity']:.2f}"
 
 
 def wandb_mode(cfg: Config) -> str | None:
@@ -118,7 +141,7 @@ class MetricsLogger:
 
     def _give_up_wandb(self, err: Exception) -> None:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
-        print(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", file=sys.stderr)
+        say(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", warning=True)
         self.use_wandb = False
         self.accelerator.trackers.clear()  # so that end_training() does not finish a run that never started
 

@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(_here))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pretrain.config import Config, ConfigError, load_config, parse_cli  # noqa: E402
+from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import START, TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 

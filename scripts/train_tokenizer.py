@@ -50,7 +50,7 @@ def train_byte_level_bpe(files: list[str] | None, vocab_size: int, texts=None) -
 def config_texts(argv: list[str]):
     """The documents a config's `data` section reads, decoded, in order (one epoch)."""
     from pretrain.config import load_config, parse_cli
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
     from pretrain.sources import Source, decode, epoch_texts, sources_of
 
     cfg = load_config(*parse_cli(argv))
@@ -88,7 +88,7 @@ def main() -> int:
             return 2
         tokenizer, what = train_byte_level_bpe(files, args.vocab_size), f"{len(files)} files"
     else:
-        from pretrain.config import ConfigError
+        from pretrain.errors import ConfigError
         try:
             tokenizer = train_byte_level_bpe(None, args.vocab_size, config_texts(["--config", args.config, *rest]))
         except ConfigError as err:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "pretrain.py"
+SLOW_SAVE = REPO / "tests" / "slow_save.py"  # scripts/pretrain.py with each save held open
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 # A llama small enough that a dozen optimizer steps take seconds on 2 CPU cores.
@@ -60,10 +61,10 @@ def run_accelerate_launch(args: list[str], num_processes: int = 1, timeout: int 
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_accelerate_launch(args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
-    """Start `accelerate launch scripts/pretrain.py ARGS` in its own process group (to signal it as a scheduler
-    would), with stdout and stderr going to LOG.out and LOG.err."""
-    cmd, env = accelerate_launch_command(args)
+def start_accelerate_launch(args: list[str], log: Path, script: Path = SCRIPT, **extra_env: str) -> subprocess.Popen:
+    """Start `accelerate launch SCRIPT ARGS` in its own process group (to signal it as a scheduler would), with
+    stdout and stderr going to LOG.out and LOG.err."""
+    cmd, env = accelerate_launch_command(args, script=script)
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
         return subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, start_new_session=True)

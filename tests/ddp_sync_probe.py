@@ -50,7 +50,7 @@ for sync_each_batch in (False, True):
                       "labels": torch.randint(0, 50, (2, 6), generator=generator)} for _ in range(K)]
     tokens = int(accelerator.reduce(count_target_tokens(micro_batches), "sum"))
     agreement.clear()
-    optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=1.0)
+    optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens, max_grad_norm=1.0)
     results[str(sync_each_batch).lower()] = list(agreement)
 if accelerator.is_main_process:
     print(json.dumps(results))

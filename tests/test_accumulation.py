@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from conftest import fresh_accelerate_state
 from pretrain.accumulation import (IGNORE_INDEX, backward_scale, count_target_tokens, lr_scale, null_micro_batch,
                                    plan_accumulation, summed_token_loss)
-from pretrain.config import ConfigError, ModelConfig, TrainConfig, load_config
+from pretrain.config import ModelConfig, TrainConfig, load_config
+from pretrain.errors import ConfigError
 from pretrain.models import build_model, build_model_config
 from pretrain.step import optimizer_step
 
@@ -51,7 +52,8 @@ def one_step(model_type: str, accumulation_steps: int, ragged: bool) -> tuple[fl
     micro_batches = [{k: v[i * n:(i + 1) * n] for k, v in sequences.items()} for i in range(accumulation_steps)]
     tokens = int(count_target_tokens(micro_batches))
     assert tokens == int((sequences["labels"] != IGNORE_INDEX).sum())
-    loss, grad_norm, skipped, _ = optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=0.0)
+    loss, grad_norm, skipped, _ = optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens,
+                                                 max_grad_norm=0.0)
     assert not skipped
     return loss, grad_norm, [after.detach() - b for after, b in zip(model.parameters(), before)]
 
@@ -124,7 +126,8 @@ def test_optimizer_step_syncs_only_at_the_kth_micro_batch_when_k_changes():
     sequences = make_sequences(ragged=False)
     for k in (3, 2, 4, 1):  # raises if any micro-batch but the last one syncs
         micro_batches = [{key: v[i:i + 1] for key, v in sequences.items()} for i in range(k)]
-        optimizer_step(accelerator, model, optimizer, micro_batches, int(count_target_tokens(micro_batches)), 0.0)
+        optimizer_step(accelerator, model, optimizer, micro_batches,
+                       global_tokens=int(count_target_tokens(micro_batches)), max_grad_norm=0.0)
         assert accelerator.gradient_accumulation_steps == k
 
 
@@ -140,7 +143,7 @@ def test_empty_micro_batches_add_nothing():
         model, optimizer = accelerator.prepare(model, optimizer)
         micro_batches = [dict(sequences)] + [null_micro_batch(SEQ_LEN, accelerator.device) for _ in range(padding)]
         loss, norm, _, _ = optimizer_step(accelerator, model, optimizer, micro_batches,
-                                       int(count_target_tokens(micro_batches)), 0.0)
+                                       global_tokens=int(count_target_tokens(micro_batches)), max_grad_norm=0.0)
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)

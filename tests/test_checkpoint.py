@@ -14,10 +14,11 @@ from accelerate import Accelerator
 from conftest import fresh_accelerate_state
 from pretrain.checkpoint import (STATE_FILE, TrainerState, checkpoint_dirs, load_checkpoint, resume_path,
                                  save_checkpoint, settings_of)
-from pretrain.config import ConfigError, RunError, load_config
-from pretrain.tracking import keep_rows_up_to
+from pretrain.config import load_config
+from pretrain.errors import ConfigError, RunError
 from pretrain.step import optimizer_step
-from pretrain.train import check_free_space
+from pretrain.tracking import keep_rows_up_to
+from pretrain.setup import check_free_space
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
-"""Config loading: shipped files load, overrides parse as YAML, unknown keys and wrong types name the key."""
+"""Config loading: shipped files load, overrides parse as YAML, unknown keys and wrong types name the key; the
+dataclass defaults are the default run, and the shipped YAMLs' key comments are the fields' docs."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,23 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from pretrain.accumulation import plan_accumulation
-from pretrain.config import Config, ConfigError, load_config, parse_cli, to_yaml
+from pretrain.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    SourceConfig,
+    TrainConfig,
+    field_docs,
+    load_config,
+    parse_cli,
+    to_yaml,
+)
+from pretrain.errors import ConfigError
 from pretrain.models import build_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # not configs/accelerate/: those are Accelerate's
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -33,7 +48,7 @@ def test_every_accelerate_config_loads_and_leaves_precision_compile_and_k_to_the
         assert config.num_machines > 1 and config.main_process_ip
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_a_model_config(path):
     cfg = load_config(str(path))
     model_config = build_model_config(cfg.model, vocab_size=4096, special_tokens=SPECIAL)
@@ -56,11 +71,96 @@ def test_the_shipped_configs_are_the_ones_the_docs_name():
     assert {"default.yaml", "embedding_linear.yaml", "llama-125m.yaml", "gpt2-124m.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_key_of_a_shipped_config_has_a_comment(path):
     for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"no comment on: {line}"
+
+
+def config_classes(cls=Config):
+    """Config and every dataclass under it: the sections and the mixture's sources."""
+    yield cls
+    for hint in typing.get_type_hints(cls).values():
+        for kind in [hint, *(a for k in typing.get_args(hint) for a in typing.get_args(k))]:
+            if dataclasses.is_dataclass(kind):
+                yield from config_classes(kind)
+
+
+def test_every_field_has_a_doc():
+    for cls in config_classes():
+        sections = {name for name, hint in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(hint)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in field_docs(cls) and f.name not in sections]
+        assert not missing, f"{cls.__name__}: no doc string below {missing}"
+
+
+def documented_keys(node: yaml.Node, cls=Config, prefix=""):
+    """(dotted key, key node, value node, its field's doc or None) for each key of a composed config that a
+    field documents: sections are headers, and model's keys but `type` are transformers options."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for key_node, value_node in node.value:
+        key, hint = key_node.value, hints.get(key_node.value)
+        if dataclasses.is_dataclass(hint):
+            yield from documented_keys(value_node, hint, f"{prefix}{key}.")
+            continue
+        if cls is not ModelConfig or key == "type":
+            yield f"{prefix}{key}", key_node, value_node, docs.get(key)
+        item_cls = next((a for k in typing.get_args(hint) for a in typing.get_args(k) if dataclasses.is_dataclass(a)),
+                        None)
+        for i, item in enumerate(value_node.value if item_cls and isinstance(value_node, yaml.SequenceNode) else []):
+            if isinstance(item, yaml.MappingNode) and not item.flow_style:  # block keys have lines of their own
+                yield from documented_keys(item, item_cls, f"{prefix}{key}[{i}].")
+
+
+def key_comment(lines: list[str], key_node: yaml.Node, value_node: yaml.Node) -> str:
+    """The `#` comment after a key's value on its line, joined with the comment-only lines right below whose `#`
+    is in the same column, on one line."""
+    row = key_node.start_mark.line
+    after = value_node.end_mark.column if value_node.end_mark.line == row else key_node.end_mark.column
+    column = lines[row].find("#", after)
+    if column < 0:
+        return ""
+    text = [lines[row][column + 1:]]
+    for line in lines[row + 1:]:
+        if not line.lstrip().startswith("#") or len(line) - len(line.lstrip()) != column:
+            break
+        text.append(line[column + 1:])
+    return " ".join(" ".join(text).split())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_key_comment_of_a_shipped_config_is_its_field_doc(path):
+    """The comment documenting a key is the `#` comment at the end of its line, continued by the comment-only
+    lines right below it whose `#` is in the same column as that one. It must equal the doc string below the
+    key's field in pretrain/config.py (line breaks and runs of spaces aside). Other comment lines (the header, a
+    note above a key, indented elsewhere) are free. Section lines (`train:`) and the transformers options of
+    `model:` (every key but model.type) have no field doc."""
+    text = path.read_text()
+    lines, drifted = text.splitlines(), []
+    for dotted, key_node, value_node, doc in documented_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+        comment = key_comment(lines, key_node, value_node)
+        if doc is None or comment != doc:
+            drifted.append(f"line {key_node.start_mark.line + 1}, {dotted}:\n  comment: {comment}\n  doc:     {doc}")
+    assert not drifted, f"{path.name}: key comments that are not the field's doc:\n" + "\n".join(drifted)
+
+
+def test_the_key_comment_rule_reads_continuations_and_leaves_notes_free():
+    text = ("train:\n  # a note about lr, free\n  lr: 0.1     # peak learning\n              #   rate\n"
+            "  # another note\n  seed: 1  # s\n")
+    lines = text.splitlines()
+    found = {d: key_comment(lines, k, v) for d, k, v, _ in documented_keys(yaml.compose(text, Loader=yaml.SafeLoader))}
+    assert found == {"train.lr": "peak learning rate", "train.seed": "s"}
+
+
+def test_an_empty_mapping_asks_for_the_default_run(tmp_path):
+    # The dataclass defaults are the values of configs/default.yaml, so the three agree.
+    default = load_config(str(REPO / "configs" / "default.yaml"))
+    assert load_config(write(tmp_path, "{}\n")) == default == load_config() == Config()
+
+
+def test_a_file_without_settings_is_refused_and_names_the_empty_mapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds no settings; .*`\{\}` \(or no --config\) for the defaults"):
+        load_config(write(tmp_path, "# only a comment\n"))
 
 
 def test_contract_keys_exist_with_their_names():
@@ -124,6 +224,30 @@ def test_nonpositive_lr_is_an_error():
 def test_choice_fields_list_the_choices():
     with pytest.raises(ConfigError, match=r"train\.mixed_precision: 'fp4' is not one of no, bf16, fp16, fp8"):
         load_config(None, {"train.mixed_precision": "fp4"})
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("tracking.wandb_mode", "cloud", r"tracking\.wandb_mode: 'cloud' is not one of auto, online, offline$"),
+    ("train.lr_scaling", "cubic", r"train\.lr_scaling: 'cubic' is not one of none, linear, sqrt$"),
+    ("train.incomplete_last_step", "pad", r"train\.incomplete_last_step: 'pad' is not one of drop, step$"),
+    ("train.mixed_precision", False, r"train\.mixed_precision: expected str, got bool False \(YAML reads bare no"),
+])
+def test_every_choice_field_refuses_other_values(dotted, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {dotted: value})
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TrainConfig(gradient_accumulation_schedule={10: 2, 0: 4}),
+     r"^train\.gradient_accumulation_schedule: keys \[10, 0\] must be in increasing order"),
+    (lambda: TrainConfig(gradient_accumulation_epoch_schedule={}),
+     r"^train\.gradient_accumulation_epoch_schedule: empty"),
+    (lambda: DataConfig(mixture=[]), r"^data\.mixture: empty"),
+    (lambda: DataConfig(mixture=[SourceConfig("a", 1e308), SourceConfig("b", 1e308)]), r"^data\.mixture: the weights"),
+])
+def test_checks_beyond_one_value_run_however_a_section_is_built(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
 
 
 def test_float_written_without_a_dot_is_read_as_float(tmp_path):

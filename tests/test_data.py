@@ -16,9 +16,10 @@ import torch
 import zstandard
 
 from conftest import run_script
-from pretrain.config import ConfigError, DataConfig, SourceConfig, load_config
+from pretrain.config import DataConfig, SourceConfig, load_config
 from pretrain.data import (START, DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack,
                            split_documents, text_sequences)
+from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
 

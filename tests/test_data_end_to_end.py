@@ -9,9 +9,11 @@ import math
 import pytest
 
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_in_process
-from pretrain.config import ConfigError, DataConfig
+from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.errors import ConfigError
 from wandb_history import history_rows
+
 
 def test_prepared_shards_train_with_workers_and_report_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import REPO, clean_env, fresh_accelerate_state
 from pretrain.config import load_config
 from pretrain.engines import build_accelerator

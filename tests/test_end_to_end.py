@@ -27,7 +27,7 @@ def test_accelerate_launch_trains_logs_every_step_and_saves(family, tmp_path):
             "--train.warmup_steps=2"]
     result = run_accelerate_launch(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"global batch: 1 processes x K={K} micro-batches x N={N} sequences" in result.stdout
+    assert f"global batch: 1 process x K={K} micro-batches x N={N} sequences" in result.stdout
 
     # metrics.jsonl: exactly one row per optimizer step, with the contract fields
     rows = read_metrics(out)

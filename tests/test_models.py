@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
+from pretrain.errors import ConfigError
 from pretrain.models import EmbeddingLinearForCausalLM, build_model, build_model_config
 
 FAMILIES = {

@@ -60,7 +60,7 @@ def test_sbatch_script_on_two_simulated_nodes_matches_one_process(tmp_path):
     out = tmp_path / "two_nodes"
     result, logs, scontrol = sbatch(tmp_path, [f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr + logs[0][-2000:] + logs[1][-2000:]
-    assert "pretrain: 2 nodes x 1 processes, main node 127.0.0.1" in result.stdout
+    assert "pretrain: nodes: 2, processes per node: 1, main node 127.0.0.1" in result.stdout
     # Machine 0 hosts the process group and prints; both trained: 2 processes, K = 8 / (2 x 2) = 2.
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in logs[0]
     assert "step 4: loss" in logs[0] and "step 4: loss" not in logs[1]

@@ -72,7 +72,7 @@ def test_clipping_logs_the_norm_before_clipping_and_scales_the_update_by_max_nor
     assert g_norm > 4 * max_norm  # clipping really acts (by a factor of 4 or more)
 
     before = [p.detach().clone() for p in params]
-    result = optimizer_step(accelerator, model, optimizer, micro_batches, tokens, max_grad_norm=max_norm)
+    result = optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens, max_grad_norm=max_norm)
     assert not result.skipped
     assert result.loss == pytest.approx(float(full_loss.detach()), rel=1e-12)
     assert result.grad_norm == pytest.approx(g_norm, rel=1e-12)  # before clipping, not max_norm

@@ -83,7 +83,8 @@ def test_throughput_divides_by_the_devices_and_mfu_by_the_peak(monkeypatch):
     assert row["tokens_per_sec_per_device"] == pytest.approx(1000)
     assert row["mfu"] == pytest.approx(1000 * 5e8 / 1e12)  # 0.5
     assert row["peak_memory_mib"] == pytest.approx(3 * 1024)
-    assert "mfu" not in throughput(6000, 1.5, 4, 5e8, None, torch.device("cpu"))  # no peak known, no MFU
+    assert "mfu" not in throughput(6000, 1.5, num_processes=4, flops_per_token_=5e8, peak=None,
+                                  device=torch.device("cpu"))  # no peak known, no MFU
 
 
 def test_flops_per_token_counts_every_matmul_weight_and_attention():

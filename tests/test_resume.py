@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import (QUIET, REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_accelerate_launch,
-                      run_in_process, start_accelerate_launch)
+from conftest import (QUIET, REPO, SLOW_SAVE, TINY_LLAMA, accelerate_launch_command, read_metrics,
+                      run_accelerate_launch, run_in_process, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
 
 STEPS = 8
@@ -109,8 +109,8 @@ def test_kill_9_at_several_points_then_resume_gives_the_same_run(tmp_path, refer
     wait_for(lambda: rows_logged(out) >= 1)
     kill_group(run, signal.SIGKILL)
     run.wait()
-    # 2. in the middle of writing the checkpoint of step 4 (the test hook holds the save open)
-    run = start_accelerate_launch(args, tmp_path / "second", PRETRAIN_TEST_SAVE_DELAY="1.5")
+    # 2. in the middle of writing the checkpoint of step 4 (tests/slow_save.py holds the save open)
+    run = start_accelerate_launch(args, tmp_path / "second", script=SLOW_SAVE, SLOW_SAVE_SECONDS="1.5")
     wait_for(lambda: (out / "checkpoints" / ".step_4.tmp" / "model.safetensors").exists())
     kill_group(run, signal.SIGKILL)
     run.wait()
@@ -164,11 +164,11 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference
 
 def test_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"])
+    cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"], script=SLOW_SAVE)
     # Without the launcher in between, so the exit status is the training process's own.
     with open(tmp_path / "run.err", "w") as err:
         run = subprocess.Popen([sys.executable, *cmd[cmd.index("--dynamo_backend") + 2:]], cwd=REPO, stderr=err,
-                               stdout=subprocess.DEVNULL, env={**env, "PRETRAIN_TEST_SAVE_DELAY": "30"})
+                               stdout=subprocess.DEVNULL, env={**env, "SLOW_SAVE_SECONDS": "30"})
     wait_for(lambda: rows_logged(out) >= 1)
     run.send_signal(signal.SIGTERM)  # finish the step, then save: the save is held open for 30 s ...
     wait_for(lambda: (out / "checkpoints" / ".step_1.tmp").exists() or (out / "checkpoints" / ".step_2.tmp").exists())

@@ -13,7 +13,8 @@ from pretrain.config import load_config
 from pretrain.data import load_tokenizer
 from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
-from pretrain.train import check_and_open, train
+from pretrain.setup import check_inputs
+from pretrain.train import train
 
 
 def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path, monkeypatch, repo):
@@ -40,7 +41,7 @@ def test_documents_held_out_for_eval_are_not_trained_on(tmp_path):
     cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.path": str(corpus), "data.repeat": False,
                              "data.seq_len": 16, "data.shuffle": False, "eval.path": None, "eval.every": 10, "eval.holdout_fraction": 0.2,
                              "tracking.wandb": False})
-    setup = check_and_open(cfg, Accelerator(cpu=True))
+    setup = check_inputs(cfg, Accelerator(cpu=True))
     # Unshuffled, the windows joined are the token stream: no word is made up across window boundaries.
     trained_text = "".join(setup.tokenizer.decode(mb.batch["input_ids"].flatten().tolist()) for mb in setup.batches)
     eval_text = "".join(setup.tokenizer.decode(b["input_ids"].flatten().tolist()) for b in setup.eval_batches)

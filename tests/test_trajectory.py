@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
-from transformers import AutoModelForCausalLM
 
 SEQ_LEN = 32
 COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "--tracking.wandb=false",
@@ -54,7 +54,7 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
                          processes=2)
     b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1"], processes=2)
     assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
-    assert "global batch: 1 processes x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
+    assert "global batch: 1 process x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
     assert f"resuming from {a}/checkpoints/step_3" in resumed.stdout
     assert [r["gradient_accumulation_steps"] for r in read_metrics(a)] == [4, 4, 4, 2, 2]
@@ -81,7 +81,7 @@ def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, rep
 def test_step_schedule_switches_k_after_the_given_optimizer_steps(tmp_path):
     out, result = trained(tmp_path, "sched", ["--train.max_steps=5", "--train.micro_batch_size=2",
                                               "--train.gradient_accumulation_schedule={0: 3, 2: 2, 4: 1}"])
-    assert "global batch: 1 processes x K=3 micro-batches x N=2 sequences = 6 sequences" in result.stdout
+    assert "global batch: 1 process x K=3 micro-batches x N=2 sequences = 6 sequences" in result.stdout
     rows = read_metrics(out)
     assert [r["gradient_accumulation_steps"] for r in rows] == [3, 3, 2, 2, 1]
     deltas = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]

@@ -1,0 +1,97 @@
+"""The output dir: what a run may overwrite there, what it cleans up before starting, and writing files whole."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+
+import yaml
+
+from pretrain.checkpoint import CHECKPOINTS_DIR
+from pretrain.config import Config, to_yaml
+from pretrain.errors import ConfigError
+from pretrain.tracking import METRICS_FILE
+
+FINAL_DIR = "final"
+FINAL_TMP = ".final.tmp"  # final/ is written here first: a kill mid-save leaves no half-written final/
+CONFIG_FILE = "config.yaml"
+
+
+def check_output_dir(cfg: Config, resuming: bool) -> None:
+    """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
+    cannot be written."""
+    previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
+                if os.path.exists(os.path.join(cfg.output_dir, name))
+                and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]
+    out = os.path.realpath(cfg.output_dir)
+    for field, path in (("data.path", cfg.data.path), ("eval.path", cfg.eval.path)):
+        data = os.path.realpath(os.path.expanduser(path)) if path and os.path.isdir(os.path.expanduser(path)) else None
+        if data is not None and (out == data or out.startswith(data + os.sep)):
+            raise ConfigError(f"output_dir: {cfg.output_dir!r} is inside {field} {path!r}; a run's files there would "
+                              "be read as data next time: choose an output_dir outside it")
+    saved = _saved_config(cfg)
+    if previous == [METRICS_FILE] and saved == to_yaml(cfg):
+        previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing
+    if previous and not cfg.overwrite and not resuming:
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} already holds a run ({', '.join(previous)}); "
+                          "choose another output_dir or pass --overwrite=true")
+    if saved is not None and not _written_by_a_run(saved):
+        raise ConfigError(f"output_dir: {os.path.join(cfg.output_dir, CONFIG_FILE)!r} was not written by a run (it "
+                          "has comments or its own layout), and a run writes its resolved config there; keep your "
+                          "config outside output_dir, or choose another output_dir")
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
+
+
+def _saved_config(cfg: Config) -> str | None:
+    try:
+        with open(os.path.join(cfg.output_dir, CONFIG_FILE), encoding="utf-8") as f:
+            return f.read(1 << 20)  # at most 1 MiB: a link to /dev/zero must not be read forever
+    except (OSError, ValueError):  # ValueError: not UTF-8, so not one a run wrote
+        return "" if os.path.exists(os.path.join(cfg.output_dir, CONFIG_FILE)) else None
+
+
+def _written_by_a_run(text: str) -> bool:
+    """Whether config.yaml is exactly as a run writes it (yaml.safe_dump of a mapping): a hand-written file has
+    comments, blank lines or its own order and quoting, and is the user's to keep."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and yaml.safe_dump(data, sort_keys=False) == text
+
+
+def prepare_output_dir(cfg: Config, fresh: bool) -> None:
+    """Remove what a killed save left behind (and with overwrite, an earlier run's checkpoints), then write the
+    resolved config. Main process only, once every check has passed."""
+    if fresh and cfg.overwrite:
+        shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)
+    for unfinished in glob.glob(os.path.join(glob.escape(cfg.output_dir), CHECKPOINTS_DIR, ".step_*.tmp")) + \
+            [os.path.join(cfg.output_dir, FINAL_TMP)]:
+        shutil.rmtree(unfinished, ignore_errors=True)
+    try:
+        write_atomically(os.path.join(cfg.output_dir, CONFIG_FILE), to_yaml(cfg))
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write {CONFIG_FILE} in {cfg.output_dir!r} ({err.strerror})") from None
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write `path` whole or not at all: into a temporary file first, then renamed over it."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

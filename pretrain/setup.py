@@ -1,0 +1,193 @@
+"""Setup of a run: every check of the user's input on every process, then the model, optimizer, data and resume.
+
+Nothing heavy is built and nothing in output_dir is touched until every check has passed on every
+process; a run that fails here leaves no lock file, no empty dir and no changed file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from pretrain.accumulation import AccumulationPlan, plan_accumulation
+from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
+                                 load_trainer_state, newest_loadable, resume_path, set_aside_newer, settings_of,
+                                 use_older)
+from pretrain.config import Config, to_dict, to_yaml
+from pretrain.console import say
+from pretrain.data import DataStats, MicroBatch, load_tokenizer, micro_batch_stream
+from pretrain.distributed import agree, from_main_process
+from pretrain.engines import (describe_engine, enable_activation_checkpointing, fit_engine_to_config,
+                              parameter_count, whole_model_init, without_zero3_init)
+from pretrain.errors import ConfigError
+from pretrain.evaluation import eval_micro_batches
+from pretrain.models import (build_model, build_model_config, check_activation_checkpointing, check_memory_fits,
+                             check_model_builds, max_positions)
+from pretrain.optim import build_optimizer
+from pretrain.output_dir import check_output_dir, prepare_output_dir
+from pretrain.throughput import flops_per_token, peak_flops
+from pretrain.tracking import new_run_id
+
+
+@dataclass
+class Inputs:
+    """What the checks of the user's input produced: K's plan, the tokenizer and model config, where to start."""
+    plan: AccumulationPlan
+    tokenizer: PreTrainedTokenizerBase
+    model_config: PretrainedConfig
+    state: TrainerState  # fresh, or read from the checkpoint at resume_from
+    resume_from: str | None
+    batches: Iterator[MicroBatch]  # this process's training micro-batches, from state.data_position on
+    eval_batches: list[dict[str, torch.Tensor]] | None
+    stats: DataStats  # documents read so far (the stream fills it in)
+    lock: OutputDirLock | None  # held by the main process
+
+    def abandon(self) -> None:
+        """Release the output dir of a run that never started: no lock file (nor the dir it made) is left."""
+        if self.lock is not None:
+            self.lock.abandon()
+
+
+@dataclass
+class Built:
+    """The prepared model and optimizer, and what throughput needs: FLOPs per token and the device's peak."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    flops_per_token: int
+    peak_flops: float | None
+
+
+def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
+    """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
+    plan = plan_accumulation(cfg.train, accelerator.num_processes)
+    fit_engine_to_config(accelerator, cfg, plan)  # the launcher's K; DeepSpeed's own K, batch and clipping
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    # The ids may have gaps (a vocabulary renumbered by hand): the embedding needs a row for the largest one.
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    model_config = build_model_config(cfg.model, vocab_size, special)
+    with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
+        parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
+    check_memory_fits(parameters, model_config, plan, cfg.data.seq_len, accelerator.device)
+    if cfg.train.activation_checkpointing:
+        check_activation_checkpointing(cfg.model, model_config)
+    limit = max_positions(model_config)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
+                          f"(model.max_position_embeddings); use at most {limit}")
+    # The main process locks an existing output_dir before deciding where to start from, so that a run still
+    # finishing there cannot add a checkpoint meanwhile. (A new output_dir is made and locked at the end.)
+    existed = os.path.isdir(cfg.output_dir)
+    lock = OutputDirLock(cfg.output_dir) if accelerator.is_main_process and existed else None
+    try:
+        resume_from = resume_path(cfg)
+        state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
+        state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
+        state.config = to_dict(cfg)  # what the checkpoints of this run will record
+        # The data is opened (and checked) now; with workers, they start reading while the model is built.
+        stats = DataStats()
+        holdout = cfg.eval.holdout_fraction
+        batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
+                                     plan.num_processes, start=state.data_position, stats=stats,
+                                     held_out=False if holdout else None, holdout_fraction=holdout)  # not on eval
+        eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
+        # Resuming continues the run in output_dir only from one of its own checkpoints; one of another run's
+        # would replace what is there.
+        own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(
+            os.path.join(cfg.output_dir, CHECKPOINTS_DIR))
+        check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
+        if accelerator.is_main_process and lock is None:
+            lock = OutputDirLock(cfg.output_dir, made_dir=not existed)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()
+        raise
+    return Inputs(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock)
+
+
+def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
+    """Build and prepare the model and optimizer, load the checkpoint to resume, and only once all of that has
+    worked touch the output dir (the resolved config.yaml, checkpoints set aside or replaced)."""
+    accelerator.gradient_accumulation_steps = inputs.plan.first_k  # set again at every step (K may follow a schedule)
+    main_resumes_from = from_main_process(accelerator, inputs.resume_from)  # every process must continue from it
+    agree(accelerator, lambda: check_same_checkpoint(inputs.resume_from, main_resumes_from))
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.train.cpu_threads)
+    say(to_yaml(cfg))
+    say(describe_global_batch(inputs.plan, cfg.data.seq_len))
+
+    set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
+    with whole_model_init(accelerator):
+        model = build_model(inputs.model_config)
+    enable_activation_checkpointing(accelerator, model, cfg)
+    flops = flops_per_token(model, inputs.model_config, cfg.data.seq_len)
+    parameters = parameter_count(model)  # before sharding
+    optimizer = build_optimizer(model, cfg.train, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    say(f"model: {cfg.model.type}, {parameters / 1e6:.2f}M parameters, {flops / 1e6:,.1f} MFLOPs per token; "
+        f"{describe_engine(accelerator, optimizer, cfg)}")
+    agree(accelerator, lambda: check_free_space(cfg, parameters))
+    if inputs.resume_from is not None:
+        agree(accelerator, lambda: resume(accelerator, cfg, inputs.resume_from, inputs.state))
+    agree(accelerator, lambda: prepare_output_dir(cfg, fresh=inputs.resume_from is None)
+          if accelerator.is_main_process else None)
+    return Built(model, optimizer, flops, peak_flops(accelerator.device, cfg.train.peak_flops_per_device))
+
+
+def resume(accelerator: Accelerator, cfg: Config, path: str, state: TrainerState) -> None:
+    """Load checkpoint `path` into the prepared objects; only then set aside the newer checkpoints it replaces."""
+    try:
+        load_checkpoint(accelerator, path)  # model, optimizer, scaler and RNG states
+    except ConfigError as err:
+        older = checkpoint_dirs(cfg.output_dir)
+        if cfg.resume != "auto" or path not in older:
+            raise
+        intact = newest_loadable(accelerator, older[:older.index(path)])
+        raise ConfigError(f"{err}; {use_older(intact)}") from None
+    if accelerator.is_main_process:
+        newer = set_aside_newer(cfg.output_dir, state.step)
+        if newer:
+            say(f"resuming from step {state.step}: moved the newer checkpoints "
+                f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
+    say(f"resuming from {path}: {state.step} optimizer steps done, {state.tokens:,} tokens")
+
+
+def check_same_checkpoint(mine: str | None, main: str | None) -> None:
+    if mine != main:
+        raise ConfigError(f"resume: this process would start from {mine!r} but the main process from {main!r}; "
+                          "is output_dir on a filesystem that every process sees the same way?")
+
+
+def check_free_space(cfg: Config, parameters: int) -> None:
+    """A checkpoint holds the weights and two AdamW moments in float32: refuse to start without room for one."""
+    needed = 3 * 4 * parameters
+    free = shutil.disk_usage(cfg.output_dir).free
+    if free < 2 * needed:
+        raise ConfigError(f"output_dir: {free / 2**20:,.0f} MiB free in {cfg.output_dir!r}, but a checkpoint takes "
+                          f"about {needed / 2**20:,.0f} MiB; free some space or choose another output_dir")
+
+
+def describe_global_batch(plan: AccumulationPlan, seq_len: int) -> str:
+    k, processes = plan.first_k, "process" if plan.num_processes == 1 else "processes"
+    line = (f"global batch: {plan.num_processes} {processes} x K={k} micro-batches x N={plan.micro_batch_size} "
+            f"sequences = {plan.global_batch(k)} sequences = {plan.global_batch(k) * seq_len} tokens per optimizer "
+            "step")
+    if plan.schedule:
+        unit = "optimizer steps" if plan.keyed_by == "step" else "epoch"
+        line += f"; K schedule by {unit}: " + ", ".join(f"from {start}: K={kk}" for start, kk in plan.schedule)
+    return line
+
+
+def set_cpu_threads(requested: int | None) -> None:
+    """Use the cores: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, leaving CPUs idle."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(requested or max(1, cores // local_processes))
