@@ -22,11 +22,12 @@ from typing import Annotated, Any
 
 from accelerate import Accelerator
 
-from pretrain.config import AT_LEAST_1, COUNT, Config, flat_dict, from_mapping, to_dict
+from pretrain.config import Config, flat_dict, to_dict
 from pretrain.console import say
 from pretrain.data import START, check_position
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
+from pretrain.fields import AT_LEAST_1, COUNT, from_mapping
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

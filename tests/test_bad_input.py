@@ -30,9 +30,10 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
-from pretrain.config import Config, Range, SourceConfig, load_config
+from pretrain.config import Config, SourceConfig, load_config
 from pretrain.data import START
 from pretrain.errors import RunError
+from pretrain.fields import Range
 from pretrain.sources import local_files
 from pretrain.tracking import MetricsLogger
 

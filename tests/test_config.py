@@ -13,18 +13,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from pretrain.accumulation import plan_accumulation
-from pretrain.config import (
-    Config,
-    DataConfig,
-    ModelConfig,
-    SourceConfig,
-    TrainConfig,
-    field_docs,
-    load_config,
-    parse_cli,
-    to_yaml,
-)
+from pretrain.config import Config, DataConfig, ModelConfig, SourceConfig, TrainConfig, load_config, parse_cli, to_yaml
 from pretrain.errors import ConfigError
+from pretrain.fields import field_docs
 from pretrain.models import build_model_config
 
 REPO = Path(__file__).resolve().parent.parent
