@@ -58,7 +58,7 @@ def report(label: str, tokens_per_second: float, note: str = "") -> None:
 def pipeline_rate(cfg: DataConfig, tokenizer, micro_batch_size: int, max_tokens: int | None = None) -> float:
     """Tokens per second delivered as collated micro-batches (worker start-up included)."""
     started, tokens = time.perf_counter(), 0
-    for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size, 0, 1):
+    for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=micro_batch_size, rank=0, world_size=1):
         tokens += mb.batch["input_ids"].numel()
         if max_tokens is not None and tokens >= max_tokens:
             break

@@ -85,6 +85,10 @@ def plan_accumulation(cfg: TrainConfig, num_processes: int) -> AccumulationPlan:
     if cfg.lr_scaling != "none" and cfg.lr_base_batch_size is None:
         raise ConfigError(f"train.lr_base_batch_size: lr_scaling {cfg.lr_scaling} needs the global batch "
                           "(in sequences) at which train.lr applies")
+    if cfg.noise_scale and {k, *(schedule or {}).values()} == {1}:
+        raise ConfigError("train.noise_scale: needs K >= 2 (each step's first micro-batch is the small batch it "
+                          "compares with the whole step), but K is 1; raise train.gradient_accumulation_steps or set "
+                          "train.noise_scale: false")
     return AccumulationPlan(n, num_processes, k, tuple(sorted((schedule or {}).items())),
                             "epoch" if epoch_schedule else "step")
 
@@ -115,8 +119,9 @@ def null_micro_batch(seq_len: int, device: torch.device) -> dict[str, torch.Tens
             "labels": torch.full((1, seq_len), IGNORE_INDEX, dtype=torch.long, device=device)}
 
 
-def backward_scale(global_target_tokens: int, accumulation_steps: int, num_processes: int) -> float:
-    """Factor on a micro-batch's summed loss so that, after Accelerate's 1/K and DDP's 1/P, gradients are of L."""
+def backward_scale(global_target_tokens: int, loss_divisor: int, num_processes: int) -> float:
+    """Factor on a micro-batch's summed loss so that, after the engine divides it by `loss_divisor` (Accelerate:
+    this step's K; DeepSpeed: its configured K) and DDP averages over the P processes, gradients are of L."""
     if global_target_tokens <= 0:
         raise ValueError("an optimizer step needs at least one target token")
-    return accumulation_steps * num_processes / global_target_tokens
+    return loss_divisor * num_processes / global_target_tokens

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from pretrain.config import Config, flat_dict, to_dict
 from pretrain.console import say
-from pretrain.data import START, check_position
+from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, from_mapping
@@ -54,12 +54,12 @@ class TrainerState:
     tokens: Annotated[int, COUNT] = 0  # target tokens trained on
     k: Annotated[int, AT_LEAST_1] | None = None  # K of the last step (recomputed from the schedule on resume)
     consecutive_skips: Annotated[int, COUNT] = 0  # steps skipped in a row for a non-finite loss or gradient norm
-    data_position: dict[str, Any] = field(default_factory=lambda: dict(START))  # where the stream continues
+    data_position: DataPosition = START  # where the stream continues (saved in its JSON form)
     wandb_run_id: str | None = None  # the W&B run a resume continues
     settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
     config: dict[str, Any] | None = None  # the whole config of the run that saved it (absent before 2026-11)
 
-    def advance(self, step: int, *, k: int, tokens: int, data_position: dict[str, Any], result: Any) -> None:
+    def advance(self, step: int, *, k: int, tokens: int, data_position: DataPosition, result: Any) -> None:
         """Count optimizer step `step` of K micro-batches holding `tokens` target tokens, with its StepResult."""
         self.step, self.k, self.tokens, self.data_position = step, k, self.tokens + tokens, data_position
         self.updates += not result.skipped
@@ -139,10 +139,9 @@ def read_trainer_state(path: str) -> TrainerState:
         missing = [f.name for f in dataclasses.fields(TrainerState) if f.name not in raw and f.name != "config"]
         if missing:
             raise ConfigError(f"resume: {file} has no {', '.join(missing)}; it is not a checkpoint this template wrote")
+        saved_position = raw.pop("data_position")  # not a mapping of fields: read by DataPosition.from_json
     state = from_mapping(TrainerState, raw, prefix=f"resume: {file}: ")
-    problem = check_position(state.data_position)
-    if problem:
-        raise ConfigError(f"resume: {file}: data_position: {problem}")
+    state.data_position = DataPosition.from_json(saved_position, where=f"resume: {file}: data_position")
     if state.updates > state.step:
         raise ConfigError(f"resume: {file}: updates: {state.updates} is more than step {state.step}")
     directory = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
@@ -246,7 +245,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
     if written and accelerator.is_main_process:
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(dataclasses.asdict(state), f, indent=1)
+                json.dump({**dataclasses.asdict(state), "data_position": state.data_position.to_json()}, f, indent=1)
             _flush_tree(tmp)
             os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
             _fsync_dir(root)

@@ -102,7 +102,7 @@ class TrainConfig:
     micro_batch_size: Annotated[int, AT_LEAST_1] = 8
     """N: sequences per process per forward pass (sets activation memory)"""
     gradient_accumulation_steps: Annotated[int, AT_LEAST_1] | None = 2
-    """K: micro-batches per optimizer step, summed; global batch = P processes x K x N"""
+    """K: micro-batches per process per optimizer step, their gradients summed; global batch = P x K x N"""
     global_batch_size: Annotated[int, AT_LEAST_1] | None = None
     """G: sequences per step, instead of K (or both, equal); K = G / (N x P) must be whole"""
     gradient_accumulation_schedule: dict[int, int] | None = None
@@ -156,11 +156,20 @@ class TrainConfig:
     max_nonfinite_skips: Annotated[int, COUNT] = 3
     """skip up to this many steps in a row with a non-finite loss or gradient norm (no update, logged as
     skipped), then stop with an error; 0: stop at once"""
+    noise_scale: bool = False
+    """measure the gradient noise scale from each step's first micro-batch (needs K >= 2): logged as
+    noise_scale_tokens, with the estimates of |G|^2 and tr(S) it comes from"""
+    noise_scale_ema: Annotated[float, Range(0, 1, high_open=True)] = 0.99
+    """decay of the two moving averages whose ratio is the noise scale (0.99: about the last 100 steps)"""
 
     def __post_init__(self) -> None:
-        """The K schedules map starting points to K (a field's type and range are checked as it is read)."""
+        """The K schedules map starting points to K (a field's type and range are checked as it is read); the
+        noise scale needs each first micro-batch's gradient before any sync."""
         for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
             _check_schedule(f"train.{name}", getattr(self, name))
+        if self.noise_scale and self.sync_each_batch:
+            raise ConfigError("train.noise_scale: needs the first micro-batch's gradient before it is reduced over "
+                              "the processes, and train.sync_each_batch reduces it at once; set one of them false")
 
 
 @dataclass

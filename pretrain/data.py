@@ -13,8 +13,8 @@ as P x K x N is. Two producers feed that stream:
 - Token shards (scripts/prepare_data.py): sequence i of epoch e is window perm_e[i] of the token
   stream, read straight from memory-mapped files; each worker reads only the micro-batches it serves.
 
-A position (a small JSON-able dict) says where the stream stands after an optimizer step; starting a
-stream from it continues exactly where an uninterrupted run would be, re-tokenizing at most one block.
+A DataPosition says where the stream stands after an optimizer step (saved as JSON in every checkpoint);
+starting a stream from it continues exactly where an uninterrupted run would be, re-tokenizing at most one block.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,32 +31,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import DataConfig
+from pretrain.data_position import START, DataPosition, TextCursor
 from pretrain.errors import ConfigError, first_line
 from pretrain.preemption import prepare_worker
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
-START = {"sequences": 0, "epoch": 0, "block": 0, "carry": [], "taken": 0}  # the position of a fresh run
-
-
-def check_position(position: dict[str, Any]) -> str | None:
-    """What is wrong with a saved data position (counts >= 0 and a list of token ids as carry), or None."""
-    if "sequences" not in position:
-        return "no 'sequences' key"
-    unknown = set(position) - set(START)
-    if unknown:
-        return f"unknown keys {sorted(unknown)}; a position has {', '.join(START)}"
-    if len(position) > 1 and set(position) != set(START):  # raw text: all of them; token shards: sequences only
-        return f"has {sorted(position)}, not all of {', '.join(START)}"
-    for key, value in position.items():
-        values = value if key == "carry" and isinstance(value, list) else [value]
-        if key == "carry" and not isinstance(value, list):
-            return f"carry: expected a list of token ids, got {type(value).__name__}"
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            return f"{key}: expected {'token ids' if key == 'carry' else 'an integer'} >= 0, got {value!r}"
-    return None
-
-
+# Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
+Documents = Literal["all", "training", "held_out"]
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A fast tokenizer from a local directory or the Hub; it must have an EOS token to separate documents."""
     if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
@@ -90,7 +72,7 @@ class DataStats:
 class MicroBatch:
     batch: dict[str, torch.Tensor]  # input_ids, labels (and attention_mask when unpacked)
     epoch: int  # epoch of its first sequence
-    position: dict[str, Any]  # where the global stream stands once every process has taken this round
+    position: DataPosition  # where the global stream stands once every process has taken this round
 
 
 # --------------------------------------------------------------------------- raw text, tokenized on the fly
@@ -110,22 +92,23 @@ class TokenBlock:
 class TextBlocks(torch.utils.data.IterableDataset):
     """Token blocks in order: every worker reads all documents, but tokenizes only the blocks it owns."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool | None,
-                 holdout_fraction: float, start: dict[str, Any], repeat: bool, shuffle: bool, field: str = "data.path"):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, documents: Documents = "all",
+                 holdout_fraction: float = 0.0, start: TextCursor = TextCursor(), repeat: bool, shuffle: bool,
+                 field: str = "data.path"):
         super().__init__()
         self.sources = sources_of(cfg)
         self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else field)
                        for i, s in enumerate(self.sources)]
         self.tokenizer, self.eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
         self.block_chars, self.seed = cfg.block_chars, cfg.seed
-        self.held_out, self.holdout_fraction = held_out, holdout_fraction
+        self.documents, self.holdout_fraction = documents, holdout_fraction
         self.start, self.repeat, self.shuffle = start, repeat, shuffle
 
     def __iter__(self) -> Iterator[TokenBlock]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         owned = (item % workers == worker for item in itertools.count())  # items are dealt round-robin
-        epoch, first_block = self.start["epoch"], self.start["block"]
+        epoch, first_block = self.start.epoch, self.start.block
         while True:
             blocks = 0
             for block, texts in enumerate(self._blocks(epoch)):
@@ -141,10 +124,10 @@ class TextBlocks(torch.utils.data.IterableDataset):
 
     def _blocks(self, epoch: int) -> Iterator[list[str]]:
         weights = [s.weight for s in self.sources]
-        texts, chars = [], 0
+        texts, chars, held_out = [], 0, self.documents == "held_out"
         for batch in self._read(epoch_texts(self.opened, weights, self.seed, epoch, self.shuffle)):
             for text in map(decode, batch):
-                if self.held_out is not None and is_held_out(text, self.holdout_fraction) != self.held_out:
+                if self.documents != "all" and is_held_out(text, self.holdout_fraction) != held_out:
                     continue
                 texts.append(text)
                 chars += len(text)
@@ -177,13 +160,13 @@ class TextBlocks(torch.utils.data.IterableDataset):
                           len(texts) - len(ids), sum(t.count(REPLACEMENT_CHAR) for t in kept))
 
 
-def text_sequences(blocks: Iterator[TokenBlock], seq_len: int, packing: bool, shuffle: bool, seed: int,
-                   start: dict[str, Any], stats: DataStats,
-                   source: str = "data.path") -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
-    """(sequence of up to seq_len + 1 tokens, epoch, position after it), from blocks arriving in order.
+def text_sequences(blocks: Iterator[TokenBlock], cfg: DataConfig, *, start: TextCursor, stats: DataStats,
+                   source: str = "data.path") -> Iterator[tuple[np.ndarray, int, TextCursor]]:
+    """(sequence of up to data.seq_len + 1 tokens, epoch, cursor after it), from blocks arriving in order.
 
     `source` names the data in messages: "data.path: 'corpus.txt'"."""
-    carry, taken, emitted_this_epoch = np.asarray(start["carry"], np.int64), start["taken"], start["taken"] > 0
+    seq_len = cfg.seq_len
+    carry, taken, emitted_this_epoch = np.asarray(start.carry, np.int64), start.taken, start.taken > 0
     for block in blocks:
         if block.tokens is None:  # end of an epoch: the packing tail is dropped, the next epoch starts clean
             if not emitted_this_epoch:
@@ -196,17 +179,16 @@ def text_sequences(blocks: Iterator[TokenBlock], seq_len: int, packing: bool, sh
         stats.empty_documents += block.empty_documents
         stats.replaced_chars += block.replaced_chars
         carry_in = carry
-        if packing:
+        if cfg.packing:
             sequences, carry = pack(np.concatenate([carry_in, block.tokens]), seq_len)
         else:
             sequences = split_documents(block.tokens, block.lengths, seq_len)
-        order = np.random.default_rng([seed, block.epoch, block.block]).permutation(len(sequences)) if shuffle \
-            else range(len(sequences))
-        carry_list = carry_in.tolist()  # shared by the positions of this block's sequences
+        order = np.random.default_rng([cfg.seed, block.epoch, block.block]).permutation(len(sequences)) \
+            if cfg.shuffle else range(len(sequences))
+        carry_ids = tuple(carry_in.tolist())  # shared by the cursors of this block's sequences
         for k in range(taken, len(sequences)):
             emitted_this_epoch = True
-            yield sequences[order[k]], block.epoch, {"epoch": block.epoch, "block": block.block,
-                                                     "carry": carry_list, "taken": k + 1}
+            yield sequences[order[k]], block.epoch, TextCursor(block.epoch, block.block, carry_ids, k + 1)
         taken = 0
 
 
@@ -227,14 +209,14 @@ def split_documents(tokens: np.ndarray, lengths: np.ndarray, seq_len: int) -> li
     return pieces
 
 
-def deal(sequences: Iterator[tuple[np.ndarray, int, dict]], micro_batch_size: int, rank: int, world_size: int,
-         start_sequences: int, pad_id: int) -> Iterator[MicroBatch]:
+def deal(sequences: Iterator[tuple[np.ndarray, int, TextCursor]], *, micro_batch_size: int, rank: int,
+         world_size: int, start_sequences: int, pad_id: int) -> Iterator[MicroBatch]:
     """This process's micro-batches of the global stream: micro-batch m goes to process m % P."""
     consumed = start_sequences
     rounds = _chunks(_chunks(sequences, micro_batch_size), world_size)
     for round_ in rounds:
         consumed += sum(len(mb) for mb in round_)
-        position = {"sequences": consumed, **round_[-1][-1][2]}  # after the whole round
+        position = DataPosition(consumed, round_[-1][-1][2])  # after the whole round
         if rank < len(round_):
             mb = round_[rank]
             yield MicroBatch(collate([s for s, _, _ in mb], pad_id), mb[0][1], position)
@@ -268,17 +250,22 @@ def collate(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]
 class ShardMicroBatches(torch.utils.data.IterableDataset):
     """This process's micro-batches read straight from token shards; worker w serves local micro-batch r % W."""
 
-    def __init__(self, path: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 start_sequences: int, repeat: bool, shuffle: bool, seed: int, field: str = "data.path"):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, micro_batch_size: int, rank: int,
+                 world_size: int, start_sequences: int, field: str = "data.path"):
         super().__init__()
-        self.path, self.seq_len, self.n = path, seq_len, micro_batch_size
+        if not cfg.packing:
+            raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
+        self.path, self.seq_len, self.n = cfg.path, cfg.seq_len, micro_batch_size
         self.rank, self.world_size, self.start = rank, world_size, start_sequences
-        self.repeat, self.shuffle, self.seed = repeat, shuffle, seed
-        shards = TokenShards(path)
-        self.vocab_size = shards.vocab_size
-        self.windows = (shards.total - 1) // seq_len  # per epoch; the last partial window is dropped
+        self.repeat, self.shuffle, self.seed = cfg.repeat, cfg.shuffle, cfg.seed
+        shards = TokenShards(cfg.path)
+        self.windows = (shards.total - 1) // cfg.seq_len  # per epoch; the last partial window is dropped
         if self.windows < 1:
-            raise ConfigError(f"{field}: {path!r} holds fewer than data.seq_len + 1 = {seq_len + 1} tokens")
+            raise ConfigError(f"{field}: {cfg.path!r} holds fewer than data.seq_len + 1 = {cfg.seq_len + 1} tokens")
+        if shards.vocab_size != len(tokenizer):
+            raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {cfg.path!r} was prepared with a "
+                              f"{shards.vocab_size}-token tokenizer; use that tokenizer (saved in the shards' "
+                              "tokenizer/)")
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = torch.utils.data.get_worker_info()
@@ -293,10 +280,10 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
             indices = range(first, first + self.n if end is None else min(first + self.n, end))
             windows = [self._window(i, orders) for i in indices]
             starts = np.array([w * self.seq_len for w in windows])
-            batch = collate(list(_read_windows(shards, starts, self.seq_len + 1)), 0)
+            batch = collate(list(shards.read_windows(starts, self.seq_len + 1)), 0)
             position_end = self.start + (local + 1) * round_size
-            yield MicroBatch(batch, indices[0] // self.windows,
-                             {"sequences": position_end if end is None else min(position_end, end)})
+            sequences = position_end if end is None else min(position_end, end)
+            yield MicroBatch(batch, indices[0] // self.windows, DataPosition(sequences, text=None))
 
     def _window(self, index: int, orders: dict[int, np.ndarray]) -> int:
         epoch, offset = divmod(index, self.windows)
@@ -308,50 +295,38 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
         return int(orders[epoch][offset])
 
 
-def _read_windows(shards: TokenShards, starts: np.ndarray, length: int) -> np.ndarray:
-    shard = np.searchsorted(shards.starts, starts, side="right") - 1
-    if len(set(shard.tolist())) == 1 and starts.max() + length <= shards.starts[shard[0] + 1]:
-        local = starts - shards.starts[shard[0]]  # the common case: one fancy-indexed read from one shard
-        return shards.arrays[shard[0]][local[:, None] + np.arange(length)].astype(np.int64)
-    return np.stack([shards.read(int(s), length) for s in starts])
-
-
 # --------------------------------------------------------------------------- the stream a process trains on
 
 
-def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, micro_batch_size: int, rank: int,
-                       world_size: int, start: dict[str, Any] | None = None, stats: DataStats | None = None,
-                       held_out: bool | None = None, holdout_fraction: float = 0.0,
+def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, micro_batch_size: int, rank: int,
+                       world_size: int, start: DataPosition = START, stats: DataStats | None = None,
+                       documents: Documents = "all", holdout_fraction: float = 0.0,
                        field: str = "data.path") -> Iterator[MicroBatch]:
-    """This process's micro-batches, from `start` (default: the beginning) on.
+    """This process's micro-batches from `start` on (raw text: only `documents`, as split by `holdout_fraction`).
 
-    `held_out`: None reads every document; False skips, and True reads only, the fraction
-    `holdout_fraction` of documents set aside for eval. The first micro-batch is read here, so
-    bad input (no sequence at all, a column missing in a later file) is a ConfigError now, naming `field`.
-    """
-    start = start or START
+    The first micro-batch is read here, so bad input (no sequence at all, a column missing in a later
+    file) is a ConfigError now, naming `field`."""
     loader_args = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": as_is,
                    "prefetch_factor": 4 if cfg.num_workers else None, "worker_init_fn": prepare_worker}
     if not cfg.mixture and is_token_shards(cfg.path):
-        if not cfg.packing:
-            raise ConfigError("data.packing: false needs raw text; token shards hold packed streams (use true)")
-        dataset = ShardMicroBatches(cfg.path, cfg.seq_len, micro_batch_size, rank, world_size, start["sequences"],
-                                    cfg.repeat, cfg.shuffle, cfg.seed, field)
-        _check_vocab(dataset.vocab_size, tokenizer, cfg.path)
+        dataset = ShardMicroBatches(cfg, tokenizer, micro_batch_size=micro_batch_size, rank=rank,
+                                    world_size=world_size, start_sequences=start.sequences, field=field)
         stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
     else:
-        if set(start) != set(START):  # a position saved by the token-shard stream has the sequence count only
-            raise ConfigError(f"resume: the checkpoint's data position {start} was saved reading token shards, but "
-                              f"{field} is raw text; resume with the data it was made with")
-        if any(token >= len(tokenizer) for token in start["carry"]):
+        if start.text is None:
+            raise ConfigError(f"resume: the checkpoint's data position {start.to_json()} was saved reading token "
+                              f"shards, but {field} is raw text; resume with the data it was made with")
+        if any(token >= len(tokenizer) for token in start.text.carry):
             raise ConfigError(f"resume: the checkpoint's data position holds token ids beyond the tokenizer's "
                               f"{len(tokenizer)}; it was not saved with this data.tokenizer")
-        blocks = TextBlocks(cfg, tokenizer, held_out, holdout_fraction, start, cfg.repeat, cfg.shuffle, field)
+        blocks = TextBlocks(cfg, tokenizer, documents=documents, holdout_fraction=holdout_fraction, start=start.text,
+                            repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
         loader = torch.utils.data.DataLoader(blocks, **loader_args)
-        source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
-        sequences = text_sequences(_worker_errors_unwrapped(iter(loader)), cfg.seq_len, cfg.packing, cfg.shuffle,
-                                   cfg.seed, start, stats if stats is not None else DataStats(), source)
-        stream = deal(sequences, micro_batch_size, rank, world_size, start["sequences"], tokenizer.eos_token_id)
+        sequences = text_sequences(_worker_errors_unwrapped(iter(loader)), cfg, start=start.text,
+                                   stats=stats if stats is not None else DataStats(),
+                                   source="data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}")
+        stream = deal(sequences, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                      start_sequences=start.sequences, pad_id=tokenizer.eos_token_id)
     first = next(stream, None)
     return itertools.chain([first] if first is not None else [], stream)
 
@@ -369,12 +344,6 @@ def _worker_errors_unwrapped(items: Iterator) -> Iterator:
         yield item
 
 
-def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
-    if vocab_size != len(tokenizer):
-        raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {path!r} was prepared with a "
-                          f"{vocab_size}-token tokenizer; use that tokenizer (saved in the shards' tokenizer/)")
-
-
 def as_is(item: Any) -> Any:
     return item
 
@@ -382,9 +351,9 @@ def as_is(item: Any) -> Any:
 class MicroBatchReader:
     """Micro-batches moved to `device`, with a look at the next one's epoch (an epoch-keyed K schedule needs it)."""
 
-    def __init__(self, batches: Iterator[MicroBatch], device: torch.device, start: dict[str, Any] | None = None):
+    def __init__(self, batches: Iterator[MicroBatch], device: torch.device, start: DataPosition = START):
         self._batches, self.device = batches, device
-        self.position = dict(start or START)  # after the last micro-batch taken
+        self.position = start  # after the last micro-batch taken
         self._next = next(self._batches, None)
 
     def next_epoch(self) -> int:

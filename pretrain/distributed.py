@@ -44,12 +44,14 @@ def all_true(accelerator: Accelerator, ok: bool) -> bool:
     return sum_over_processes(accelerator, [not ok])[0] == 0
 
 
-def sum_over_processes(accelerator: Accelerator, values: list[int]) -> list[int]:
-    """Each of `values` summed over the processes (one all-reduce for all of them)."""
+def sum_over_processes(accelerator: Accelerator, values: list[int | float], dtype: torch.dtype = torch.int64
+                       ) -> list[int | float]:
+    """Each of `values` summed over the processes (one all-reduce for all of them), as ints or (float64) floats."""
+    kind = float if dtype.is_floating_point else int
     if accelerator.num_processes == 1:
-        return [int(v) for v in values]
-    totals = accelerator.reduce(torch.tensor([int(v) for v in values], device=accelerator.device), "sum")
-    return [int(v) for v in totals]
+        return [kind(v) for v in values]
+    totals = accelerator.reduce(torch.tensor([kind(v) for v in values], dtype=dtype, device=accelerator.device), "sum")
+    return [kind(v) for v in totals]
 
 
 def max_over_processes(accelerator: Accelerator, value: int) -> int:

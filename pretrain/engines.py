@@ -78,6 +78,10 @@ def fit_engine_to_config(accelerator: Accelerator, cfg: Config, plan: Accumulati
     The launcher's K must be the template's (or unset); DeepSpeed keeps its own K, micro-batch and clipping:
     each must be `auto` (filled in here) or equal.
     """
+    if cfg.train.noise_scale and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError("train.noise_scale: needs each process's first micro-batch gradient whole in .grad, which "
+                          "FSDP2 keeps sharded and DeepSpeed in its own buffers; use DDP or one process, or set "
+                          "train.noise_scale: false")
     launcher_k = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if launcher_k not in (None, "", "1", "auto", str(plan.first_k)):  # "auto": a DeepSpeed config leaving K to us
         raise ConfigError(f"train.gradient_accumulation_steps: the template's K is {plan.first_k} but the launcher "

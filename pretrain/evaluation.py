@@ -28,7 +28,7 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     """
     if cfg.eval.every == 0:
         return None
-    path, held_out, field = cfg.eval.path, None, "eval.path" if cfg.eval.path is not None else "data.path"
+    path, documents, field = cfg.eval.path, "all", "eval.path" if cfg.eval.path is not None else "data.path"
     if path is None and is_token_shards(cfg.data.path):
         path = os.path.join(cfg.data.path, "eval")
         if not is_token_shards(path):
@@ -38,14 +38,14 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
         if cfg.eval.holdout_fraction == 0 or cfg.data.mixture:
             raise ConfigError("eval.path: eval.every > 0 needs eval data; give eval.path, or "
                               "eval.holdout_fraction > 0 with a single data.path")
-        path, held_out = cfg.data.path, True
+        path, documents = cfg.data.path, "held_out"
     eval_data = dataclasses.replace(cfg.data, path=path, mixture=None, repeat=False, shuffle=False, num_workers=0)
     n = cfg.train.micro_batch_size
     try:
-        stream = micro_batch_stream(eval_data, tokenizer, n, 0, 1, held_out=held_out,
-                                    holdout_fraction=cfg.eval.holdout_fraction, field=field)
+        stream = micro_batch_stream(eval_data, tokenizer, micro_batch_size=n, rank=0, world_size=1,
+                                    documents=documents, holdout_fraction=cfg.eval.holdout_fraction, field=field)
     except ConfigError as err:
-        if held_out:  # the hash chose no document, or too few: say which knob to turn
+        if documents == "held_out":  # the hash chose no document, or too few: say which knob to turn
             raise ConfigError(f"eval.holdout_fraction: the {cfg.eval.holdout_fraction} of data's documents held out "
                               f"hold no full sequence ({err}); raise it or give eval.path") from None
         raise

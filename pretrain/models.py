@@ -190,7 +190,7 @@ def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedCon
                           "(it has no blocks); set it to false")
 
 
-def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: AccumulationPlan, seq_len: int,
+def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: AccumulationPlan, *, seq_len: int,
                       device: torch.device) -> None:
     """Refuse what cannot fit in the memory free on the device before allocating it (it could only fail after a
     long wait, with the machine swapping or an OOM): the float32 weights, gradients and two AdamW moments (shared

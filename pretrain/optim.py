@@ -35,7 +35,8 @@ def has_fused_adamw(device: torch.device) -> bool:
 
 
 def lr_at(completed_steps: int, cfg: TrainConfig) -> float:
-    """Learning rate for the optimizer step after `completed_steps` steps: linear warm-up, then cosine decay.
+    """Learning rate for the optimizer step after `completed_steps` updates (skipped steps do not count): linear
+    warm-up, then cosine decay.
 
     Computed from the optimizer step itself, never from micro-batches or a prepared scheduler
     (Accelerate steps a prepared scheduler once per process).

@@ -76,7 +76,7 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
     model_config = build_model_config(cfg.model, vocab_size, special)
     with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
         parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
-    check_memory_fits(parameters, model_config, plan, cfg.data.seq_len, accelerator.device)
+    check_memory_fits(parameters, model_config, plan, seq_len=cfg.data.seq_len, device=accelerator.device)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
     limit = max_positions(model_config)
@@ -95,9 +95,10 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
         # The data is opened (and checked) now; with workers, they start reading while the model is built.
         stats = DataStats()
         holdout = cfg.eval.holdout_fraction
-        batches = micro_batch_stream(cfg.data, tokenizer, plan.micro_batch_size, accelerator.process_index,
-                                     plan.num_processes, start=state.data_position, stats=stats,
-                                     held_out=False if holdout else None, holdout_fraction=holdout)  # not on eval
+        batches = micro_batch_stream(cfg.data, tokenizer, micro_batch_size=plan.micro_batch_size,
+                                     rank=accelerator.process_index, world_size=plan.num_processes,
+                                     start=state.data_position, stats=stats,
+                                     documents="training" if holdout else "all", holdout_fraction=holdout)
         eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
         # Resuming continues the run in output_dir only from one of its own checkpoints; one of another run's
         # would replace what is there.

@@ -12,6 +12,7 @@ from pretrain.accumulation import backward_scale, count_target_tokens, null_micr
 from pretrain.data import MicroBatchReader
 from pretrain.distributed import sum_over_processes
 from pretrain.engines import loss_divisor, steps_inside_backward
+from pretrain.noise_scale import small_batch_sq_norm
 from pretrain.errors import RunError
 
 
@@ -20,20 +21,23 @@ class StepResult(NamedTuple):
     grad_norm: float  # of the full-batch gradient, before clipping
     skipped: bool  # no update: an fp16 overflow, or a non-finite loss or norm
     finite: bool  # loss and norm were finite
+    small_batch: tuple[int, float] | None = None  # (b, |G_b|^2) of this process's first micro-batch, when measured
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[dict[str, torch.Tensor]], *, global_tokens: int,
-                   max_grad_norm: float) -> StepResult:
+                   micro_batches: list[dict[str, torch.Tensor]], *, global_tokens: int, max_grad_norm: float,
+                   measure_small_batch: bool = False) -> StepResult:
     """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
 
-    A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights.
+    A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights. With
+    `measure_small_batch` and K >= 2, the gradient norm of this process's first micro-batch is measured on the
+    way, for the noise scale (pretrain.noise_scale).
     """
     k = len(micro_batches)
     accelerator.gradient_accumulation_steps = k
     accelerator.step = 0  # Accelerate's micro-batch counter is not reset when K changes: restart it every step
     scale = backward_scale(global_tokens, loss_divisor(accelerator, k), accelerator.num_processes)
-    micro_losses = []
+    micro_losses, small_batch = [], None
     for index, micro_batch in enumerate(micro_batches):
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
@@ -44,8 +48,12 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
         del logits, micro_loss  # hold one micro-batch's activations at a time, not two
         if accelerator.sync_gradients != (index == k - 1):
             raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
+        if index == 0 and k > 1 and measure_small_batch:  # its gradient is still local and alone in .grad
+            tokens = int(count_target_tokens([micro_batch]))
+            small_batch = (tokens, small_batch_sq_norm(accelerator, model, tokens, global_tokens)) if tokens else None
 
     # Gradients are complete only now: clip (Accelerate unscales fp16 first), step, then zero for the next step.
+    # (Under DeepSpeed the K-th backward above has clipped and stepped already; these calls then only report.)
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed was told not to compute it
     loss = float(accelerator.reduce(torch.stack(micro_losses).sum(), "sum")) / global_tokens
@@ -60,7 +68,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     if finite or fp16_scaler:  # the fp16 scaler must step (and update) to skip by itself
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite)
+    return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite, small_batch)
 
 
 def gather_step(reader: MicroBatchReader, accelerator: Accelerator, k: int, *, micro_batch_size: int, seq_len: int,

@@ -104,3 +104,11 @@ class TokenShards:
             parts.append(self.arrays[shard][offset:offset + take])
             start, shard = start + take, shard + 1
         return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)
+
+    def read_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows of `length` tokens from each of `starts`, as int64."""
+        shard = np.searchsorted(self.starts, starts, side="right") - 1
+        if len(set(shard.tolist())) == 1 and starts.max() + length <= self.starts[shard[0] + 1]:
+            local = starts - self.starts[shard[0]]  # the common case: one fancy-indexed read from one shard
+            return self.arrays[shard[0]][local[:, None] + np.arange(length)].astype(np.int64)
+        return np.stack([self.read(int(s), length) for s in starts])

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
-from pretrain.data import START, TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
@@ -31,11 +31,14 @@ from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> None:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     fraction = cfg.eval.holdout_fraction
-    parts = [(out_dir, False if fraction else None)] + ([(os.path.join(out_dir, "eval"), True)] if fraction else [])
-    for directory, held_out in parts:
+    parts = [(out_dir, "training" if fraction else "all")] + ([(os.path.join(out_dir, "eval"), "held_out")]
+                                                               if fraction else [])
+    for directory, selection in parts:
+        held_out = selection == "held_out"
         # The eval part stops at its share of the cap, or a capped sample would read the whole corpus for it.
         cap = max_tokens * fraction / (1 - fraction) if held_out else max_tokens
-        blocks = TextBlocks(cfg.data, tokenizer, held_out, fraction, START, repeat=False, shuffle=False)
+        blocks = TextBlocks(cfg.data, tokenizer, documents=selection, holdout_fraction=fraction, repeat=False,
+                            shuffle=False)
         # Workers tokenize blocks in parallel; batch_size=None hands each block over as it is, in order.
         loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=cfg.data.num_workers,
                                              collate_fn=as_is)

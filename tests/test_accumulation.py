@@ -52,7 +52,7 @@ def one_step(model_type: str, accumulation_steps: int, ragged: bool) -> tuple[fl
     micro_batches = [{k: v[i * n:(i + 1) * n] for k, v in sequences.items()} for i in range(accumulation_steps)]
     tokens = int(count_target_tokens(micro_batches))
     assert tokens == int((sequences["labels"] != IGNORE_INDEX).sum())
-    loss, grad_norm, skipped, _ = optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens,
+    loss, grad_norm, skipped, *_ = optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens,
                                                  max_grad_norm=0.0)
     assert not skipped
     return loss, grad_norm, [after.detach() - b for after, b in zip(model.parameters(), before)]
@@ -142,7 +142,7 @@ def test_empty_micro_batches_add_nothing():
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         model, optimizer = accelerator.prepare(model, optimizer)
         micro_batches = [dict(sequences)] + [null_micro_batch(SEQ_LEN, accelerator.device) for _ in range(padding)]
-        loss, norm, _, _ = optimizer_step(accelerator, model, optimizer, micro_batches,
+        loss, norm, *_ = optimizer_step(accelerator, model, optimizer, micro_batches,
                                        global_tokens=int(count_target_tokens(micro_batches)), max_grad_norm=0.0)
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)

@@ -31,7 +31,7 @@ from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
-from pretrain.data import START
+from pretrain.data_position import START
 from pretrain.errors import RunError
 from pretrain.fields import Range
 from pretrain.sources import local_files
@@ -42,7 +42,8 @@ def fake_checkpoint(directory, step, **overrides):
     """A checkpoint's trainer_state.json, as a run of the default config with `overrides` would save it."""
     directory.mkdir(parents=True)
     settings = settings_of(load_config(None, overrides))
-    (directory / STATE_FILE).write_text(json.dumps(TrainerState(step=step, settings=settings).__dict__))
+    state = TrainerState(step=step, settings=settings)
+    (directory / STATE_FILE).write_text(json.dumps({**state.__dict__, "data_position": state.data_position.to_json()}))
 
 
 def files(tmp_path):
@@ -78,7 +79,7 @@ def files(tmp_path):
     (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
     for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
                         "state_shard_position": {"data_position": {"sequences": 64}},
-                        "state_carry_past_vocab": {"data_position": {**START, "carry": [99999]}},
+                        "state_carry_past_vocab": {"data_position": {**START.to_json(), "carry": [99999]}},
                         "state_bad_position": {"data_position": {"sequences": -3}},
                         "state_other_step": {"step": 9}, "state_not_json": None}.items():
         checkpoint = tmp_path / name / "checkpoints" / "step_4"

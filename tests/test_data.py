@@ -17,8 +17,9 @@ import zstandard
 
 from conftest import run_script
 from pretrain.config import DataConfig, SourceConfig, load_config
-from pretrain.data import (START, DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack,
-                           split_documents, text_sequences)
+from pretrain.data import (DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack, split_documents,
+                           text_sequences)
+from pretrain.data_position import TextCursor
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
@@ -34,11 +35,11 @@ def write_jsonl(path, texts, column="text"):
     return str(path)
 
 
-def sequences(cfg, tokenizer, stats=None, held_out=None, fraction=0.0):
+def sequences(cfg, tokenizer, stats=None, documents="all", fraction=0.0):
     """The whole one-epoch stream as a list of token arrays (one process, no workers)."""
-    blocks = TextBlocks(cfg, tokenizer, held_out, fraction, START, repeat=False, shuffle=cfg.shuffle)
-    return [s for s, _, _ in text_sequences(iter(blocks), cfg.seq_len, cfg.packing, cfg.shuffle, cfg.seed, START,
-                                            stats or DataStats())]
+    blocks = TextBlocks(cfg, tokenizer, documents=documents, holdout_fraction=fraction, repeat=False,
+                        shuffle=cfg.shuffle)
+    return [s for s, _, _ in text_sequences(iter(blocks), cfg, start=TextCursor(), stats=stats or DataStats())]
 
 
 def expected_stream(tokenizer, texts):
@@ -73,7 +74,7 @@ def test_packed_windows_concatenate_to_the_token_stream_with_eos_between_documen
 
 def test_labels_are_inputs_shifted_by_one(tokenizer, repo):
     cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=16)
-    batch = next(micro_batch_stream(cfg, tokenizer, 4, 0, 1)).batch
+    batch = next(micro_batch_stream(cfg, tokenizer, micro_batch_size=4, rank=0, world_size=1)).batch
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 16)
     assert torch.equal(batch["input_ids"][0, 1:], batch["labels"][0, :-1])
 
@@ -124,7 +125,7 @@ def test_invalid_utf8_is_replaced_and_counted_not_fatal(tokenizer, tmp_path, suf
 def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["", "", ""]), seq_len=4)
     with pytest.raises(ConfigError, match=rf"^data\.path: '{tmp_path}/d\.jsonl' holds no sequence of data\.seq_len \+ 1 = 5"):
-        next(micro_batch_stream(cfg, tokenizer, 1, 0, 1))
+        next(micro_batch_stream(cfg, tokenizer, micro_batch_size=1, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
@@ -160,7 +161,7 @@ def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path)
     write_jsonl(tmp_path / "b.jsonl", ["no text column here"], column="body")
     with pytest.raises(ConfigError) as caught:
         list(micro_batch_stream(DataConfig(path=str(tmp_path), seq_len=8, shuffle=False, block_chars=10),
-                                tokenizer, 1, 0, 1))
+                                tokenizer, micro_batch_size=1, rank=0, world_size=1))
     assert str(caught.value).startswith(f"data.path: cannot read '{tmp_path}'") and "\n" not in str(caught.value)
 
 
@@ -180,7 +181,8 @@ def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp
 def test_a_column_that_is_not_text_is_refused(tokenizer, tmp_path):
     (tmp_path / "n.jsonl").write_text('{"text": 5}\n')
     with pytest.raises(ConfigError, match=r"^data\.text_column: column 'text' of .* holds int64, not text"):
-        micro_batch_stream(DataConfig(path=str(tmp_path / "n.jsonl")), tokenizer, 1, 0, 1)
+        micro_batch_stream(DataConfig(path=str(tmp_path / "n.jsonl")), tokenizer, micro_batch_size=1, rank=0,
+                           world_size=1)
 
 
 def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
@@ -188,8 +190,8 @@ def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [f"beta {i}" for i in range(300)])
     cfg = DataConfig(mixture=[SourceConfig(path=a, weight=3), SourceConfig(path=b, weight=1)], seq_len=4,
                      block_chars=10**9)
-    blocks = list(TextBlocks(cfg, tokenizer, None, 0.0, START, repeat=False, shuffle=True))
-    again = list(TextBlocks(cfg, tokenizer, None, 0.0, START, repeat=False, shuffle=True))
+    blocks = list(TextBlocks(cfg, tokenizer, repeat=False, shuffle=True))
+    again = list(TextBlocks(cfg, tokenizer, repeat=False, shuffle=True))
     assert np.array_equal(blocks[0].tokens, again[0].tokens)  # seeded: the same mix every time
     text = tokenizer.decode(blocks[0].tokens.tolist())
     alpha, beta = text.count("alpha"), text.count("beta")
@@ -200,8 +202,10 @@ def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
 def test_held_out_documents_are_disjoint_from_training_and_chosen_by_text(tokenizer, tmp_path):
     texts = [f"document number {i} with some words" for i in range(200)]
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=4, shuffle=False, block_chars=10**9)
-    train = list(TextBlocks(cfg, tokenizer, False, 0.1, START, repeat=False, shuffle=False))[0]
-    held = list(TextBlocks(cfg, tokenizer, True, 0.1, START, repeat=False, shuffle=False))[0]
+    train = list(TextBlocks(cfg, tokenizer, documents="training", holdout_fraction=0.1, repeat=False,
+                            shuffle=False))[0]
+    held = list(TextBlocks(cfg, tokenizer, documents="held_out", holdout_fraction=0.1, repeat=False,
+                           shuffle=False))[0]
     assert train.documents + held.documents == 200 and 5 < held.documents < 40
     assert held.documents == sum(is_held_out(t, 0.1) for t in texts)
     assert all(is_held_out(t, 0.1) == (zlib.crc32(t.encode()) < 0.1 * 2**32) for t in texts)
@@ -215,7 +219,7 @@ def test_held_out_documents_are_disjoint_from_training_and_chosen_by_text(tokeni
 def test_missing_paths_are_one_clear_error(tokenizer, path, message, repo, monkeypatch):
     monkeypatch.chdir(repo)
     with pytest.raises(ConfigError, match=message):
-        micro_batch_stream(DataConfig(path=path), tokenizer, 1, 0, 1)
+        micro_batch_stream(DataConfig(path=path), tokenizer, micro_batch_size=1, rank=0, world_size=1)
 
 
 @pytest.mark.parametrize("files, message", [
@@ -229,14 +233,14 @@ def test_bad_sources_stop_before_any_model_is_built(tokenizer, tmp_path, files, 
         (tmp_path / name).write_text(content)
     path = str(tmp_path / next(iter(files))) if len(files) == 1 and "notes.md" not in files else str(tmp_path)
     with pytest.raises(ConfigError, match=message):
-        micro_batch_stream(DataConfig(path=path), tokenizer, 1, 0, 1)
+        micro_batch_stream(DataConfig(path=path), tokenizer, micro_batch_size=1, rank=0, world_size=1)
 
 
 def test_a_bad_mixture_source_names_its_entry(tokenizer, tmp_path):
     good = write_jsonl(tmp_path / "a.jsonl", ["x"])
     cfg = DataConfig(mixture=[SourceConfig(path=good), SourceConfig(path=str(tmp_path / "none.jsonl"))])
     with pytest.raises(ConfigError, match=r"data\.mixture\[1\]\.path: .* does not exist"):
-        micro_batch_stream(cfg, tokenizer, 1, 0, 1)
+        micro_batch_stream(cfg, tokenizer, micro_batch_size=1, rank=0, world_size=1)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
@@ -246,7 +250,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 def test_repeat_continues_into_new_epochs_in_a_new_order(tokenizer, repo):
     cfg = DataConfig(path=str(repo / "data" / "shakespeare" / "macbeth.txt"), seq_len=64, block_chars=20_000)
-    stream = micro_batch_stream(cfg, tokenizer, 8, 0, 1)
+    stream = micro_batch_stream(cfg, tokenizer, micro_batch_size=8, rank=0, world_size=1)
     batches = list(itertools.islice(stream, 120))
     epochs = [mb.epoch for mb in batches]
     assert epochs == sorted(epochs) and epochs[-1] >= 1

@@ -48,7 +48,8 @@ def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
     result = run_in_process(args)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = DataConfig(path=str(corpus), packing=False, seq_len=32)
-    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), 4, 0, 1)
+    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), micro_batch_size=4, rank=0,
+                                world_size=1)
     targets = [int((mb.batch["labels"] != -100).sum()) for mb in itertools.islice(stream, 6)]
     # Each step's tokens are the real targets of its two padded micro-batches, not 2 x 4 x 32.
     steps = [sum(targets[i:i + 2]) for i in (0, 2, 4)]
@@ -79,4 +80,5 @@ def test_shards_from_another_tokenizer_are_refused(tmp_path, monkeypatch):
     index = json.loads((shards / "index.json").read_text())
     (shards / "index.json").write_text(json.dumps({**index, "vocab_size": 50257}))
     with pytest.raises(ConfigError, match=r"^data\.tokenizer: has 4096 tokens but .* was prepared with a 50257-token"):
-        micro_batch_stream(DataConfig(path=str(shards)), load_tokenizer("data/tokenizer"), 1, 0, 1)
+        micro_batch_stream(DataConfig(path=str(shards)), load_tokenizer("data/tokenizer"), micro_batch_size=1, rank=0,
+                           world_size=1)

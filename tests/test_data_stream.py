@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, prepare_data
 from pretrain.config import DataConfig
 from pretrain.data import TextBlocks, load_tokenizer, micro_batch_stream
+from pretrain.data_position import START
 
 N = 2  # sequences per micro-batch
 SEQ_LEN = 32
@@ -46,9 +47,10 @@ def window(batch, row):
     return tuple(batch["input_ids"][row].tolist()) + (int(batch["labels"][row, -1]),)
 
 
-def rounds(cfg, tokenizer, processes, start=None, limit=None):
+def rounds(cfg, tokenizer, processes, start=START, limit=None):
     """All processes' micro-batches side by side: round r holds micro-batch r of every process."""
-    streams = [micro_batch_stream(cfg, tokenizer, N, rank, processes, start=start) for rank in range(processes)]
+    streams = [micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=rank, world_size=processes,
+                                  start=start) for rank in range(processes)]
     per_process = [list(itertools.islice(s, limit)) for s in streams]
     return list(itertools.zip_longest(*per_process))
 
@@ -89,11 +91,14 @@ def test_shuffling_is_seeded(corpus, tokenizer, kind):
 @pytest.mark.parametrize("stop", ["first", "middle, 2 workers", "next epoch"])
 def test_resume_continues_with_exactly_the_next_sequences(corpus, tokenizer, kind, stop):
     cfg = config(corpus[kind], num_workers=2 if "workers" in stop else 0)
-    per_epoch = sum(1 for _ in micro_batch_stream(config(corpus[kind], repeat=False), tokenizer, N, 0, 1))
+    per_epoch = sum(1 for _ in micro_batch_stream(config(corpus[kind], repeat=False), tokenizer, micro_batch_size=N,
+                                                  rank=0, world_size=1))
     stop_after = {"first": 1, "middle, 2 workers": 17, "next epoch": per_epoch + 3}[stop]
-    uninterrupted = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1), stop_after + 20))
+    uninterrupted = list(itertools.islice(micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1),
+                                          stop_after + 20))
     position = uninterrupted[stop_after - 1].position  # what a checkpoint after that micro-batch stores
-    resumed = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position), 20))
+    resumed = list(itertools.islice(micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1,
+                                                       start=position), 20))
     assert [window(mb.batch, r) for mb in resumed for r in range(N)] == \
            [window(mb.batch, r) for mb in uninterrupted[stop_after:] for r in range(N)]
     assert [mb.epoch for mb in resumed] == [mb.epoch for mb in uninterrupted[stop_after:]]
@@ -106,16 +111,18 @@ def test_a_position_saved_by_two_processes_resumes_in_one(corpus, tokenizer, kin
     two = rounds(cfg, tokenizer, 2, limit=30)
     position = two[9][1].position  # after round 10: both processes' micro-batches of it
     assert position == two[9][0].position
-    one = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position), 10))
+    one = list(itertools.islice(micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1,
+                                                   start=position), 10))
     assert [window(mb.batch, r) for mb in one for r in range(N)] == global_order(two[10:15])
 
 
 def test_resume_does_not_tokenize_the_consumed_prefix(corpus, tokenizer, monkeypatch):
     cfg = config(corpus["text"])
-    position = next(mb.position for mb in micro_batch_stream(cfg, tokenizer, N, 0, 1) if mb.position["block"] == 2)
+    position = next(mb.position for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1)
+                    if mb.position.text.block == 2)
     tokenized = []
     original = TextBlocks._tokenize
     monkeypatch.setattr(TextBlocks, "_tokenize",
                         lambda self, epoch, block, texts: tokenized.append(block) or original(self, epoch, block, texts))
-    next(micro_batch_stream(cfg, tokenizer, N, 0, 1, start=position))
-    assert tokenized[0] == position["block"]  # the block being read is redone; the ones before it are not
+    next(micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1, start=position))
+    assert tokenized[0] == position.text.block  # the block being read is redone; the ones before it are not

@@ -60,7 +60,8 @@ def config(path, **overrides):
 def read_sequences(cfg, tokenizer, count):
     """The first `count` sequences of the global stream (one process), and the epoch of each micro-batch with the
     index of its first sequence."""
-    batches = list(itertools.islice(micro_batch_stream(cfg, tokenizer, N, 0, 1), math.ceil(count / N)))
+    batches = list(itertools.islice(micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1),
+                                    math.ceil(count / N)))
     sequences = [tuple(mb.batch["input_ids"][row].tolist()) + (int(mb.batch["labels"][row, -1]),)
                  for mb in batches for row in range(len(mb.batch["input_ids"]))]
     return sequences[:count], [(mb.epoch, i * N) for i, mb in enumerate(batches)]

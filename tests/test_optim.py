@@ -100,7 +100,8 @@ def test_the_logged_grad_norm_is_before_clipping_through_the_real_loop(tmp_path)
                                                 strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     stream = micro_batch_stream(DataConfig(path=str(REPO / "data" / "shakespeare"), seq_len=SEQ_LEN),
-                                load_tokenizer(str(REPO / "data" / "tokenizer")), n, 0, 1)
+                                load_tokenizer(str(REPO / "data" / "tokenizer")), micro_batch_size=n, rank=0,
+                                world_size=1)
     step2 = [next(stream).batch for _ in range(2 * k)][k:]
     summed = sum(torch.nn.functional.cross_entropy(model(mb["input_ids"]).logits.flatten(0, 1), mb["labels"].flatten(),
                                                    ignore_index=IGNORE_INDEX, reduction="sum") for mb in step2)

@@ -69,7 +69,8 @@ def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, rep
     three, _ = trained(tmp_path, "three", [*args, "--train.max_steps=3"])
     four, _ = trained(tmp_path, "four", [*args, "--train.max_steps=4"])
     cfg = DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=SEQ_LEN)  # the run's data, shuffled alike
-    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), 8, 0, 1)
+    stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), micro_batch_size=8, rank=0,
+                                world_size=1)
     step4 = list(itertools.islice(stream, 4))[3].batch  # steps take 8 sequences each: step 4 is 24..31
     model = AutoModelForCausalLM.from_pretrained(three / "final")
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, r
     corpus.write_text(json.dumps({"text": "word " * (7 * SEQ_LEN)}) + "\n")
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
     windows = sum(1 for _ in micro_batch_stream(DataConfig(path=str(corpus), seq_len=SEQ_LEN, repeat=False),
-                                                tokenizer, 1, 0, 1))
+                                                tokenizer, micro_batch_size=1, rank=0, world_size=1))
     per_step = 2 * 2  # K x N
     assert windows % per_step, "the corpus must leave a partial step at the end"
     out, result = trained(tmp_path, mode, ["--train.max_steps=10", "--train.micro_batch_size=2",
