@@ -29,6 +29,7 @@ VARIANTS = {  # name -> config overrides on top of the baseline (float32, for-ea
     "bf16": ["--train.mixed_precision=bf16"],
     "compile": ["--train.compile=true"],
     "activation_checkpointing": ["--train.activation_checkpointing=true"],
+    "noise_scale": ["--train.noise_scale=true"],  # measuring it: one gradient norm and one all-reduce per step
     "bf16+compile+fused": ["--train.mixed_precision=bf16", "--train.compile=true", "--train.fused_adamw=true"],
 }
 

@@ -28,6 +28,7 @@ from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, from_mapping
+from pretrain.noise_scale import NoiseScale
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -43,7 +44,7 @@ MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "
 # `resume: auto` may change these freely; a change of any other key needs an explicit `--resume=PATH`.
 FREE_ON_RESUME = ("output_dir", "resume", "overwrite", "tracking.", "checkpoint.", "sample.", "eval.every",
                   "eval.sequences", "eval.path", "train.log_every", "train.cpu_threads", "train.peak_flops_per_device",
-                  "train.max_nonfinite_skips", "data.num_workers")
+                  "train.max_nonfinite_skips", "train.noise_scale", "train.noise_scale_ema", "data.num_workers")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class TrainerState:
     wandb_run_id: str | None = None  # the W&B run a resume continues
     settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
     config: dict[str, Any] | None = None  # the whole config of the run that saved it (absent before 2026-11)
+    noise: NoiseScale = field(default_factory=NoiseScale)  # the noise scale's moving averages (absent before 2026-12)
+
+    def to_json(self) -> dict[str, Any]:
+        """The form saved as trainer_state.json (read back by read_trainer_state)."""
+        return {**dataclasses.asdict(self), "data_position": self.data_position.to_json()}
 
     def advance(self, step: int, *, k: int, tokens: int, data_position: DataPosition, result: Any) -> None:
         """Count optimizer step `step` of K micro-batches holding `tokens` target tokens, with its StepResult."""
@@ -136,7 +142,8 @@ def read_trainer_state(path: str) -> TrainerState:
     except (OSError, ValueError) as err:
         raise ConfigError(f"resume: cannot read {file} ({getattr(err, 'strerror', None) or first_line(err)})") from None
     if isinstance(raw, dict):
-        missing = [f.name for f in dataclasses.fields(TrainerState) if f.name not in raw and f.name != "config"]
+        optional = ("config", "noise")  # added later: older checkpoints have none
+        missing = [f.name for f in dataclasses.fields(TrainerState) if f.name not in raw and f.name not in optional]
         if missing:
             raise ConfigError(f"resume: {file} has no {', '.join(missing)}; it is not a checkpoint this template wrote")
         saved_position = raw.pop("data_position")  # not a mapping of fields: read by DataPosition.from_json
@@ -245,7 +252,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
     if written and accelerator.is_main_process:
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**dataclasses.asdict(state), "data_position": state.data_position.to_json()}, f, indent=1)
+                json.dump(state.to_json(), f, indent=1)
             _flush_tree(tmp)
             os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
             _fsync_dir(root)

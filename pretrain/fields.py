@@ -34,7 +34,7 @@ class Range:
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if not math.isfinite(value):
-            raise ConfigError(f"{dotted}: must be a finite number {self.describe()}, got {value!r}")
+            raise ConfigError(f"{dotted}: must be a finite number {self.describe()}".rstrip() + f", got {value!r}")
         if too_low or too_high:
             raise ConfigError(f"{dotted}: must be {self.describe()}, got {value!r}")
 
@@ -46,7 +46,9 @@ class Range:
             return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {low}"
-        return f"{'<' if self.high_open else '<='} {high}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return ""
 
 
 def _number(x: float | None) -> str:
@@ -63,6 +65,7 @@ class NotEmpty:
 
 
 INT64_MAX = 2**63 - 1  # every integer ends up in a torch or numpy int64 somewhere
+FINITE = Range()  # any finite number
 POSITIVE = Range(low=0, low_open=True)  # finite and > 0
 NON_NEGATIVE = Range(low=0)
 AT_LEAST_1 = Range(low=1, high=INT64_MAX)

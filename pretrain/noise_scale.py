@@ -16,11 +16,13 @@ ratio of two moving averages (each estimate is noisy, and often negative, alone)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from accelerate import Accelerator
 
 from pretrain.distributed import sum_over_processes
+from pretrain.fields import COUNT, FINITE
 
 
 def small_batch_sq_norm(accelerator: Accelerator, model: torch.nn.Module, local_tokens: int,
@@ -56,9 +58,9 @@ def estimate(accelerator: Accelerator, small: tuple[int, float] | None,
 @dataclass
 class NoiseScale:
     """The moving averages of the two estimates, saved in checkpoints so that a resumed run continues them."""
-    grad_sq: float = 0.0  # EMA of the |G|^2 estimates
-    trace: float = 0.0  # EMA of the tr(S) estimates
-    steps: int = 0  # estimates averaged so far
+    grad_sq: Annotated[float, FINITE] = 0.0  # EMA of the |G|^2 estimates
+    trace: Annotated[float, FINITE] = 0.0  # EMA of the tr(S) estimates
+    steps: Annotated[int, COUNT] = 0  # estimates averaged so far
 
     def update(self, grad_sq: float, trace: float, decay: float) -> None:
         self.grad_sq = decay * self.grad_sq + (1 - decay) * grad_sq

@@ -1,4 +1,4 @@
-"""One optimizer step: gather K micro-batches, backpropagate each with the token-exact scale, then clip and step."""
+"""One optimizer step: take K micro-batches, backpropagate each with the token-exact scale, then clip and step."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     return StepResult(loss, grad_norm, accelerator.optimizer_step_was_skipped or not finite, finite, small_batch)
 
 
-def gather_step(reader: MicroBatchReader, accelerator: Accelerator, k: int, *, micro_batch_size: int, seq_len: int,
-                incomplete: str) -> tuple[list[dict[str, torch.Tensor]], int] | None:
+def take_micro_batches(reader: MicroBatchReader, accelerator: Accelerator, k: int, *, micro_batch_size: int,
+                       seq_len: int, incomplete: str) -> tuple[list[dict[str, torch.Tensor]], int] | None:
     """The K micro-batches of this step and their global target-token count; None when training must stop.
 
     When the data runs out mid-step, every process learns it from the same all-reduce: with

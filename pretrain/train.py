@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from pretrain import noise_scale
 from pretrain.accumulation import AccumulationPlan, lr_scale
 from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint
 from pretrain.config import Config
@@ -26,7 +28,7 @@ from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import FINAL_DIR, FINAL_TMP
 from pretrain.preemption import StopRequest
 from pretrain.setup import Inputs, build, check_inputs
-from pretrain.step import gather_step, optimizer_step
+from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
 from pretrain.tracking import MetricsLogger, describe_eval, describe_step, step_row
 
@@ -108,26 +110,28 @@ def loop(run: Run) -> signal.Signals | None:
     for step in run.progress:
         started = time.perf_counter()
         # ---- K for this step (it changes only between steps), its micro-batches and their global token count
-        epoch = from_main_process(accelerator, run.reader.next_epoch())  # of the global stream's next window
+        epoch = run.reader.next_epoch()  # of this process's next micro-batch (-1: the data has run out)
+        if plan.keyed_by == "epoch":  # K follows the epoch of the global stream's next window, which rank 0 reads
+            epoch = from_main_process(accelerator, epoch)
         k = plan.k_at(step - 1, epoch)
-        gathered = gather_step(run.reader, accelerator, k, micro_batch_size=plan.micro_batch_size,
-                               seq_len=cfg.data.seq_len, incomplete=cfg.train.incomplete_last_step)
-        if gathered is None:
+        taken = take_micro_batches(run.reader, accelerator, k, micro_batch_size=plan.micro_batch_size,
+                                   seq_len=cfg.data.seq_len, incomplete=cfg.train.incomplete_last_step)
+        if taken is None:
             say(f"data ran out after {step - 1} optimizer steps (data.repeat is false); stopping")
             return None
-        micro_batches, step_tokens = gathered
+        micro_batches, global_tokens = taken
         # ---- one optimizer step over all K micro-batches, at this step's learning rate
         lr = lr_at(state.updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
         set_lr(run.optimizer, lr)
-        result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=step_tokens,
-                                max_grad_norm=cfg.train.max_grad_norm)
-        state.advance(step, k=k, tokens=step_tokens, data_position=run.reader.position, result=result)
-        # ---- record the step: its metrics row, with the eval loss when due
-        speed = throughput(step_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
+        result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
+                                max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
+        state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result)
+        # ---- record the step: its metrics row, with the noise scale when measured and the eval loss when due
+        speed = throughput(global_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
                            flops_per_token_=run.flops_per_token, peak=run.peak_flops, device=accelerator.device)
-        record(run, step_row(step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens=state.tokens,
-                             speed=speed, k=k, global_batch=plan.global_batch(k), epoch=epoch,
-                             skipped=result.skipped), finite=result.finite)
+        row = step_row(step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens=state.tokens, speed=speed,
+                       k=k, global_batch=plan.global_batch(k), epoch=epoch, skipped=result.skipped)
+        evaluate_and_log(run, row | measure_noise_scale(run, result, k, global_tokens), finite=result.finite)
         # ---- a checkpoint every checkpoint.every steps (not amid non-finite ones), and at once when told to stop
         stopped_by = run.stop_request.agreed(accelerator)
         if stopped_by or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not state.consecutive_skips):
@@ -143,7 +147,22 @@ def progress_bar(state: TrainerState, max_steps: int, main_process: bool) -> tqd
                 total=max_steps, disable=not main_process)
 
 
-def record(run: Run, row: dict, finite: bool) -> None:
+def measure_noise_scale(run: Run, result: StepResult, k: int, global_tokens: int) -> dict[str, float]:
+    """The noise-scale columns of this step's row, after updating their moving averages; none when train.noise_scale
+    is off, at K = 1 (no small batch) or after a non-finite step. Every process calls it (one all-reduce)."""
+    if not run.cfg.train.noise_scale or k == 1:
+        return {}
+    estimates = noise_scale.estimate(run.accelerator, result.small_batch, (global_tokens, result.grad_norm))
+    if estimates is None or not all(math.isfinite(x) for x in estimates):
+        return {}
+    run.state.noise.update(*estimates, decay=run.cfg.train.noise_scale_ema)
+    columns = {"noise_grad_sq": estimates[0], "noise_trace": estimates[1]}
+    if run.state.noise.tokens is not None:
+        columns["noise_scale_tokens"] = run.state.noise.tokens
+    return columns
+
+
+def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
     """Evaluate when due, log the row, print it every train.log_every steps; stop after too many non-finite steps."""
     cfg, step = run.cfg, row["step"]
     last = step == cfg.train.max_steps
@@ -154,11 +173,20 @@ def record(run: Run, row: dict, finite: bool) -> None:
     run.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
     if step % cfg.train.log_every == 0 or last or row["skipped"]:
         say(describe_step(row, finite))
+        if "noise_grad_sq" in row:
+            say(describe_noise_scale(run))
     skips = run.state.consecutive_skips
     if skips > cfg.train.max_nonfinite_skips:
         raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite for {skips} steps in a "
                        f"row (last at step {step}); lower train.lr or check the data, then resume from the last "
                        "checkpoint")
+
+
+def describe_noise_scale(run: Run) -> str:
+    """Where the batch of the last step stands against the noise scale (pretrain.noise_scale.describe)."""
+    per_k = run.plan.num_processes * run.plan.micro_batch_size * run.cfg.data.seq_len
+    return noise_scale.describe(run.state.noise.tokens, batch_tokens=run.state.k * per_k, k=run.state.k,
+                                tokens_per_k=per_k)
 
 
 def finish(run: Run, stopped_by: signal.Signals | None) -> None:
@@ -168,6 +196,8 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
     if run.stats.documents:
         say(f"data: {run.stats.documents:,} documents read, {run.stats.empty_documents:,} empty ones skipped, "
             f"{run.stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
+    if cfg.train.noise_scale and state.noise.steps:
+        say(describe_noise_scale(run))
     checkpoint_dir = os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")
     if stopped_by:
         raise Stopped(stopped_by, f"stopped by {stopped_by.name} after optimizer step {state.step}; the checkpoint "

@@ -1,9 +1,13 @@
 """Run under 2 processes (torchrun): records, after each micro-batch's backward, whether ranks' gradients agree.
 
-Used by test_ddp_sync.py: `torchrun --nproc_per_node 2 tests/ddp_sync_probe.py REPO`. One optimizer step as
-configured (train.sync_each_batch: false), then one with train.sync_each_batch turned on (as build_accelerator
-sets it: test_ddp_sync.py checks that wiring). Prints one JSON line from rank 0:
+Used by the `ddp_probe` fixture: `torchrun --nproc_per_node 2 tests/ddp_sync_probe.py REPO OUT`. One optimizer
+step as configured (train.sync_each_batch: false), then one with train.sync_each_batch turned on (as
+build_accelerator sets it: test_ddp_sync.py checks that wiring). Prints one JSON line from rank 0:
 {"false": [[micro-batch index, grads equal across ranks], ...], "true": [...]}.
+
+Then one step over ragged micro-batches with the noise scale measured; rank 0 saves to OUT the weights before
+it, every rank's micro-batches, each rank's (b, |G_b|^2), the step's gradient norm and the estimate, for
+test_noise_scale.py to check against a computation of its own.
 """
 
 import json
@@ -18,6 +22,7 @@ from pretrain.accumulation import count_target_tokens  # noqa: E402
 from pretrain.config import ModelConfig, load_config, parse_cli  # noqa: E402
 from pretrain.engines import build_accelerator  # noqa: E402
 from pretrain.models import build_model, build_model_config  # noqa: E402
+from pretrain.noise_scale import estimate  # noqa: E402
 from pretrain.step import optimizer_step  # noqa: E402
 
 K = 3
@@ -54,6 +59,22 @@ for sync_each_batch in (False, True):
     results[str(sync_each_batch).lower()] = list(agreement)
 if accelerator.is_main_process:
     print(json.dumps(results))
+
+accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = False
+micro_batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=generator),
+                  "labels": torch.randint(0, 50, (2, 6), generator=generator)} for _ in range(K)]
+for micro_batch in micro_batches:  # ragged: a different number of targets in each micro-batch and on each rank
+    micro_batch["labels"][torch.rand(2, 6, generator=generator) < 0.4] = -100
+weights = {name: value.detach().clone() for name, value in accelerator.unwrap_model(model).state_dict().items()}
+tokens = int(accelerator.reduce(count_target_tokens(micro_batches), "sum"))
+result = optimizer_step(accelerator, model, optimizer, micro_batches, global_tokens=tokens, max_grad_norm=1.0,
+                        measure_small_batch=True)
+estimates = estimate(accelerator, result.small_batch, (tokens, result.grad_norm))
+every_rank = [None, None]
+dist.all_gather_object(every_rank, {"micro_batches": micro_batches, "small_batch": result.small_batch})
+if accelerator.is_main_process:
+    torch.save({"weights": weights, "ranks": every_rank, "grad_norm": result.grad_norm, "estimates": estimates},
+               sys.argv[2])
 del model, optimizer
 accelerator.free_memory()
 dist.destroy_process_group()

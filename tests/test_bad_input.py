@@ -43,7 +43,7 @@ def fake_checkpoint(directory, step, **overrides):
     directory.mkdir(parents=True)
     settings = settings_of(load_config(None, overrides))
     state = TrainerState(step=step, settings=settings)
-    (directory / STATE_FILE).write_text(json.dumps({**state.__dict__, "data_position": state.data_position.to_json()}))
+    (directory / STATE_FILE).write_text(json.dumps(state.to_json()))
 
 
 def files(tmp_path):
@@ -99,6 +99,10 @@ CASES = {
     "unknown section": (["--trian.lr=1"], {}, "trian: unknown key"),
     "wrong type": (["--train.micro_batch_size=eight"], {}, "train.micro_batch_size: expected int"),
     "K < 1": (["--train.gradient_accumulation_steps=0"], {}, "train.gradient_accumulation_steps: must be >= 1"),
+    "noise scale at K = 1": (["--train.noise_scale=true", "--train.gradient_accumulation_steps=1"], {},
+                             "train.noise_scale: needs K >= 2"),
+    "noise scale with sync_each_batch": (["--train.noise_scale=true", "--train.sync_each_batch=true"], {},
+                                         "train.noise_scale: needs the first micro-batch's gradient before"),
     "N < 1": (["--train.micro_batch_size=0"], {}, "train.micro_batch_size: must be >= 1"),
     "zero lr": (["--train.lr=0"], {}, "train.lr: must be > 0"),
     "negative lr": (["--train.lr=-1e-3"], {}, "train.lr: must be > 0"),

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-from conftest import REPO, clean_env, fresh_accelerate_state
+from conftest import fresh_accelerate_state
 from pretrain.config import load_config
 from pretrain.engines import build_accelerator
 
 
-def test_gradients_differ_across_ranks_until_the_sync_micro_batch():
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_sync_probe.py"),
-           str(REPO)]
-    env = {**clean_env(), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    agreement = json.loads(result.stdout.strip().splitlines()[-1])
+def test_gradients_differ_across_ranks_until_the_sync_micro_batch(ddp_probe):
+    agreement = ddp_probe["agreement"]
     # K = 3: local (different) gradients after micro-batches 1 and 2, all-reduced (equal) after 3
     assert agreement["false"] == [[1, False], [2, False], [3, True]]
     # train.sync_each_batch: reduced after every micro-batch (the FSDP memory trade-off)
