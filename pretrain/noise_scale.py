@@ -45,6 +45,8 @@ def estimate(accelerator: Accelerator, small: tuple[int, float] | None,
     micro-batch held no target token) and the step's (B, |G_B|), averaged over the processes that had one; None
     when none had."""
     big_tokens, big_norm = big
+    if small is not None and small[0] >= big_tokens:  # the step held nothing more (a last, partial step): no pair
+        small = None
     grad_sq = trace = 0.0
     if small is not None:
         b, small_sq = small
@@ -69,9 +71,10 @@ class NoiseScale:
 
     @property
     def tokens(self) -> float | None:
-        """B_simple in tokens, or None while the average of |G|^2 is not yet positive. (The EMAs start at 0 and
-        would need the same bias correction, which cancels in their ratio.)"""
-        return self.trace / self.grad_sq if self.steps and self.grad_sq > 0 else None
+        """B_simple in tokens, or None while either average is not yet positive (each estimate is noisy, and a
+        negative ratio means nothing). (The EMAs start at 0 and would need the same bias correction, which
+        cancels in their ratio.)"""
+        return self.trace / self.grad_sq if self.steps and self.grad_sq > 0 and self.trace > 0 else None
 
 
 def describe(noise_tokens: float | None, *, batch_tokens: int, k: int, tokens_per_k: int) -> str:
@@ -79,7 +82,7 @@ def describe(noise_tokens: float | None, *, batch_tokens: int, k: int, tokens_pe
     `tokens_per_k` = P x N x seq_len tokens) that would match it. McCandlish et al.: well below the noise scale a
     run spends more optimizer steps than it needs; well above it, more tokens."""
     if noise_tokens is None:
-        return "noise scale: not measurable yet (the moving average of the |G|^2 estimates is not positive)"
+        return "noise scale: not measurable yet (the moving averages of the estimates are not both positive)"
     ratio = batch_tokens / noise_tokens
     advice = ("below it, so a larger batch would take fewer optimizer steps" if ratio < 0.5 else
               "above it, so a smaller batch would take fewer tokens" if ratio > 2 else "near it")

@@ -129,6 +129,14 @@ def test_the_noise_scale_is_the_ratio_of_the_moving_averages_not_the_average_of_
     ema_grad_sq, ema_trace = 0.5 * (0.5 * 0.5 * 1.0 + 0.5 * -0.5) + 0.5 * 2.0, 0.5 * (0.5 * 5 + 15) + 10
     assert noise.tokens == ema_trace / ema_grad_sq
     assert NoiseScale().tokens is None  # nothing measured yet
+    assert NoiseScale(grad_sq=1.0, trace=-5.0, steps=3).tokens is None  # a negative ratio means nothing
+
+
+def test_a_step_whose_first_micro_batch_holds_all_its_tokens_gives_no_estimate():
+    # A last partial step (incomplete_last_step: step) can hold one real micro-batch and empty ones: b = B.
+    fresh_accelerate_state()
+    assert estimate(Accelerator(cpu=True), (100, 2.0), (100, 1.5)) is None
+    assert estimate(Accelerator(cpu=True), (100, 2.0), (400, 1.5)) is not None
 
 
 # ---- the bookkeeping, exactly: K, P, T and ragged token counts, on 2 gloo processes and on one
