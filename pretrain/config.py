@@ -99,8 +99,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: Annotated[int, AT_LEAST_1] = 8
-    """N: sequences per process per forward pass (sets activation memory)"""
+    micro_batch_size: Annotated[int, AT_LEAST_1] | Literal["auto"] = 8
+    """N: sequences per process per forward pass (sets activation memory); auto: the largest N that divides
+    global_batch_size / P and fits in memory, tried before the first step"""
     gradient_accumulation_steps: Annotated[int, AT_LEAST_1] | None = 2
     """K: micro-batches per process per optimizer step, their gradients summed; global batch = P x K x N"""
     global_batch_size: Annotated[int, AT_LEAST_1] | None = None
@@ -136,6 +137,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16", "fp8"] = "no"
     """no | bf16 | fp16 | fp8: fp16 and fp8 need a GPU (fp8 also Hopper/Ada and an fp8 backend); bf16 is
     faster on many CPUs"""
+    memory_limit_gb: Annotated[float, POSITIVE] | None = None
+    """peak memory per process (GB = 10^9 bytes) that micro_batch_size: auto may use; null: on CPU the memory
+    available at the start, on GPU until out of memory"""
     compile: bool = False
     """torch.compile the model (Accelerate's dynamo, inductor): slower start, faster steps"""
     fused_adamw: bool = True
@@ -167,9 +171,24 @@ class TrainConfig:
         noise scale needs each first micro-batch's gradient before any sync."""
         for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
             _check_schedule(f"train.{name}", getattr(self, name))
+        if self.micro_batch_size == "auto":
+            _check_auto_micro_batch(self)
         if self.noise_scale and self.sync_each_batch:
             raise ConfigError("train.noise_scale: needs the first micro-batch's gradient before it is reduced over "
                               "the processes, and train.sync_each_batch reduces it at once; set one of them false")
+
+
+def _check_auto_micro_batch(cfg: TrainConfig) -> None:
+    """micro_batch_size: auto keeps a global batch fixed and derives K from it."""
+    if cfg.global_batch_size is None:
+        raise ConfigError("train.micro_batch_size: auto needs train.global_batch_size, the global batch (in "
+                          "sequences) that it splits into K x N per process")
+    if cfg.gradient_accumulation_schedule or cfg.gradient_accumulation_epoch_schedule:
+        raise ConfigError("train.micro_batch_size: auto keeps the global batch fixed, which a K schedule changes; "
+                          "give N by hand with the schedule, or drop the schedule")
+    if cfg.gradient_accumulation_steps is not None:
+        raise ConfigError(f"train.gradient_accumulation_steps: {cfg.gradient_accumulation_steps}, but "
+                          "micro_batch_size: auto chooses K = global_batch_size / (N x processes); set it to null")
 
 
 @dataclass

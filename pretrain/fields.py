@@ -136,11 +136,16 @@ def _check_type(dotted: str, value: Any, hint: Any) -> Any:
         if checked is _NO_MATCH:
             continue
         if typing.get_origin(kind) is Literal and checked not in typing.get_args(kind):
+            if len([k for k in allowed if k is not type(None)]) > 1:  # an int or "auto": said below
+                continue
             raise ConfigError(f"{dotted}: {checked!r} is not one of {', '.join(typing.get_args(kind))}")
         for check in checks if checked is not None else ():
             check.check(dotted, checked)
         return checked
-    names = " or ".join("null" if k is type(None) else getattr(_base(k), "__name__", str(k)) for k in allowed)
+    mixed = len([k for k in allowed if k is not type(None)]) > 1  # a choice beside a type: name the choices
+    names = " or ".join("null" if k is type(None) else " or ".join(typing.get_args(k))
+                        if mixed and typing.get_origin(k) is Literal else getattr(_base(k), "__name__", str(k))
+                        for k in allowed)
     hint = ' (YAML reads bare no/yes/on/off as booleans: quote it, e.g. "no")' if isinstance(value, bool) else ""
     raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}{hint}")
 

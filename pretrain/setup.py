@@ -6,6 +6,7 @@ process; a run that fails here leaves no lock file, no empty dir and no changed 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from pretrain import auto_batch
 from pretrain.accumulation import AccumulationPlan, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
                                  load_trainer_state, newest_loadable, resume_path, set_aside_newer, settings_of,
@@ -64,10 +66,35 @@ class Built:
     peak_flops: float | None
 
 
-def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
-    """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
-    plan = plan_accumulation(cfg.train, accelerator.num_processes)
-    fit_engine_to_config(accelerator, cfg, plan)  # the launcher's K; DeepSpeed's own K, batch and clipping
+def settle_micro_batch(cfg: Config, accelerator: Accelerator) -> Config:
+    """`cfg` with train.micro_batch_size: auto replaced by an N (K then follows from global_batch_size): the
+    checkpoint's N when resuming, else the largest that fits. Any other config is returned as it is."""
+    if cfg.train.micro_batch_size != "auto":
+        return cfg
+    def resumed_n() -> tuple[int, str] | None:
+        auto_batch.check_engine(accelerator)
+        return auto_batch.micro_batch_of_checkpoint(cfg, accelerator.num_processes)
+
+    resumed = agree(accelerator, resumed_n)
+    if resumed is not None:
+        n, line = resumed
+    else:
+        model = agree(accelerator, lambda: check_model(cfg, accelerator))
+        n, line = auto_batch.choose_micro_batch(cfg, accelerator, model.config)
+    say(line)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=n,
+                                                              gradient_accumulation_steps=None))
+
+
+@dataclass
+class CheckedModel:
+    tokenizer: PreTrainedTokenizerBase
+    config: PretrainedConfig
+    parameters: int
+
+
+def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
+    """The tokenizer and the model's config, checked by building the model on the meta device."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
@@ -76,13 +103,22 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
     model_config = build_model_config(cfg.model, vocab_size, special)
     with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
         parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
-    check_memory_fits(parameters, model_config, plan, seq_len=cfg.data.seq_len, device=accelerator.device)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
     limit = max_positions(model_config)
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
+    return CheckedModel(tokenizer, model_config, parameters)
+
+
+def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
+    """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
+    plan = plan_accumulation(cfg.train, accelerator.num_processes)
+    fit_engine_to_config(accelerator, cfg, plan)  # the launcher's K; DeepSpeed's own K, batch and clipping
+    model = check_model(cfg, accelerator)
+    tokenizer, model_config = model.tokenizer, model.config
+    check_memory_fits(model.parameters, model_config, plan, seq_len=cfg.data.seq_len, device=accelerator.device)
     # The main process locks an existing output_dir before deciding where to start from, so that a run still
     # finishing there cannot add a checkpoint meanwhile. (A new output_dir is made and locked at the end.)
     existed = os.path.isdir(cfg.output_dir)

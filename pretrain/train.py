@@ -27,7 +27,7 @@ from pretrain.evaluation import evaluate
 from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import FINAL_DIR, FINAL_TMP
 from pretrain.preemption import StopRequest
-from pretrain.setup import Inputs, build, check_inputs
+from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
 from pretrain.tracking import MetricsLogger, describe_eval, describe_step, step_row
@@ -81,6 +81,7 @@ class Run:
 def setup(cfg: Config) -> Run:
     """Check the input on every process (all stop if one fails), build the model, load the checkpoint to resume."""
     accelerator = build_accelerator(cfg)
+    cfg = settle_micro_batch(cfg, accelerator)
     inputs = agree(accelerator, lambda: check_inputs(cfg, accelerator), undo=Inputs.abandon)
     try:
         built = build(accelerator, cfg, inputs)

@@ -134,7 +134,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def ddp_probe(tmp_path_factory) -> dict:
     """tests/ddp_sync_probe.py under torchrun with 2 gloo processes, once per session: the gradient agreement it
-    prints, and the path of what it saved of its noise-scale step."""
+    prints, the path of what it saved of its noise-scale step, and each rank's micro_batch_size: auto answers."""
     saved = tmp_path_factory.mktemp("ddp_probe") / "noise_step.pt"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_sync_probe.py"),
@@ -142,6 +142,8 @@ def ddp_probe(tmp_path_factory) -> dict:
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith('{"false"'))
-    return {"agreement": json.loads(line), "saved": saved}
+    lines = result.stdout.splitlines()
+    line = next(line for line in lines if line.startswith('{"false"'))
+    auto = json.loads(next(line for line in lines if line.startswith('{"auto"')))["auto"]
+    return {"agreement": json.loads(line), "saved": saved, "auto": auto}
 

@@ -8,9 +8,13 @@ build_accelerator sets it: test_ddp_sync.py checks that wiring). Prints one JSON
 Then one step over ragged micro-batches with the noise scale measured; rank 0 saves to OUT the weights before
 it, every rank's micro-batches, each rank's (b, |G_b|^2), the step's gradient norm and the estimate, for
 test_noise_scale.py to check against a computation of its own.
+
+Last, train.micro_batch_size: auto with rank 1's trials made to run out of memory: prints {"auto": ...} with
+each rank's N and start line, or the error it raised (test_auto_batch.py).
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -18,11 +22,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[1])  # the repository root
 
+from pretrain import auto_batch  # noqa: E402
 from pretrain.accumulation import count_target_tokens  # noqa: E402
 from pretrain.config import ModelConfig, load_config, parse_cli  # noqa: E402
 from pretrain.engines import build_accelerator  # noqa: E402
+from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.models import build_model, build_model_config  # noqa: E402
 from pretrain.noise_scale import estimate  # noqa: E402
+from pretrain.setup import check_model  # noqa: E402
 from pretrain.step import optimizer_step  # noqa: E402
 
 K = 3
@@ -77,4 +84,42 @@ if accelerator.is_main_process:
                sys.argv[2])
 del model, optimizer
 accelerator.free_memory()
+
+
+# micro_batch_size: auto, G = 16 on 2 processes (N = 8, 4, 2, 1 to try), with rank 1 out of memory from N = 4 on,
+# then from N = 1 on (nothing fits there). Each rank's answer: its N and line, or the error it raised.
+def out_of_memory_from(smallest):
+    def scratch_model(*args):
+        model = real_scratch_model(*args)
+        if accelerator.process_index == 1:
+            model.register_forward_pre_hook(lambda module, args, kwargs: raise_out_of_memory(
+                kwargs["input_ids"].shape[0] >= smallest), with_kwargs=True)
+        return model
+    return scratch_model
+
+
+def raise_out_of_memory(whether):
+    if whether:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+real_scratch_model = auto_batch.scratch_model
+auto = load_config(*parse_cli(["--tracking.wandb=false", "--train.micro_batch_size=auto",
+                               "--train.global_batch_size=16", "--train.gradient_accumulation_steps=null"]))
+model_config = check_model(auto, accelerator).config
+answers = {}
+for smallest in (4, 1):
+    auto_batch.scratch_model = out_of_memory_from(smallest)
+    try:
+        answer = list(auto_batch.choose_micro_batch(auto, accelerator, model_config))
+    except ConfigError as err:
+        answer = [type(err).__name__, str(err)]
+    every_rank = [None, None]
+    dist.all_gather_object(every_rank, answer)
+    answers[f"out of memory from {smallest}"] = every_rank
+if accelerator.is_main_process:
+    print(json.dumps({"auto": answers}), flush=True)
 dist.destroy_process_group()
+# Everything is checked and printed. The interpreter's own teardown after this script aborts about one run in ten
+# ("terminate called without an active exception", no Python frame left), which a real run does not show.
+os._exit(0)

@@ -186,7 +186,7 @@ def write(tmp_path: Path, text: str) -> str:
     ("train:\n  gradient_acumulation_steps: 4\n",
      r"^train\.gradient_acumulation_steps: unknown key .*gradient_accumulation_steps"),  # names the valid keys
     ("trian:\n  lr: 1\n", r"^trian: unknown key"),
-    ("train:\n  micro_batch_size: eight\n", r"^train\.micro_batch_size: expected int, got str 'eight'"),
+    ("train:\n  micro_batch_size: eight\n", r"^train\.micro_batch_size: expected int or auto, got str 'eight'"),
     ("train:\n  max_steps: true\n", r"^train\.max_steps: expected int, got bool"),  # a bool is not an int
     ("data:\n  mixture:\n    - {path: a.jsonl, wieght: 2}\n", r"^data\.mixture\[0\]\.wieght: unknown key .*weight"),
     ("data:\n  mixture:\n    - {weight: 2}\n", r"^data\.mixture\[0\]\.path: required"),
