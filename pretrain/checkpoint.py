@@ -22,13 +22,14 @@ from typing import Annotated, Any
 
 from accelerate import Accelerator
 
-from pretrain.config import Config, flat_dict, to_dict
+from pretrain.config import Config, TrainConfig, flat_dict, to_dict
 from pretrain.console import say
 from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, from_mapping
 from pretrain.noise_scale import NoiseScale
+from pretrain.optim import lr_at
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -46,6 +47,12 @@ FREE_ON_RESUME = ("output_dir", "resume", "overwrite", "tracking.", "checkpoint.
                   "eval.sequences", "eval.path", "train.log_every", "train.cpu_threads", "train.peak_flops_per_device",
                   "train.max_nonfinite_skips", "train.noise_scale", "train.noise_scale_ema", "train.memory_limit_gb",
                   "data.num_workers")
+
+
+# Keys that act on the run only through each step's learning rate: resume: auto may change them when every step
+# already taken keeps its learning rate (a WSD run in its stable phase; a cosine run's past rates depend on them).
+LR_SCHEDULE_KEYS = {"train.max_steps", "train.lr_schedule", "train.lr_decay_steps", "train.lr_decay_fraction",
+                    "train.lr_decay_shape", "train.min_lr_ratio"}
 
 
 @dataclass
@@ -126,12 +133,23 @@ def load_trainer_state(path: str, cfg: Config) -> TrainerState:
     if cfg.resume == "auto" and state.config is not None:
         now_saved = json.loads(json.dumps(to_dict(cfg)))  # as JSON holds it: a schedule's {4: 1} is {"4": 1}
         changed = changed_settings(state.config, now_saved)
+        if changed and {line.split()[0] for line in changed} <= LR_SCHEDULE_KEYS and same_past_lrs(state, cfg):
+            changed = []  # e.g. a WSD run resumed in its stable phase with a larger max_steps: the same run, longer
         if changed:
             raise ConfigError(f"resume: auto would continue the run in {cfg.output_dir!r}, but this config changes "
                               f"{'; '.join(changed)}. To continue that run with these settings, pass --resume={path}; "
                               "to start a new run, choose another output_dir (or --resume=none --overwrite=true to "
                               "replace it)")
     return state
+
+
+def same_past_lrs(state: TrainerState, cfg: Config) -> bool:
+    """Whether each of the `state.updates` updates made would have had the same learning rate under `cfg`."""
+    try:
+        before = from_mapping(TrainConfig, state.config.get("train", {}), prefix="train.")
+    except ConfigError:  # a config of an older version: not comparable
+        return False
+    return all(lr_at(update, before) == lr_at(update, cfg.train) for update in range(state.updates))
 
 
 def read_trainer_state(path: str) -> TrainerState:

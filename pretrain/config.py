@@ -117,9 +117,18 @@ class TrainConfig:
     lr: Annotated[float, POSITIVE] = 3e-3
     """peak learning rate, reached after warmup_steps"""
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
-    """the cosine decays to lr x min_lr_ratio at max_steps"""
+    """the cosine (or WSD's decay) ends at lr x min_lr_ratio at max_steps"""
     warmup_steps: Annotated[int, COUNT] = 40
     """optimizer steps of linear warm-up from 0 to lr"""
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """after warm-up: cosine (decay to the end), wsd (warmup-stable-decay: constant lr, then a decay over the last
+    lr_decay_steps; a stable-phase checkpoint may resume with a larger max_steps) or constant"""
+    lr_decay_steps: Annotated[int, AT_LEAST_1] | None = None
+    """wsd: optimizer steps of the final decay; null: lr_decay_fraction of max_steps"""
+    lr_decay_fraction: Annotated[float, Range(0, 1, low_open=True)] = 0.2
+    """wsd: the share of max_steps that the decay takes, when lr_decay_steps is null"""
+    lr_decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """wsd: the decay's shape from lr to lr x min_lr_ratio"""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """none | linear | sqrt: scale lr with the global batch relative to lr_base_batch_size"""
     lr_base_batch_size: Annotated[int, AT_LEAST_1] | None = None
@@ -166,16 +175,37 @@ class TrainConfig:
     noise_scale_ema: Annotated[float, Range(0, 1, high_open=True)] = 0.99
     """decay of the two moving averages whose ratio is the noise scale (0.99: about the last 100 steps)"""
 
+    def wsd_decay_steps(self) -> int:
+        """Optimizer steps of WSD's decay at the end of the run: lr_decay_steps, or its fraction of max_steps."""
+        if self.lr_decay_steps is not None:
+            return self.lr_decay_steps
+        return max(1, round(self.lr_decay_fraction * self.max_steps))
+
     def __post_init__(self) -> None:
         """The K schedules map starting points to K (a field's type and range are checked as it is read); the
         noise scale needs each first micro-batch's gradient before any sync."""
         for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
             _check_schedule(f"train.{name}", getattr(self, name))
+        _check_lr_schedule(self)
         if self.micro_batch_size == "auto":
             _check_auto_micro_batch(self)
         if self.noise_scale and self.sync_each_batch:
             raise ConfigError("train.noise_scale: needs the first micro-batch's gradient before it is reduced over "
                               "the processes, and train.sync_each_batch reduces it at once; set one of them false")
+
+
+def _check_lr_schedule(cfg: TrainConfig) -> None:
+    """WSD's decay fits after the warm-up; its keys are not given to a schedule that ignores them."""
+    if cfg.lr_schedule != "wsd":
+        if cfg.lr_decay_steps is not None:
+            raise ConfigError(f"train.lr_decay_steps: only lr_schedule: wsd has a decay phase, this run's is "
+                              f"{cfg.lr_schedule}; set it to null or use lr_schedule: wsd")
+        return
+    decay = cfg.wsd_decay_steps()
+    if decay > cfg.max_steps - cfg.warmup_steps:
+        raise ConfigError(f"train.lr_decay_steps: a decay of {decay} steps does not fit after {cfg.warmup_steps} "
+                          f"warm-up steps in max_steps {cfg.max_steps}; use at most {cfg.max_steps - cfg.warmup_steps}"
+                          " (or a larger max_steps)")
 
 
 def _check_auto_micro_batch(cfg: TrainConfig) -> None:

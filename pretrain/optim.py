@@ -36,17 +36,31 @@ def has_fused_adamw(device: torch.device) -> bool:
 
 def lr_at(completed_steps: int, cfg: TrainConfig) -> float:
     """Learning rate for the optimizer step after `completed_steps` updates (skipped steps do not count): linear
-    warm-up, then cosine decay.
+    warm-up, then train.lr_schedule (cosine decay over the rest, constant, or WSD's stable phase and decay).
 
     Computed from the optimizer step itself, never from micro-batches or a prepared scheduler
     (Accelerate steps a prepared scheduler once per process).
     """
     if completed_steps < cfg.warmup_steps:
         return cfg.lr * (completed_steps + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (completed_steps - cfg.warmup_steps) / decay_steps)
     min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (completed_steps - cfg.warmup_steps) / decay_steps)
+        return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    decay_steps = cfg.wsd_decay_steps()
+    progress = min(1.0, max(0.0, (completed_steps - (cfg.max_steps - decay_steps)) / decay_steps))
+    return min_lr + (cfg.lr - min_lr) * DECAY_SHAPES[cfg.lr_decay_shape](progress)
+
+
+# WSD's decay: the share of (lr - min lr) left at `progress` (0 at the start of the decay, 1 at max_steps).
+DECAY_SHAPES = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "1-sqrt": lambda progress: 1.0 - math.sqrt(progress),
+}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
