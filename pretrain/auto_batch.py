@@ -31,7 +31,7 @@ from pretrain.config import Config
 from pretrain.distributed import agree, max_over_processes
 from pretrain.engines import enable_activation_checkpointing
 from pretrain.errors import ConfigError
-from pretrain.models import build_model, free_memory
+from pretrain.models import build_model, free_memory, logits_bytes, optimizer_state_bytes
 from pretrain.optim import build_optimizer
 
 GB = 10**9  # train.memory_limit_gb counts decimal gigabytes, as GPU makers do
@@ -39,20 +39,21 @@ GB = 10**9  # train.memory_limit_gb counts decimal gigabytes, as GPU makers do
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One candidate N and how it went: its peak memory in bytes, or None when it ran out of memory."""
+    """One candidate N and how it went: its peak memory in bytes, None when it ran out of memory, or (not run)
+    the least it would need by estimate, when that is over the limit already."""
     n: int
     peak: int | None
     limit: int | None  # bytes, or None: no limit but the device's own
+    estimate: int | None = None
 
     @property
     def fits(self) -> bool:
         return self.peak is not None and (self.limit is None or self.peak <= self.limit)
 
-    def why_not(self) -> str:
-        """Why it does not fit, in a few words."""
-        if self.peak is None:
-            return "out of memory"
-        return f"peak {self.peak / GB:.3g} GB over the {self.limit / GB:.3g} GB limit"
+    def describe(self) -> str:
+        if self.estimate is not None:
+            return f"{self.n}: needs at least {self.estimate / GB:.3g} GB (estimate, not tried)"
+        return f"{self.n}: " + ("out of memory" if self.peak is None else f"peak {self.peak / GB:.3g} GB")
 
 
 def candidates(global_batch_size: int, num_processes: int, *, noise_scale: bool) -> list[int]:
@@ -88,32 +89,27 @@ def micro_batch_of_checkpoint(cfg: Config, num_processes: int) -> tuple[int, str
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"train.micro_batch_size: auto resumes with the N of {path!r}, which does not record it "
                           "(a checkpoint from before 2026-11); give that N by hand")
-    k = cfg.train.global_batch_size / (n * num_processes)
-    return n, f"micro-batch: auto -> N={n} of the checkpoint it resumes (not tried again), K={k:g}"
+    if cfg.train.global_batch_size % (n * num_processes):
+        raise ConfigError(f"train.micro_batch_size: auto resumes with the N={n} of {path!r}, and N x {num_processes} "
+                          f"processes does not divide global_batch_size {cfg.train.global_batch_size}; resume on as "
+                          "many processes as the run had, or give an N by hand (--resume=PATH to change it)")
+    k = cfg.train.global_batch_size // (n * num_processes)
+    return n, f"micro-batch: auto -> N={n} of the checkpoint it resumes (not tried again), K={k}"
 
 
-def choose_micro_batch(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig
+def choose_micro_batch(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig, parameters: int
                        ) -> tuple[int, str]:
     """The N every process trains with, and the line that says how it was chosen. Raises ConfigError (on every
     process) when no candidate fits."""
     limit = memory_limit(cfg, accelerator.device)
-    trials = agree(accelerator, lambda: try_candidates(cfg, accelerator, model_config, limit))
+    trials = agree(accelerator, lambda: try_candidates(cfg, accelerator, model_config, parameters, limit))
     mine = next((t.n for t in trials if t.fits), 0)
     n = -max_over_processes(accelerator, -mine)  # the smallest answer: it fits on every process
     if n == 0:  # where none fit, say so (agree's rule: the main process speaks if it is one of them)
         agree(accelerator, lambda: check_one_fits(trials))
     k = cfg.train.global_batch_size // (n * accelerator.num_processes)
-    return n, f"micro-batch: auto -> N={n} ({describe_choice(n, mine, trials)}), K={k}"
-
-
-def describe_choice(n: int, mine: int, trials: list[Trial]) -> str:
-    """Why N: the candidate above it that did not fit here, and N's own peak (or that another process chose)."""
-    if n != mine:
-        return f"{mine} fit here, but not on another process"
-    said = [f"{t.n} did not fit: {t.why_not()}" for t in trials if t.n > n][-1:]
-    chosen = trials[-1]
-    limit = f" of the {chosen.limit / GB:.3g} GB limit" if chosen.limit is not None else ""
-    return "; ".join(said + [f"{n}: peak {chosen.peak / GB:.3g} GB{limit}"])
+    another = f"{mine} fit here, but not on another process; " if n != mine else ""
+    return n, f"micro-batch: auto -> N={n} ({another}{describe_trials(trials)}), K={k}"
 
 
 def check_one_fits(trials: list[Trial]) -> None:
@@ -124,10 +120,10 @@ def check_one_fits(trials: list[Trial]) -> None:
 
 
 def describe_trials(trials: list[Trial]) -> str:
-    """'tried N = 16: out of memory, 8: peak 0.72 GB; the limit is 0.6 GB'."""
-    said = ", ".join(f"{t.n}: " + ("out of memory" if t.peak is None else f"peak {t.peak / GB:.3g} GB") for t in trials)
+    """'tried N = 16: out of memory, 8: peak 0.72 GB; the limit is 0.8 GB'."""
     limit = trials[0].limit
-    return f"tried N = {said}" + (f"; the limit is {limit / GB:.3g} GB" if limit is not None else "")
+    return f"tried N = {', '.join(t.describe() for t in trials)}" + (
+        f"; the limit is {limit / GB:.3g} GB" if limit is not None else "")
 
 
 def memory_limit(cfg: Config, device: torch.device) -> int | None:
@@ -141,25 +137,46 @@ def memory_limit(cfg: Config, device: torch.device) -> int | None:
     return None if available is None else resident_bytes() + available
 
 
-def try_candidates(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig, limit: int | None
-                   ) -> list[Trial]:
-    """Try each candidate N, largest first, until one fits; the trials made."""
-    device = accelerator.device
+def try_candidates(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig, parameters: int,
+                   limit: int | None) -> list[Trial]:
+    """Try each candidate N, largest first, until one fits; the trials made. A candidate that needs more than
+    the limit (or the device's free memory) by estimate is not run: on CPU nothing would stop it before the
+    kernel does."""
+    device, seq_len = accelerator.device, cfg.data.seq_len
+    budget = limit if limit is not None else free_memory(device)
     to_try = candidates(cfg.train.global_batch_size, accelerator.num_processes, noise_scale=cfg.train.noise_scale)
-    model = scratch_model(model_config, device)
-    enable_activation_checkpointing(accelerator, model, cfg)
-    optimizer = build_optimizer(model, cfg.train, device)
-    # Under DDP each process also holds buckets: a copy of the gradients, in which they are reduced.
-    ddp = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.NO
-    buckets = torch.zeros(sum(p.numel() for p in model.parameters()) if ddp else 0, device=device)
+    trials = []
+    for index, n in enumerate(to_try):
+        least = optimizer_state_bytes(parameters) + logits_bytes(n, seq_len, model_config.vocab_size)
+        if budget is None or least <= budget:
+            return trials + run_trials(cfg, accelerator, model_config, to_try[index:], limit)
+        trials.append(Trial(n, None, limit, estimate=least))
+    return trials
+
+
+def run_trials(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig, to_try: list[int],
+               limit: int | None) -> list[Trial]:
+    """Run the candidates `to_try` (largest first) until one fits, on a scratch model; the trials made."""
+    device, seq_len = accelerator.device, cfg.data.seq_len
+    model = optimizer = buckets = None
     trials = []
     try:
-        if training_step(model, optimizer, accelerator, 1, cfg.data.seq_len) is None:
-            return [Trial(1, None, limit)]  # gradients and optimizer state are now held, as in a running step
+        model = scratch_model(model_config, device)
+        enable_activation_checkpointing(accelerator, model, cfg)
+        optimizer = build_optimizer(model, cfg.train, device)
+        # Under DDP each process also holds buckets: a copy of the gradients, in which they are reduced.
+        ddp = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.NO
+        buckets = torch.zeros(sum(p.numel() for p in model.parameters()) if ddp else 0, device=device)
+        if training_step(model, optimizer, accelerator, 1, seq_len) is None:
+            return [Trial(to_try[-1], None, limit)]  # now gradients and optimizer state are held, as in a step
         for n in to_try:
-            trials.append(Trial(n, training_step(model, optimizer, accelerator, n, cfg.data.seq_len), limit))
+            trials.append(Trial(n, training_step(model, optimizer, accelerator, n, seq_len), limit))
             if trials[-1].fits:
                 break
+    except RuntimeError as err:  # out of memory before the first step: the model, its state or the buckets
+        if not should_reduce_batch_size(err):
+            raise
+        return [Trial(to_try[-1], None, limit)]
     finally:
         del model, optimizer, buckets
         release_memory()

@@ -128,6 +128,7 @@ def _check_type(dotted: str, value: Any, hint: Any) -> Any:
     """Return `value` if it fits `hint` (int, float, bool, str, dict, Literal choices, or X | None; ints pass as
     floats) and the checks annotated on it (Range, NotEmpty)."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    mixed = len([k for k in allowed if k is not type(None)]) > 1  # e.g. an int or "auto"
     for annotated in allowed:
         kind, checks = annotated, ()
         if typing.get_origin(annotated) is Annotated:
@@ -136,18 +137,24 @@ def _check_type(dotted: str, value: Any, hint: Any) -> Any:
         if checked is _NO_MATCH:
             continue
         if typing.get_origin(kind) is Literal and checked not in typing.get_args(kind):
-            if len([k for k in allowed if k is not type(None)]) > 1:  # an int or "auto": said below
+            if mixed:  # said below, with the other kinds
                 continue
             raise ConfigError(f"{dotted}: {checked!r} is not one of {', '.join(typing.get_args(kind))}")
         for check in checks if checked is not None else ():
             check.check(dotted, checked)
         return checked
-    mixed = len([k for k in allowed if k is not type(None)]) > 1  # a choice beside a type: name the choices
-    names = " or ".join("null" if k is type(None) else " or ".join(typing.get_args(k))
-                        if mixed and typing.get_origin(k) is Literal else getattr(_base(k), "__name__", str(k))
-                        for k in allowed)
+    names = " or ".join(_kind_name(kind, choices=mixed) for kind in allowed)
     hint = ' (YAML reads bare no/yes/on/off as booleans: quote it, e.g. "no")' if isinstance(value, bool) else ""
     raise ConfigError(f"{dotted}: expected {names}, got {type(value).__name__} {value!r}{hint}")
+
+
+def _kind_name(kind: Any, *, choices: bool) -> str:
+    """'null', 'int', ... ; a Literal's choices ('auto') when `choices`, else their type ('str')."""
+    if kind is type(None):
+        return "null"
+    if choices and typing.get_origin(kind) is Literal:
+        return " or ".join(typing.get_args(kind))
+    return getattr(_base(kind), "__name__", str(kind))
 
 
 _NO_MATCH = object()

@@ -197,12 +197,12 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
     out by P processes at best), a micro-batch's logits and their gradient (float32, N x seq_len x vocab), and the
     K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
     free, micro_batch_size = free_memory(device), plan.micro_batch_size
-    state = 16 * parameters // plan.num_processes
+    state = optimizer_state_bytes(parameters, plan.num_processes)
     if free is not None and state > free:
         raise ConfigError(f"model: {parameters:,} parameters need at least {state / 2**30:,.1f} GiB for the weights, "
                           f"gradients and AdamW moments, but {free / 2**30:,.1f} GiB is free on {device.type}; "
                           "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
-    needed = 8 * micro_batch_size * seq_len * model_config.vocab_size
+    needed = logits_bytes(micro_batch_size, seq_len, model_config.vocab_size)
     if free is not None and needed > free:
         if micro_batch_size == 1:
             raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least {needed / 2**30:,.1f} "
@@ -218,6 +218,16 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
         raise ConfigError(f"train.gradient_accumulation_steps: a step of K={largest_k} micro-batches of "
                           f"{micro_batch_size} x {seq_len + 1} tokens is read before its first forward pass and does "
                           f"not fit in the {free / 2**30:,.1f} GiB free; use a smaller K (or a K schedule's K)")
+
+
+def optimizer_state_bytes(parameters: int, num_processes: int = 1) -> int:
+    """The float32 weights, gradients and two AdamW moments of a model, shared out by P processes at best."""
+    return 16 * parameters // num_processes
+
+
+def logits_bytes(micro_batch_size: int, seq_len: int, vocab_size: int) -> int:
+    """A micro-batch's float32 logits and their gradient."""
+    return 8 * micro_batch_size * seq_len * vocab_size
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -32,6 +32,7 @@ from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
 from pretrain.models import (build_model, build_model_config, check_activation_checkpointing, check_memory_fits,
                              check_model_builds, max_positions)
+from pretrain.muon import check_block_matrices
 from pretrain.optim import build_optimizer
 from pretrain.output_dir import check_output_dir, prepare_output_dir
 from pretrain.throughput import flops_per_token, peak_flops
@@ -71,6 +72,7 @@ def settle_micro_batch(cfg: Config, accelerator: Accelerator) -> Config:
     checkpoint's N when resuming, else the largest that fits. Any other config is returned as it is."""
     if cfg.train.micro_batch_size != "auto":
         return cfg
+
     def resumed_n() -> tuple[int, str] | None:
         auto_batch.check_engine(accelerator)
         return auto_batch.micro_batch_of_checkpoint(cfg, accelerator.num_processes)
@@ -80,7 +82,7 @@ def settle_micro_batch(cfg: Config, accelerator: Accelerator) -> Config:
         n, line = resumed
     else:
         model = agree(accelerator, lambda: check_model(cfg, accelerator))
-        n, line = auto_batch.choose_micro_batch(cfg, accelerator, model.config)
+        n, line = auto_batch.choose_micro_batch(cfg, accelerator, model.config, model.parameters)
     say(line)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=n,
                                                               gradient_accumulation_steps=None))
@@ -105,6 +107,8 @@ def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
         parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
+    if cfg.train.optimizer == "muon":
+        check_block_matrices(model_config)
     limit = max_positions(model_config)
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "

@@ -106,12 +106,12 @@ def raise_out_of_memory(whether):
 real_scratch_model = auto_batch.scratch_model
 auto = load_config(*parse_cli(["--tracking.wandb=false", "--train.micro_batch_size=auto",
                                "--train.global_batch_size=16", "--train.gradient_accumulation_steps=null"]))
-model_config = check_model(auto, accelerator).config
+checked = check_model(auto, accelerator)
 answers = {}
 for smallest in (4, 1):
     auto_batch.scratch_model = out_of_memory_from(smallest)
     try:
-        answer = list(auto_batch.choose_micro_batch(auto, accelerator, model_config))
+        answer = list(auto_batch.choose_micro_batch(auto, accelerator, checked.config, checked.parameters))
     except ConfigError as err:
         answer = [type(err).__name__, str(err)]
     every_rank = [None, None]
