@@ -135,6 +135,16 @@ class TrainConfig:
     """the global batch (sequences) at which lr applies unscaled"""
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
     """AdamW decay on weight matrices and embeddings; biases and norm weights are not decayed"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: Muon (orthogonalised momentum) for the weight matrices inside the blocks, AdamW for
+    embeddings, the output layer, norms and biases"""
+    muon_lr: Annotated[float, POSITIVE] | None = None
+    """muon: peak lr of the block matrices (scheduled and scaled as lr is); null: lr (Muon's update is scaled to
+    AdamW's size)"""
+    muon_weight_decay: Annotated[float, NON_NEGATIVE] | None = None
+    """muon: decoupled weight decay of the block matrices; null: weight_decay"""
+    muon_momentum: Annotated[float, BETA] = 0.95
+    """muon: momentum of the block matrices' (Nesterov) momentum buffer"""
     adam_beta1: Annotated[float, BETA] = 0.9
     """AdamW beta1"""
     adam_beta2: Annotated[float, BETA] = 0.95
@@ -203,9 +213,10 @@ def _check_lr_schedule(cfg: TrainConfig) -> None:
         return
     decay = cfg.wsd_decay_steps()
     if decay > cfg.max_steps - cfg.warmup_steps:
-        raise ConfigError(f"train.lr_decay_steps: a decay of {decay} steps does not fit after {cfg.warmup_steps} "
-                          f"warm-up steps in max_steps {cfg.max_steps}; use at most {cfg.max_steps - cfg.warmup_steps}"
-                          " (or a larger max_steps)")
+        key = "lr_decay_steps" if cfg.lr_decay_steps is not None else "lr_decay_fraction"
+        raise ConfigError(f"train.{key}: a decay of {decay} steps does not fit after {cfg.warmup_steps} warm-up steps "
+                          f"in max_steps {cfg.max_steps}; use a decay of at most {cfg.max_steps - cfg.warmup_steps} "
+                          "steps, fewer warmup_steps or a larger max_steps")
 
 
 def _check_auto_micro_batch(cfg: TrainConfig) -> None:

@@ -82,6 +82,11 @@ def fit_engine_to_config(accelerator: Accelerator, cfg: Config, plan: Accumulati
         raise ConfigError("train.noise_scale: needs each process's first micro-batch gradient whole in .grad, which "
                           "FSDP2 keeps sharded and DeepSpeed in its own buffers; use DDP or one process, or set "
                           "train.noise_scale: false")
+    if cfg.train.optimizer == "muon" and accelerator.distributed_type in (DistributedType.FSDP,
+                                                                         DistributedType.DEEPSPEED):
+        raise ConfigError("train.optimizer: muon orthogonalises each weight matrix whole, which FSDP2 shards across "
+                          "the processes and DeepSpeed steps with its own optimizer; use DDP or one process, or "
+                          "train.optimizer: adamw")
     launcher_k = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if launcher_k not in (None, "", "1", "auto", str(plan.first_k)):  # "auto": a DeepSpeed config leaving K to us
         raise ConfigError(f"train.gradient_accumulation_steps: the template's K is {plan.first_k} but the launcher "
@@ -217,10 +222,11 @@ def describe_engine(accelerator: Accelerator, optimizer: torch.optim.Optimizer, 
               }.get(accelerator.distributed_type, "DDP")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    fused = any(group.get("fused") for group in optimizer.param_groups)
+    adamw = ("Muon and " if cfg.train.optimizer == "muon" else "") + (
+        "fused" if any(group.get("fused") for group in optimizer.param_groups) else "for-each") + " AdamW"
     checkpointing = cfg.train.activation_checkpointing or (accelerator.distributed_type == DistributedType.FSDP and
                                                            accelerator.state.fsdp_plugin.activation_checkpointing)
     return (f"{engine} on {accelerator.num_processes} x {accelerator.device.type}, mixed precision "
             f"{accelerator.mixed_precision}, compile {'on' if cfg.train.compile else 'off'}, "
-            f"{'fused' if fused else 'for-each'} AdamW, activation checkpointing {'on' if checkpointing else 'off'}"
+            f"{adamw}, activation checkpointing {'on' if checkpointing else 'off'}"
             + (", gradients reduced every micro-batch" if cfg.train.sync_each_batch else ""))

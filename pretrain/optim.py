@@ -1,4 +1,4 @@
-"""The optimizer (AdamW with no-decay groups) and the learning rate as a function of the optimizer step."""
+"""The optimizer (AdamW with no-decay groups, or Muon beside it) and the learning rate of each optimizer step."""
 
 from __future__ import annotations
 
@@ -8,15 +8,29 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the devices torch fuses AdamW on
 
 from pretrain.config import TrainConfig
+from pretrain.muon import MuonWithAdamW, block_matrices
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (train.optimizer: adamw), or Muon for the block matrices and AdamW for the rest (muon)."""
+    if cfg.optimizer == "muon":
+        matrices = block_matrices(model)
+        taken = {id(p) for p in matrices}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        decay = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
+        # match_rms_adamw (Moonshot's): Muon's update scaled to AdamW's size, so AdamW's lr and decay suit it.
+        muon = torch.optim.Muon(matrices, lr=cfg.muon_lr or cfg.lr, momentum=cfg.muon_momentum,
+                                adjust_lr_fn="match_rms_adamw", weight_decay=decay)
+        return MuonWithAdamW(muon, build_adamw(rest, cfg, device))
+    return build_adamw([p for p in model.parameters() if p.requires_grad], cfg, device)
+
+
+def build_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight matrices and embeddings decay, vectors (biases, norm weights) do not.
 
     Fused (one kernel for all parameters) when cfg.fused_adamw and `device` has that kernel: on 2 CPU cores
     it steps 5x faster than the for-each implementation; the results differ only in rounding.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -51,7 +65,9 @@ def lr_at(completed_steps: int, cfg: TrainConfig) -> float:
         progress = min(1.0, (completed_steps - cfg.warmup_steps) / decay_steps)
         return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     decay_steps = cfg.wsd_decay_steps()
-    progress = min(1.0, max(0.0, (completed_steps - (cfg.max_steps - decay_steps)) / decay_steps))
+    if completed_steps <= cfg.max_steps - decay_steps:  # the stable phase: exactly lr, whatever min_lr_ratio is
+        return cfg.lr
+    progress = min(1.0, (completed_steps - (cfg.max_steps - decay_steps)) / decay_steps)
     return min_lr + (cfg.lr - min_lr) * DECAY_SHAPES[cfg.lr_decay_shape](progress)
 
 
@@ -63,6 +79,13 @@ DECAY_SHAPES = {
 }
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """The schedule's lr on every group; on Muon's, times train.muon_lr / train.lr (read from the config, never
+    from a checkpoint, so a resumed run follows the config)."""
+    muon_ratio = (cfg.muon_lr or cfg.lr) / cfg.lr
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * (muon_ratio if is_muon_group(group) else 1.0)
+
+
+def is_muon_group(group: dict) -> bool:
+    return "ns_steps" in group  # a setting that only Muon's groups have

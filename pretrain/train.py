@@ -123,7 +123,7 @@ def loop(run: Run) -> signal.Signals | None:
         micro_batches, global_tokens = taken
         # ---- one optimizer step over all K micro-batches, at this step's learning rate
         lr = lr_at(state.updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
-        set_lr(run.optimizer, lr)
+        set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
                                 max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
         state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result)

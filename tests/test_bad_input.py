@@ -117,8 +117,12 @@ CASES = {
          "--train.noise_scale=true"], {}, "train.micro_batch_size: auto has no N to try"),
     "N auto and no N fits": (["--train.micro_batch_size=auto", "--train.global_batch_size=4",
                               "--train.gradient_accumulation_steps=null", "--train.memory_limit_gb=0.001"], {},
-                             "train.micro_batch_size: auto found no N that fits (tried N = 4: peak "),
+                             "train.micro_batch_size: auto found no N that fits (tried N = 4: needs at least "),
     "zero lr": (["--train.lr=0"], {}, "train.lr: must be > 0"),
+    "unknown optimizer": (["--train.optimizer=lion"], {}, "train.optimizer: 'lion' is not one of adamw, muon"),
+    "Muon for a model without block matrices": (["--config=configs/embedding_linear.yaml", "--train.optimizer=muon"], {},
+                                                "train.optimizer: muon orthogonalises the weight matrices inside the "
+                                                "blocks, and this embedding_linear model has none"),
     "unknown lr schedule": (["--train.lr_schedule=linear"], {},
                             "train.lr_schedule: 'linear' is not one of cosine, wsd, constant"),
     "unknown decay shape": (["--train.lr_decay_shape=sqrt"], {},

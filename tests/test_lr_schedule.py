@@ -16,7 +16,8 @@ from pretrain.optim import lr_at
 
 # The share of the way from lr down to lr x min_lr_ratio left at a fraction x of the decay, from the WSD papers
 # (Hu et al. 2024, MiniCPM: linear and cosine; Hägele et al. 2024: 1 - sqrt).
-SHAPES = {"linear": lambda x: 1 - x, "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2, "1-sqrt": lambda x: 1 - x ** 0.5}
+SHAPES = {"linear": lambda x: 1 - x, "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+          "1-sqrt": lambda x: 1 - x ** 0.5}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -49,7 +50,10 @@ def test_constant_holds_lr_after_warmup():
 
 @pytest.mark.parametrize("options, message", [
     ({"lr_schedule": "wsd", "lr_decay_steps": 30, "warmup_steps": 40, "max_steps": 60},
-     r"^train\.lr_decay_steps: a decay of 30 steps does not fit after 40 warm-up steps in max_steps 60; use at most 20"),
+     r"^train\.lr_decay_steps: a decay of 30 steps does not fit after 40 warm-up steps in max_steps 60; use a decay "
+     r"of at most 20 steps"),
+    ({"lr_schedule": "wsd", "lr_decay_fraction": 0.5, "warmup_steps": 40, "max_steps": 60},
+     r"^train\.lr_decay_fraction: a decay of 30 steps does not fit"),
     ({"lr_schedule": "cosine", "lr_decay_steps": 10}, r"^train\.lr_decay_steps: only lr_schedule: wsd has a decay"),
 ])
 def test_a_decay_that_does_not_fit_or_belongs_to_no_wsd_is_refused(options, message):
@@ -57,7 +61,8 @@ def test_a_decay_that_does_not_fit_or_belongs_to_no_wsd_is_refused(options, mess
         TrainConfig(**options)
 
 
-RUN = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--checkpoint.every=4", "--train.warmup_steps=2", "--tracking.wandb=false"]
+RUN = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--checkpoint.every=4", "--train.warmup_steps=2",
+       "--tracking.wandb=false"]
 WSD = ["--train.lr_schedule=wsd", "--train.lr_decay_steps=4"]
 COSINE = ["--train.lr_schedule=cosine"]
 
