@@ -79,6 +79,9 @@ class DataConfig:
     packing: bool = True
     """true: documents joined by EOS and cut into full windows; false: one document per sequence, padded to the
     longest in the micro-batch (padding is not a target)"""
+    document_masking: bool = False
+    """packed windows: a token attends only to earlier tokens of its own document (position ids restart after
+    each EOS); needs packing"""
     shuffle: bool = True
     """shuffle the file order every epoch and the sequences within each block"""
     seed: Annotated[int, SEED] = 0
@@ -90,6 +93,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """A mixture holds at least one source, and weights whose sum a float holds."""
+        if self.document_masking and not self.packing:
+            raise ConfigError("data.document_masking: masks documents packed into one window, and data.packing is "
+                              "false (one document per sequence already); set one of them")
         if self.mixture == []:
             raise ConfigError("data.mixture: empty; give a list of {path, weight} or null")
         if not math.isfinite(sum(source.weight for source in self.mixture or [])):

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import DataConfig
 from pretrain.data_position import START, DataPosition, TextCursor
+from pretrain.document_masking import document_positions
 from pretrain.errors import ConfigError, first_line
 from pretrain.preemption import prepare_worker
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
@@ -70,7 +71,7 @@ class DataStats:
 
 @dataclass
 class MicroBatch:
-    batch: dict[str, torch.Tensor]  # input_ids, labels (and attention_mask when unpacked)
+    batch: dict[str, torch.Tensor]  # input_ids, labels (attention_mask when unpacked, position_ids when masking)
     epoch: int  # epoch of its first sequence
     position: DataPosition  # where the global stream stands once every process has taken this round
 
@@ -327,8 +328,15 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, m
                                    source="data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}")
         stream = deal(sequences, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                       start_sequences=start.sequences, pad_id=tokenizer.eos_token_id)
+    if cfg.document_masking:
+        stream = (with_document_positions(mb, tokenizer.eos_token_id) for mb in stream)
     first = next(stream, None)
     return itertools.chain([first] if first is not None else [], stream)
+
+
+def with_document_positions(micro_batch: MicroBatch, eos_id: int) -> MicroBatch:
+    batch = {**micro_batch.batch, "position_ids": document_positions(micro_batch.batch["input_ids"], eos_id)}
+    return MicroBatch(batch, micro_batch.epoch, micro_batch.position)
 
 
 def _worker_errors_unwrapped(items: Iterator) -> Iterator:

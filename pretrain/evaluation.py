@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from pretrain.accumulation import count_target_tokens, null_micro_batch, summed_token_loss
 from pretrain.config import Config
 from pretrain.data import micro_batch_stream
+from pretrain.document_masking import model_inputs
 from pretrain.errors import ConfigError
 from pretrain.token_shards import is_token_shards
 
@@ -72,7 +73,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module,
     for batch in batches:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.autocast():
-            logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            logits = module(**model_inputs(batch)).logits
         totals[0] += summed_token_loss(logits, batch["labels"]).double()
         totals[1] += count_target_tokens([batch])
     module.train(was_training)

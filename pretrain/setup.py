@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pretrain import auto_batch
@@ -26,6 +26,7 @@ from pretrain.config import Config, to_dict, to_yaml
 from pretrain.console import say
 from pretrain.data import DataStats, MicroBatch, load_tokenizer, micro_batch_stream
 from pretrain.distributed import agree, from_main_process
+from pretrain.document_masking import check_model_honours_it
 from pretrain.engines import (describe_engine, enable_activation_checkpointing, fit_engine_to_config,
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
@@ -168,6 +169,8 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
     set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
     with whole_model_init(accelerator):
         model = build_model(inputs.model_config)
+    if cfg.data.document_masking and accelerator.distributed_type != DistributedType.DEEPSPEED:  # ZeRO-3: no weights
+        agree(accelerator, lambda: check_model_honours_it(model, cfg.model.type, inputs.tokenizer.eos_token_id))
     enable_activation_checkpointing(accelerator, model, cfg)
     flops = flops_per_token(model, inputs.model_config, cfg.data.seq_len)
     parameters = parameter_count(model)  # before sharding

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch, summed_token_loss
 from pretrain.data import MicroBatchReader
+from pretrain.document_masking import model_inputs
 from pretrain.distributed import sum_over_processes
 from pretrain.engines import loss_divisor, steps_inside_backward
 from pretrain.noise_scale import small_batch_sq_norm
@@ -41,7 +42,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     for index, micro_batch in enumerate(micro_batches):
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
-            logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch.get("attention_mask")).logits
+            logits = model(**model_inputs(micro_batch)).logits
             micro_loss = summed_token_loss(logits, micro_batch["labels"])
             accelerator.backward(micro_loss * scale)  # under DeepSpeed, the K-th also clips and steps
         micro_losses.append(micro_loss.detach())
