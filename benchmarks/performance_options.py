@@ -30,6 +30,7 @@ VARIANTS = {  # name -> config overrides on top of the baseline (float32, for-ea
     "compile": ["--train.compile=true"],
     "activation_checkpointing": ["--train.activation_checkpointing=true"],
     "noise_scale": ["--train.noise_scale=true"],  # measuring it: one gradient norm and one all-reduce per step
+    "document_masking": ["--data.document_masking=true"],  # an explicit block mask instead of sdpa's causal path
     "bf16+compile+fused": ["--train.mixed_precision=bf16", "--train.compile=true", "--train.fused_adamw=true"],
 }
 
