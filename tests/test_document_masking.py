@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, read_metrics, run_in_process
+from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, prepare_data, read_metrics, run_in_process
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import ModelConfig, load_config
 from pretrain.document_masking import document_positions, model_inputs
@@ -115,3 +115,16 @@ def test_a_model_whose_attention_ignores_the_positions_is_refused(tmp_path):
 def test_masking_needs_packing():
     with pytest.raises(ConfigError, match=r"^data\.document_masking: masks documents packed into one window"):
         load_config(None, {"data.document_masking": True, "data.packing": False})
+
+
+def test_token_shards_carry_what_masking_needs(tmp_path, short_documents, monkeypatch, repo):
+    # The positions come from the EOS tokens, which shards hold: the same run from shards as from the raw text.
+    monkeypatch.chdir(repo)
+    shards = tmp_path / "shards"
+    assert prepare_data("--out", str(shards), f"--data.path={short_documents}") == 0
+    on = ["--data.document_masking=true", "--data.shuffle=false", "--train.max_steps=3"]
+    text = trained(tmp_path, "text", on)
+    from_shards = trained(tmp_path, "from_shards", [*on, f"--data.path={shards}"])
+    off = trained(tmp_path, "shards_off", [*on[1:], f"--data.path={shards}"])
+    assert [r["loss"] for r in read_metrics(from_shards)] == [r["loss"] for r in read_metrics(text)]
+    assert [r["loss"] for r in read_metrics(off)][1:] != [r["loss"] for r in read_metrics(from_shards)][1:]
