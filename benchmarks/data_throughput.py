@@ -69,7 +69,7 @@ def training_rate() -> float:
     """Median tokens/s of the default run, on the raw text as shipped (the data path it really uses)."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--train.max_steps=40",
-                        "--tracking.wandb=false", "--sample.max_new_tokens=0", f"--output_dir={out}"],
+                        "--tracking.backends=[]", "--sample.max_new_tokens=0", f"--output_dir={out}"],
                        cwd=ROOT, check=True, capture_output=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]

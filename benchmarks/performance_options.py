@@ -39,7 +39,7 @@ def run(config: str, steps: int, overrides: list[str], peak: float | None, workd
     out = tempfile.mkdtemp(dir=workdir)
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--config", config,
            f"--train.max_steps={steps}", "--train.fused_adamw=false", "--eval.every=0", "--checkpoint.every=0",
-           "--checkpoint.keep=1", "--tracking.wandb=false", "--sample.max_new_tokens=0",
+           "--checkpoint.keep=1", "--tracking.backends=[]", "--sample.max_new_tokens=0",
            f"--train.log_every={steps}", f"--output_dir={out}", *overrides]
     if peak:
         cmd.append(f"--train.peak_flops_per_device={peak}")

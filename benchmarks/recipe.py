@@ -31,7 +31,7 @@ VARIANTS = {  # name -> config overrides on top of the config (AdamW, cosine)
 def run(config: str, steps: int, overrides: list[str], workdir: str) -> dict[str, float]:
     out = tempfile.mkdtemp(dir=workdir)
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--config", config,
-           f"--train.max_steps={steps}", "--checkpoint.every=0", "--checkpoint.keep=1", "--tracking.wandb=false",
+           f"--train.max_steps={steps}", "--checkpoint.every=0", "--checkpoint.keep=1", "--tracking.backends=[]",
            "--sample.max_new_tokens=0", f"--train.log_every={steps}", f"--output_dir={out}", *overrides]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:

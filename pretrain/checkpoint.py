@@ -43,7 +43,7 @@ MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "
 
 # Settings that change neither the model nor the order of the training data, nor the updates: a run resumed by
 # `resume: auto` may change these freely; a change of any other key needs an explicit `--resume=PATH`.
-FREE_ON_RESUME = ("output_dir", "resume", "overwrite", "tracking.", "checkpoint.", "sample.", "eval.every",
+FREE_ON_RESUME = ("output_dir", "resume", "overwrite", "tracking.", "checkpoint.", "sample.", "hub.", "eval.every",
                   "eval.sequences", "eval.path", "train.log_every", "train.cpu_threads", "train.peak_flops_per_device",
                   "train.max_nonfinite_skips", "train.noise_scale", "train.noise_scale_ema", "train.memory_limit_gb",
                   "data.num_workers")

@@ -7,6 +7,8 @@ by SIGTERM or SIGINT, after saving a checkpoint, with 128 + the signal's number 
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 import sys
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     try:
-        train(load_config(*parse_cli(argv)))
+        train(load_config(*parse_cli(argv)), command=command_line(argv))
     except ReportedElsewhere as err:  # another process failed its checks and printed why
         return err.exit_status
     except (ConfigError, RunError) as err:  # bad input (nothing was trained); a run that cannot go on
@@ -42,3 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted (SIGINT) while starting; nothing was trained", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that started this process, as the model card shows it."""
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"  # set by the launcher
+    return shlex.join([*launcher.split(), "scripts/pretrain.py", *argv])

@@ -240,14 +240,23 @@ def _check_auto_micro_batch(cfg: TrainConfig) -> None:
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True
-    """log every optimizer step to Weights & Biases"""
+    REPLACED_KEYS = {"wandb": "replaced by tracking.backends: write backends: [wandb] for true, [] for false"}
+    backends: list[Literal["wandb", "trackio", "tensorboard"]] = field(default_factory=lambda: ["wandb"])
+    """trackers that get every optimizer step's row besides metrics.jsonl: wandb, trackio (output_dir/trackio),
+    tensorboard (output_dir/tensorboard); []: none"""
     project: Text = "pretrain"
-    """W&B project name"""
+    """project name in the trackers"""
     run_name: str | None = None
-    """W&B run name; null: W&B picks one"""
+    """run name in the trackers; null: W&B picks one, trackio uses the run's id"""
     wandb_mode: Literal["auto", "online", "offline"] = "auto"
     """auto (online with W&B credentials, else offline into output_dir), online or offline"""
+    curves: bool = True
+    """draw output_dir/curves.png from metrics.jsonl at the end of the run (scripts/plot_runs.py overlays runs)"""
+
+    def __post_init__(self):
+        repeated = sorted({name for name in self.backends if self.backends.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"tracking.backends: {', '.join(repeated)} is listed twice; list each tracker once")
 
 
 @dataclass
@@ -268,6 +277,25 @@ class CheckpointConfig:
     """full training state every this many optimizer steps and at the end; 0: only at the end"""
     keep: Annotated[int, AT_LEAST_1] = 2
     """newest checkpoints kept in checkpoints/step_<N>/; older ones are deleted"""
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None
+    """Hub model repo that final/ (with its model card) is pushed to at the end, e.g. you/tiny-llama; null: none"""
+    private: bool = True
+    """create that repo private (when it does not exist yet)"""
+
+    def __post_init__(self):
+        if self.repo_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+            try:
+                validate_repo_id(self.repo_id)
+                if self.repo_id.count("/") != 1:
+                    raise HFValidationError("it needs a namespace")
+            except HFValidationError as err:
+                raise ConfigError(f"hub.repo_id: {self.repo_id!r} is not a Hub repo id ({one_line(err)}); write "
+                                  "namespace/name, e.g. you/tiny-llama") from None
 
 
 @dataclass
@@ -292,6 +320,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     output_dir: Text = "runs/default"
     """config.yaml, metrics.jsonl, checkpoints/, final/ and wandb/ are written here"""
     resume: Text = "auto"

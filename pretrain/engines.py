@@ -19,7 +19,7 @@ from pretrain.accumulation import AccumulationPlan
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.errors import ConfigError, ReportedElsewhere, first_line
-from pretrain.tracking import wandb_mode
+from pretrain.trackers import check_installed
 
 GPU_ONLY_PRECISIONS = ("fp16", "fp8")
 
@@ -38,6 +38,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 
 def _checked_accelerator(cfg: Config) -> Accelerator:
+    check_installed(cfg)  # the trackers of tracking.backends (started later, by the main process)
     precision = cfg.train.mixed_precision
     if precision in GPU_ONLY_PRECISIONS and not torch.cuda.is_available():
         raise ConfigError(f"train.mixed_precision: {precision} needs a GPU; use bf16 or no on this machine")
@@ -54,8 +55,7 @@ def _checked_accelerator(cfg: Config) -> Accelerator:
     accumulation = GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False,
                                               sync_each_batch=cfg.train.sync_each_batch)
     try:
-        accelerator = Accelerator(mixed_precision=precision, log_with="wandb" if wandb_mode(cfg) else None,
-                                  gradient_accumulation_plugin=accumulation,
+        accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_plugin=accumulation,
                                   dynamo_plugin=TorchDynamoPlugin(backend=backend))
     except (ValueError, ImportError) as err:  # fp8 without a backend, an engine without its package, ...
         raise ConfigError(f"accelerate config: {first_line(err)}") from None

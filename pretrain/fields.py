@@ -97,8 +97,11 @@ def from_mapping(cls: type, raw: Any, prefix: str) -> Any:
     if extra is not None:
         named = names - {extra}
         raw = {**{k: v for k, v in raw.items() if k in named}, extra: {k: v for k, v in raw.items() if k not in named}}
+    replaced = getattr(cls, "REPLACED_KEYS", {})  # keys of earlier versions: say what to write instead
     kwargs = {}
     for key, value in raw.items():
+        if isinstance(key, str) and key in replaced:
+            raise ConfigError(f"{prefix}{key}: {replaced[key]}")
         if not isinstance(key, str) or key not in names:
             valid = ", ".join(sorted(names))
             raise ConfigError(f"{prefix}{key}: unknown key in {where}; valid keys are: {valid}")
@@ -133,6 +136,8 @@ def _check_type(dotted: str, value: Any, hint: Any) -> Any:
         kind, checks = annotated, ()
         if typing.get_origin(annotated) is Annotated:
             kind, *checks = typing.get_args(annotated)
+        if typing.get_origin(kind) is list and isinstance(value, list):  # e.g. a list of choices: each item checked
+            return [_check_type(f"{dotted}[{i}]", item, typing.get_args(kind)[0]) for i, item in enumerate(value)]
         checked = _as_kind(value, kind)
         if checked is _NO_MATCH:
             continue

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.modeling_outputs import CausalLMOutput
 
 from pretrain.accumulation import IGNORE_INDEX, AccumulationPlan
@@ -85,6 +86,15 @@ class EmbeddingLinearForCausalLM(PreTrainedModel, GenerationMixin):
 
 AutoConfig.register(EmbeddingLinearConfig.model_type, EmbeddingLinearConfig, exist_ok=True)
 AutoModelForCausalLM.register(EmbeddingLinearConfig, EmbeddingLinearForCausalLM, exist_ok=True)
+
+
+def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config for `cfg`, sized to `tokenizer` and with its special token ids."""
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    # The ids may have gaps (a vocabulary renumbered by hand): the embedding needs a row for the largest one.
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    return build_model_config(cfg, vocab_size, special)
 
 
 def build_model_config(cfg: ModelConfig, vocab_size: int, special_tokens: dict[str, int | None]) -> PretrainedConfig:

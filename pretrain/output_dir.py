@@ -17,6 +17,7 @@ from pretrain.tracking import METRICS_FILE
 FINAL_DIR = "final"
 FINAL_TMP = ".final.tmp"  # final/ is written here first: a kill mid-save leaves no half-written final/
 CONFIG_FILE = "config.yaml"
+CURVES_FILE = "curves.png"  # drawn from metrics.jsonl at the end of a run (tracking.curves)
 
 
 def check_output_dir(cfg: Config, resuming: bool) -> None:

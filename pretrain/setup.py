@@ -31,13 +31,13 @@ from pretrain.engines import (describe_engine, enable_activation_checkpointing, 
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
-from pretrain.models import (build_model, build_model_config, check_activation_checkpointing, check_memory_fits,
+from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
 from pretrain.optim import build_optimizer
 from pretrain.output_dir import check_output_dir, prepare_output_dir
 from pretrain.throughput import flops_per_token, peak_flops
-from pretrain.tracking import new_run_id
+from pretrain.trackers import new_run_id
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Built:
     optimizer: torch.optim.Optimizer
     flops_per_token: int
     peak_flops: float | None
+    parameters: int
 
 
 def settle_micro_batch(cfg: Config, accelerator: Accelerator) -> Config:
@@ -99,11 +100,7 @@ class CheckedModel:
 def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
     """The tokenizer and the model's config, checked by building the model on the meta device."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-    # The ids may have gaps (a vocabulary renumbered by hand): the embedding needs a row for the largest one.
-    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-    model_config = build_model_config(cfg.model, vocab_size, special)
+    model_config = model_config_for(cfg.model, tokenizer)
     with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
         parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
     if cfg.train.activation_checkpointing:
@@ -183,7 +180,7 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
         agree(accelerator, lambda: resume(accelerator, cfg, inputs.resume_from, inputs.state))
     agree(accelerator, lambda: prepare_output_dir(cfg, fresh=inputs.resume_from is None)
           if accelerator.is_main_process else None)
-    return Built(model, optimizer, flops, peak_flops(accelerator.device, cfg.train.peak_flops_per_device))
+    return Built(model, optimizer, flops, peak_flops(accelerator.device, cfg.train.peak_flops_per_device), parameters)
 
 
 def resume(accelerator: Accelerator, cfg: Config, path: str, state: TrainerState) -> None:

@@ -1,23 +1,24 @@
-"""Per-optimizer-step metrics: the row of a step, to `<output_dir>/metrics.jsonl` and to W&B through Accelerate.
+"""Per-optimizer-step metrics: the row of a step, to `<output_dir>/metrics.jsonl` and to the trackers.
 
-W&B runs offline (files under `<output_dir>/wandb/`) when no credentials are configured, so it
-never prompts; if it fails to start or to log, training goes on with a single warning.
+The trackers (pretrain/trackers.py) never prompt and need no network; one that fails to start or to
+log is dropped with a single warning, and training goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
-import netrc
 import os
-import uuid
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 
-from pretrain.config import Config, flat_dict
+from pretrain.config import Config
 from pretrain.console import say
 from pretrain.errors import RunError
+from pretrain.trackers import history_end, how_to_look, start_tracker
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -44,40 +45,16 @@ def describe_eval(row: dict[str, Any]) -> str:
     return f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_perplexity']:.2f}"
 
 
-def wandb_mode(cfg: Config) -> str | None:
-    """'online' or 'offline' for W&B, or None when it is switched off."""
-    if not cfg.tracking.wandb:
-        return None
-    if cfg.tracking.wandb_mode != "auto":
-        return cfg.tracking.wandb_mode
-    return "online" if has_wandb_credentials() else "offline"
-
-
-def has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def new_run_id(cfg: Config) -> str | None:
-    """An id for a new W&B run, chosen here so that checkpoints can name the run a resume continues."""
-    return uuid.uuid4().hex[:12] if wandb_mode(cfg) is not None else None  # W&B ids are [a-z0-9]
-
-
 class MetricsLogger:
-    """Writes each optimizer step's row to metrics.jsonl and, when enabled, to W&B. Main process only.
+    """Writes each optimizer step's row to metrics.jsonl and to the trackers of tracking.backends. Main process only.
 
     `resumed_at`: the step of the checkpoint a run resumes from. Rows after it (logged before a
-    crash, and about to be logged again) are dropped from metrics.jsonl, so each step appears once,
-    and W&B continues the same run (same id, resume="allow").
+    crash, and about to be logged again) are dropped from metrics.jsonl, so each step appears once.
+    The trackers continue the same run; each gets the rows from the first step it does not hold.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None):
-        self.accelerator = accelerator
-        self.use_wandb = wandb_mode(cfg) is not None
+        self.trackers: list[tuple[GeneralTracker, int]] = []  # each with the first step it is sent
         self.file = None
         if not accelerator.is_main_process:
             return
@@ -88,19 +65,21 @@ class MetricsLogger:
             self.file = open(self.path, "a" if resumed_at is not None else "w", encoding="utf-8")
         except OSError as err:
             raise RunError(f"metrics: cannot write {self.path} ({err.strerror})") from None
-        if self.use_wandb:
-            init = {"dir": cfg.output_dir, "mode": wandb_mode(cfg), "name": cfg.tracking.run_name, "id": run_id,
-                    "resume": "allow"}
+        for name in cfg.tracking.backends:
+            tracker = None
             try:
-                accelerator.init_trackers(cfg.tracking.project, config=flat_dict(cfg), init_kwargs={"wandb": init})
-                # A process killed with -9 takes W&B's unsent rows with it. Send the steps before the checkpoint
-                # again from metrics.jsonl, from where the run's history ends (W&B refuses steps it already has).
-                history_end = accelerator.get_tracker("wandb", unwrap=True).step
+                tracker = start_tracker(name, cfg, run_id, resumed_at)
+                # A process killed with -9 takes a tracker's unsent rows with it: send the steps up to the
+                # checkpoint again from metrics.jsonl, from where the tracker's history ends.
+                end = history_end(tracker, resumed_at)
                 for row in earlier:
-                    if row["step"] >= history_end:
-                        self._send(row)
-            except Exception as err:  # no network, bad credentials, wandb's service dying: keep training
-                self._give_up_wandb(err)
+                    if row["step"] >= end:
+                        send(tracker, row)
+                self.trackers.append((tracker, end))
+                if how_to_look(name, cfg):
+                    say(how_to_look(name, cfg))
+            except Exception as err:  # no network, bad credentials, a tracker's service dying: keep training
+                give_up(name, tracker, err)
 
     def log(self, row: dict[str, Any]) -> None:
         if self.file is None:
@@ -116,34 +95,44 @@ class MetricsLogger:
             raise RunError(f"metrics: cannot write step {row['step']} to {self.path} ({err.strerror}); the "
                            "checkpoints written so far are intact: free some space and run the same command again"
                            ) from None
-        if self.use_wandb:
-            try:
-                self._send(row)
-            except Exception as err:
-                self._give_up_wandb(err)
-
-    def _send(self, row: dict[str, Any]) -> None:
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        for tracker, first_step in list(self.trackers):
+            if row["step"] >= first_step:
+                try:
+                    send(tracker, row)
+                except Exception as err:
+                    self.trackers.remove((tracker, first_step))
+                    give_up(tracker.name, tracker, err)
 
     def close(self) -> None:
         if self.file is not None:
             with contextlib.suppress(OSError):  # what could not be written was reported by log()
                 self.file.close()
             self.file = None
-        if self.use_wandb:
+        while self.trackers:
+            tracker, _ = self.trackers.pop()
             try:
-                for tracker in self.accelerator.trackers:
+                quiet = tracker.name == "trackio"  # its "Uploading logs to Trackio" is a local write here
+                with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
                     tracker.finish()
-                import wandb
-                wandb.teardown()  # now, not at exit: if its service died (a scheduler signalled it), warn here
+                if tracker.name == "wandb":
+                    import wandb
+                    wandb.teardown()  # now, not at exit: if its service died (a scheduler signalled it), warn here
             except Exception as err:
-                self._give_up_wandb(err)
+                give_up(tracker.name, None, err)
 
-    def _give_up_wandb(self, err: Exception) -> None:
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        say(f"warning: W&B stopped working ({reason}); metrics go on to {METRICS_FILE} only", warning=True)
-        self.use_wandb = False
-        self.accelerator.trackers.clear()  # so that end_training() does not finish a run that never started
+
+def send(tracker: GeneralTracker, row: dict[str, Any]) -> None:
+    tracker.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
+    """One warning; the run goes on without this tracker (`tracker`, when it started, is finished quietly)."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    say(f"warning: tracker {name} stopped working ({reason}); metrics go on to {METRICS_FILE} and the other "
+        "trackers", warning=True)
+    if tracker is not None:
+        with contextlib.suppress(Exception):
+            tracker.finish()
 
 
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:

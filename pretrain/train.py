@@ -22,20 +22,22 @@ from pretrain.console import say
 from pretrain.data import DataStats, MicroBatchReader
 from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
-from pretrain.errors import RunError, Stopped, first_line
+from pretrain.errors import ConfigError, RunError, Stopped, first_line
 from pretrain.evaluation import evaluate
 from pretrain.optim import lr_at, set_lr
-from pretrain.output_dir import FINAL_DIR, FINAL_TMP
+from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP
 from pretrain.preemption import StopRequest
 from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
-from pretrain.tracking import MetricsLogger, describe_eval, describe_step, step_row
+from pretrain.model_card import RunFacts, model_card, push_to_hub
+from pretrain.tracking import METRICS_FILE, MetricsLogger, describe_eval, describe_step, step_row
 
 
-def train(cfg: Config) -> None:
-    """Run the whole job that `cfg` describes. Bad input raises ConfigError before any model is built."""
-    run = setup(cfg)
+def train(cfg: Config, command: str = "") -> None:
+    """Run the whole job that `cfg` describes (`command`: the command line, for the model card). Bad input raises
+    ConfigError before any model is built."""
+    run = setup(cfg, command)
     with run:  # every way out releases the metrics file, the signal handlers, the process group and the lock
         stopped_by = loop(run)
         finish(run, stopped_by)
@@ -61,6 +63,8 @@ class Run:
     flops_per_token: int
     peak_flops: float | None
     nothing_left: bool  # resumed from a finished run whose final/ exists
+    parameters: int
+    command: str  # that started this launch, for the model card
 
     def __enter__(self) -> Run:
         return self
@@ -78,7 +82,7 @@ class Run:
             self.lock.release()
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, command: str = "") -> Run:
     """Check the input on every process (all stop if one fails), build the model, load the checkpoint to resume."""
     accelerator = build_accelerator(cfg)
     cfg = settle_micro_batch(cfg, accelerator)
@@ -102,7 +106,7 @@ def setup(cfg: Config) -> Run:
                eval_batches=inputs.eval_batches, metrics=metrics,
                progress=progress_bar(state, cfg.train.max_steps, accelerator.is_main_process),
                stop_request=StopRequest(), lock=inputs.lock, stats=inputs.stats, flops_per_token=built.flops_per_token,
-               peak_flops=built.peak_flops, nothing_left=nothing_left)
+               peak_flops=built.peak_flops, nothing_left=nothing_left, parameters=built.parameters, command=command)
 
 
 def loop(run: Run) -> signal.Signals | None:
@@ -207,7 +211,11 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
         say(f"checkpoint: {checkpoint(run)}")
     if run.nothing_left:
         return
+    if cfg.tracking.curves and accelerator.is_main_process:
+        draw_curves(cfg)
     save_final(run)
+    if cfg.hub.repo_id and accelerator.is_main_process:
+        push_to_hub(cfg, os.path.join(cfg.output_dir, FINAL_DIR))
     sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
     if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded):
         try:  # the model is saved: a sample that cannot be drawn is worth a warning, not a failed run
@@ -225,17 +233,32 @@ def checkpoint(run: Run) -> str:
     return save_checkpoint(run.accelerator, run.cfg, run.state)
 
 
+def draw_curves(cfg: Config) -> None:
+    """output_dir/curves.png from metrics.jsonl; a plot that cannot be drawn is worth a warning, not a failed run."""
+    path = os.path.join(cfg.output_dir, CURVES_FILE)
+    try:
+        from pretrain.plots import write_curves  # matplotlib: imported only by a run that gets this far
+        write_curves([cfg.output_dir], path)
+        say(f"curves: {path}")
+    except Exception as err:
+        say(f"warning: curves: cannot draw {path} ({first_line(err)})", warning=True)
+
+
 def save_final(run: Run) -> None:
-    """The model and tokenizer in Hugging Face format, written to final.tmp/ and then renamed to final/."""
+    """The model and tokenizer in Hugging Face format with a model card (README.md, and curves.png when drawn),
+    written to final.tmp/ and then renamed to final/."""
     accelerator, output_dir = run.accelerator, run.cfg.output_dir
     final_dir, tmp = os.path.join(output_dir, FINAL_DIR), os.path.join(output_dir, FINAL_TMP)
     full_weights = accelerator.get_state_dict(run.model)  # gathered from the shards under FSDP and ZeRO-3 (collective)
+    # torch.compile's wrapper prefixes every name; from_pretrained would not find the weights under them
+    full_weights = {name.replace("_orig_mod.", ""): weight for name, weight in full_weights.items()}
     error = None
     try:
         accelerator.unwrap_model(run.model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
                                                             save_function=accelerator.save, state_dict=full_weights)
         if accelerator.is_main_process:
             run.tokenizer.save_pretrained(tmp)
+            write_model_card(run, tmp)
     except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
         error = err
     del full_weights
@@ -253,6 +276,21 @@ def save_final(run: Run) -> None:
         raise RunError(f"final: cannot write {final_dir!r} ({reason}); the checkpoint of step {run.state.step} is "
                        "intact: free some space and run the same command again to write final/")
     say(f"saved the model and tokenizer to {final_dir}")
+
+
+def write_model_card(run: Run, folder: str) -> None:
+    """README.md in `folder` (final/ being written), with the run's curves.png beside it when drawn."""
+    curves = os.path.join(run.cfg.output_dir, CURVES_FILE)
+    if run.cfg.tracking.curves and os.path.exists(curves):
+        shutil.copyfile(curves, os.path.join(folder, CURVES_FILE))
+    from pretrain.plots import read_rows
+    try:
+        rows = read_rows(os.path.join(run.cfg.output_dir, METRICS_FILE))
+    except ConfigError:  # no optimizer step was logged (the data ran out before the first)
+        rows = []
+    facts = RunFacts(parameters=run.parameters, processes=run.accelerator.num_processes, command=run.command,
+                     rows=rows)
+    model_card(run.cfg, facts).save(os.path.join(folder, "README.md"))
 
 
 @torch.no_grad()

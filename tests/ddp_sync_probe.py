@@ -33,7 +33,7 @@ from pretrain.setup import check_model  # noqa: E402
 from pretrain.step import optimizer_step  # noqa: E402
 
 K = 3
-accelerator = build_accelerator(load_config(*parse_cli(["--tracking.wandb=false"])))
+accelerator = build_accelerator(load_config(*parse_cli(["--tracking.backends=[]", "--tracking.curves=false"])))
 accelerator.gradient_accumulation_steps = K
 assert accelerator.num_processes == 2, accelerator.num_processes
 torch.manual_seed(0)
@@ -104,7 +104,7 @@ def raise_out_of_memory(whether):
 
 
 real_scratch_model = auto_batch.scratch_model
-auto = load_config(*parse_cli(["--tracking.wandb=false", "--train.micro_batch_size=auto",
+auto = load_config(*parse_cli(["--tracking.backends=[]", "--tracking.curves=false", "--train.micro_batch_size=auto",
                                "--train.global_batch_size=16", "--train.gradient_accumulation_steps=null"]))
 checked = check_model(auto, accelerator)
 answers = {}

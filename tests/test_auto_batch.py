@@ -16,7 +16,7 @@ from pretrain.errors import ConfigError
 from pretrain.setup import check_model
 
 AUTO = {"train.micro_batch_size": "auto", "train.global_batch_size": 16, "train.gradient_accumulation_steps": None,
-        "tracking.wandb": False}
+        "tracking.backends": [], "tracking.curves": False}
 
 
 @pytest.mark.parametrize("global_batch, processes, noise_scale, expected", [

@@ -119,6 +119,10 @@ CASES = {
                               "--train.gradient_accumulation_steps=null", "--train.memory_limit_gb=0.001"], {},
                              "train.micro_batch_size: auto found no N that fits (tried N = 4: needs at least "),
     "zero lr": (["--train.lr=0"], {}, "train.lr: must be > 0"),
+    "unknown tracker": (["--tracking.backends=[wandb, mlflow]"], {},
+                        "tracking.backends[1]: 'mlflow' is not one of wandb, trackio, tensorboard"),
+    "the key tracking.backends replaced": (["--tracking.wandb=false"], {},
+                                           "tracking.wandb: replaced by tracking.backends: write backends: [wandb]"),
     "unknown optimizer": (["--train.optimizer=lion"], {}, "train.optimizer: 'lion' is not one of adamw, muon"),
     "Muon for a model without block matrices": (["--config=configs/embedding_linear.yaml", "--train.optimizer=muon"], {},
                                                 "train.optimizer: muon orthogonalises the weight matrices inside the "
@@ -278,7 +282,8 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={tmp_path / 'run'}")
-    args += ["--tracking.wandb=false"]
+    if not any(a.startswith("--tracking.backends") for a in args):
+        args += ["--tracking.backends=[]", "--tracking.curves=false"]
     # The libraries' loggers hold the stderr of their import (pytest's, then): point them at the captured one, so
     # that a line they log before ours (datasets' "Failed to load JSON ...") shows here as it would to a user.
     fd2 = open(2, "w", buffering=1, closefd=False)  # the captured file descriptor 2
@@ -357,7 +362,7 @@ def test_every_numeric_key_refuses_values_out_of_its_range(key, tmp_path, capsys
             args = [f"--data.mixture=[{{path: data/shakespeare, {key.split('.')[-1]}: {yaml_number(value)}}}]"]
         else:
             args = [f"--{key}={yaml_number(value)}"]
-        status = main([*args, f"--output_dir={tmp_path / 'run'}", "--tracking.wandb=false"])
+        status = main([*args, f"--output_dir={tmp_path / 'run'}", "--tracking.backends=[]", "--tracking.curves=false"])
         err = capsys.readouterr().err
         assert status == 2 and err.startswith(f"error: {key}: must be "), (value, err)
         assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
@@ -370,7 +375,7 @@ def yaml_number(value) -> str:
 # --------------------------------------------------------------------------- runs, checkpoints and files on disk
 
 TINY_RUN = ["--config=configs/embedding_linear.yaml", "--train.max_steps=4", "--checkpoint.every=1",
-            "--checkpoint.keep=4", "--sample.max_new_tokens=2", "--eval.every=0", "--tracking.wandb=false",
+            "--checkpoint.keep=4", "--sample.max_new_tokens=2", "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false",
             "--train.warmup_steps=1"]
 
 
@@ -411,7 +416,7 @@ def test_a_config_the_user_keeps_in_output_dir_is_never_overwritten(tmp_path):
     exp.mkdir()
     mine = (REPO / "configs" / "embedding_linear.yaml").read_text()  # comments and all
     (exp / "config.yaml").write_text(mine)
-    result = run_in_process([f"--config={exp}/config.yaml", f"--output_dir={exp}", "--tracking.wandb=false"])
+    result = run_in_process([f"--config={exp}/config.yaml", f"--output_dir={exp}", "--tracking.backends=[]", "--tracking.curves=false"])
     assert one_error_line(result).startswith(f"error: output_dir: '{exp}/config.yaml' was not written by a run")
     assert tree(exp) == {"config.yaml": mine.encode()}  # the same bytes, and nothing beside them
 
@@ -541,7 +546,7 @@ def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_half_row(tm
 def test_a_metrics_row_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
     fresh_accelerate_state()
     logger = MetricsLogger(Accelerator(cpu=True), load_config(None, {"output_dir": str(tmp_path),
-                                                                      "tracking.wandb": False}), None)
+                                                                      "tracking.backends": [], "tracking.curves": False}), None)
     logger.log({"step": 1, "loss": 2.5})
     real_write = logger.file.write
 

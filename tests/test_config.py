@@ -219,6 +219,10 @@ def test_choice_fields_list_the_choices():
 
 @pytest.mark.parametrize("dotted, value, message", [
     ("tracking.wandb_mode", "cloud", r"tracking\.wandb_mode: 'cloud' is not one of auto, online, offline$"),
+    ("tracking.backends", ["mlflow"], r"tracking\.backends\[0\]: 'mlflow' is not one of wandb, trackio, tensorboard$"),
+    ("tracking.backends", "wandb", r"tracking\.backends: expected list, got str 'wandb'$"),
+    ("tracking.backends", ["trackio", "trackio"], r"tracking\.backends: trackio is listed twice; list each tracker once$"),
+    ("tracking.wandb", False, r"tracking\.wandb: replaced by tracking\.backends: write backends: \[wandb\] for true, \[\] "),
     ("train.lr_scaling", "cubic", r"train\.lr_scaling: 'cubic' is not one of none, linear, sqrt$"),
     ("train.incomplete_last_step", "pad", r"train\.incomplete_last_step: 'pad' is not one of drop, step$"),
     ("train.mixed_precision", False, r"train\.mixed_precision: expected str, got bool False \(YAML reads bare no"),
@@ -248,10 +252,10 @@ def test_float_written_without_a_dot_is_read_as_float(tmp_path):
 def test_cli_accepts_both_override_forms_and_yaml_values():
     path, overrides = parse_cli(["--config", "x.yaml", "--train.lr=1e-3", "--train.seed", "5",
                                  "--train.gradient_accumulation_schedule={0: 8, 1000: 4}",
-                                 "--train.mixed_precision=no", "--tracking.wandb=false"])
+                                 "--train.mixed_precision=no", "--tracking.backends=[]", "--tracking.curves=false"])
     assert path == "x.yaml"
     assert overrides == {"train.lr": "1e-3", "train.seed": 5, "train.gradient_accumulation_schedule": {0: 8, 1000: 4},
-                         "train.mixed_precision": "no", "tracking.wandb": False}
+                         "train.mixed_precision": "no", "tracking.backends": [], "tracking.curves": False}
 
 
 def test_cli_overrides_win_over_the_file():

@@ -172,7 +172,7 @@ def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp
     write_jsonl(tmp_path / "b.jsonl", ["no text column here"], column="body")
     result = run_script([f"--data.path={tmp_path}", "--data.num_workers=2", "--data.shuffle=false",
                          "--data.block_chars=10", "--data.seq_len=8", "--eval.every=0",
-                         f"--output_dir={tmp_path / 'run'}", "--tracking.wandb=false"])
+                         f"--output_dir={tmp_path / 'run'}", "--tracking.backends=[]", "--tracking.curves=false"])
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: data.path: cannot read '{tmp_path}'")
     assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()

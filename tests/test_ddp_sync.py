@@ -18,5 +18,5 @@ def test_gradients_differ_across_ranks_until_the_sync_micro_batch(ddp_probe):
 def test_sync_each_batch_reaches_accelerate():
     for value in (True, False):
         fresh_accelerate_state()
-        accelerator = build_accelerator(load_config(None, {"train.sync_each_batch": value, "tracking.wandb": False}))
+        accelerator = build_accelerator(load_config(None, {"train.sync_each_batch": value, "tracking.backends": [], "tracking.curves": False}))
         assert accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False) is value  # (absent: default)

@@ -66,7 +66,7 @@ def test_a_packed_window_gives_each_documents_logits_alone_and_the_sum_of_their_
         torch.testing.assert_close(packed, apart, rtol=1e-4, atol=1e-6)
 
 
-COMMON = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--tracking.wandb=false", "--train.max_steps=6"]
+COMMON = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false", "--train.max_steps=6"]
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_a_model_whose_attention_ignores_the_positions_is_refused(tmp_path):
     config = tmp_path / "opt.yaml"
     config.write_text("model: {type: opt, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, ffn_dim: 64,"
                       " word_embed_proj_dim: 32, max_position_embeddings: 256}\n")
-    result = run_in_process([f"--config={config}", "--data.document_masking=true", "--tracking.wandb=false",
+    result = run_in_process([f"--config={config}", "--data.document_masking=true", "--tracking.backends=[]", "--tracking.curves=false",
                              f"--output_dir={tmp_path / 'run'}"])
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: data.document_masking: a opt model does not keep packed documents apart "

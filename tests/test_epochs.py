@@ -129,7 +129,7 @@ def test_a_step_straddling_an_epoch_boundary_keeps_the_k_of_its_first_micro_batc
                              "--train.gradient_accumulation_steps=null",
                              "--train.gradient_accumulation_epoch_schedule={"
                              + ", ".join(f"{e}: {k}" for e, k in schedule.items()) + "}",
-                             "--eval.every=0", "--tracking.wandb=false", "--sample.max_new_tokens=0",
+                             "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0",
                              "--checkpoint.every=0", f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)

@@ -19,7 +19,7 @@ from conftest import TINY_LLAMA, read_metrics, run_in_process
 from wandb_history import offline_runs, run_history
 
 RUN = ["--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=2",
-       "--train.warmup_steps=0", "--eval.every=0", "--tracking.wandb=false", "--sample.max_new_tokens=0",
+       "--train.warmup_steps=0", "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0",
        "--train.log_every=1000"]
 SMALL = [*TINY_LLAMA, *RUN]
 
@@ -133,7 +133,7 @@ def test_a_key_added_to_the_row_reaches_metrics_jsonl_and_wandb(tmp_path, monkey
 
     monkeypatch.setattr(pretrain.train, "step_row", step_row_with_tokens_per_step)
     out = tmp_path / "run"
-    result = run_in_process([*SMALL, "--tracking.wandb=true", "--tracking.wandb_mode=offline", "--train.max_steps=3",
+    result = run_in_process([*SMALL, "--tracking.backends=[wandb]", "--tracking.wandb_mode=offline", "--train.max_steps=3",
                              f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr
     rows = read_metrics(out)

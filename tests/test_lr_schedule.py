@@ -62,7 +62,7 @@ def test_a_decay_that_does_not_fit_or_belongs_to_no_wsd_is_refused(options, mess
 
 
 RUN = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--checkpoint.every=4", "--train.warmup_steps=2",
-       "--tracking.wandb=false"]
+       "--tracking.backends=[]", "--tracking.curves=false"]
 WSD = ["--train.lr_schedule=wsd", "--train.lr_decay_steps=4"]
 COSINE = ["--train.lr_schedule=cosine"]
 

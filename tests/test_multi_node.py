@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_in_process
 
-ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.wandb=false",
+ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.backends=[]", "--tracking.curves=false",
         "--sample.max_new_tokens=0", "--train.log_every=1", "--train.micro_batch_size=2",
         "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.max_steps=4",
         "--eval.every=0"]

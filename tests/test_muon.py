@@ -86,7 +86,7 @@ def test_a_step_is_torch_muon_and_torch_adamw_stepped_apart_and_a_checkpoint_hol
     assert isinstance(restored, MuonWithAdamW) and restored.muon.param_groups[0]["lr"] == 0.005
 
 
-COMMON = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--tracking.wandb=false", "--train.optimizer=muon"]
+COMMON = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false", "--train.optimizer=muon"]
 
 
 def trained(tmp_path, name, args, processes=None):

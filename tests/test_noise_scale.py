@@ -203,7 +203,7 @@ def test_one_process_measures_what_a_computation_from_scratch_gives_on_the_same_
 def test_a_stopped_and_resumed_run_logs_the_noise_scale_of_an_uninterrupted_one(tmp_path, monkeypatch, repo):
     args = [*TINY_LLAMA, "--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=3",
             "--train.max_steps=6", "--train.noise_scale=true", "--train.noise_scale_ema=0.5", "--eval.every=0",
-            "--tracking.wandb=false", "--sample.max_new_tokens=0", "--checkpoint.every=0"]
+            "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0", "--checkpoint.every=0"]
     monkeypatch.chdir(repo)
     whole = run_in_process([*args, f"--output_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr
@@ -236,7 +236,7 @@ def test_sharded_engines_are_refused_with_one_line(engine, repo, monkeypatch):
     from pretrain.errors import ConfigError
 
     monkeypatch.chdir(repo)
-    cfg = load_config(None, {"train.noise_scale": True, "tracking.wandb": False})
+    cfg = load_config(None, {"train.noise_scale": True, "tracking.backends": [], "tracking.curves": False})
     accelerator = SimpleNamespace(distributed_type=DistributedType[engine])  # all the check looks at
     with pytest.raises(ConfigError, match="train.noise_scale: needs each process's first micro-batch gradient"):
         fit_engine_to_config(accelerator, cfg, plan_accumulation(cfg.train, 2))

@@ -90,7 +90,7 @@ def test_the_logged_grad_norm_is_before_clipping_through_the_real_loop(tmp_path)
     result = run_in_process([*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", f"--train.micro_batch_size={n}",
                              f"--train.gradient_accumulation_steps={k}", "--train.max_steps=2", "--train.warmup_steps=1",
                              f"--train.max_grad_norm={max_norm}", f"--train.adam_beta1={b1}", "--checkpoint.every=1",
-                             "--checkpoint.keep=2", "--tracking.wandb=false", "--sample.max_new_tokens=0",
+                             "--checkpoint.keep=2", "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0",
                              f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)

@@ -32,7 +32,7 @@ ARGS = [*TINY_LLAMA, *QUIET, "--sample.max_new_tokens=0", "--data.seq_len=32", "
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     # In this process (the same computation as a launch, without its start-up); its W&B run is not compared.
-    result = run_in_process([*ARGS, f"--output_dir={out}", "--tracking.wandb=false"])
+    result = run_in_process([*ARGS, f"--output_dir={out}", "--tracking.backends=[]", "--tracking.curves=false"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -183,7 +183,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate: step 1 is finite and blows the weights up; from step 2 the loss is not finite.
-    result = run_in_process([*ARGS, f"--output_dir={out}", "--tracking.wandb=false", "--train.lr=1e20",
+    result = run_in_process([*ARGS, f"--output_dir={out}", "--tracking.backends=[]", "--tracking.curves=false", "--train.lr=1e20",
                              "--train.warmup_steps=0",
                          "--train.max_grad_norm=0", "--checkpoint.every=1", "--train.max_nonfinite_skips=2"])
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -25,7 +25,7 @@ def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path,
     fresh_accelerate_state()
     cfg = load_config("configs/embedding_linear.yaml", {
         "output_dir": str(tmp_path / "run"), "train.max_steps": 5, "train.warmup_steps": 10,
-        "tracking.wandb": False, "sample.max_new_tokens": 0, "train.micro_batch_size": 2})
+        "tracking.backends": [], "tracking.curves": False, "sample.max_new_tokens": 0, "train.micro_batch_size": 2})
     train(cfg)
     rows = read_metrics(tmp_path / "run")
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
@@ -40,7 +40,7 @@ def test_documents_held_out_for_eval_are_not_trained_on(tmp_path):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.path": str(corpus), "data.repeat": False,
                              "data.seq_len": 16, "data.shuffle": False, "eval.path": None, "eval.every": 10, "eval.holdout_fraction": 0.2,
-                             "tracking.wandb": False})
+                             "tracking.backends": [], "tracking.curves": False})
     setup = check_inputs(cfg, Accelerator(cpu=True))
     # Unshuffled, the windows joined are the token stream: no word is made up across window boundaries.
     trained_text = "".join(setup.tokenizer.decode(mb.batch["input_ids"].flatten().tolist()) for mb in setup.batches)

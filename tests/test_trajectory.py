@@ -13,9 +13,10 @@ from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accel
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
+from test_export import assert_export_is_final
 
 SEQ_LEN = 32
-COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "--tracking.wandb=false",
+COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "--tracking.backends=[]", "--tracking.curves=false",
           "--sample.max_new_tokens=0", "--train.log_every=1000"]
 
 
@@ -61,6 +62,7 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     for row in read_metrics(b):  # two processes: each device does half of the step's tokens
         assert row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, rel=1e-12)
     assert_same_trajectory(a, b)
+    assert_export_is_final(b, 5, tmp_path / "exported")  # DDP's checkpoint, exported in this one process
 
 
 def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, repo):

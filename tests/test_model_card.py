@@ -1,0 +1,80 @@
+"""final/README.md (the model card) and curves.png of a finished run, and the push of final/ to the Hub."""
+
+from __future__ import annotations
+
+import subprocess
+
+import huggingface_hub
+import matplotlib.image
+import pytest
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, TINY_LLAMA, accelerate_launch_command, read_metrics
+from pretrain.config import load_config
+from pretrain.model_card import push_to_hub
+
+ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.max_steps=4", "--train.warmup_steps=2", "--eval.every=2",
+        "--eval.sequences=4", "--sample.max_new_tokens=0", "--tracking.backends=[]", "--train.log_every=1000",
+        "--hub.repo_id=someone/tiny-llama"]
+
+
+def test_a_finished_run_has_curves_and_a_model_card_and_warns_once_when_the_hub_is_unreachable(tmp_path):
+    out = tmp_path / "run"
+    cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"])
+    # A token, but no network: the Hub's address is a closed port here.
+    env = {**env, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: hub:")]
+    assert len(warnings) == 1 and "not pushed to someone/tiny-llama" in warnings[0], result.stderr[-2000:]
+    assert f"hf upload someone/tiny-llama {out}/final" in warnings[0]
+
+    curves = out / "curves.png"
+    assert matplotlib.image.imread(curves).shape[2] in (3, 4)  # a PNG that reads back
+    assert (out / "final" / "curves.png").read_bytes() == curves.read_bytes()
+    card = ModelCard.load(out / "final" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    rows = read_metrics(out)
+    evals = [row for row in rows if "eval_loss" in row]
+    parameters = AutoModelForCausalLM.from_pretrained(out / "final").num_parameters()  # tied weights counted once
+    for fact in (f"A llama causal language model of {parameters / 1e6:.2f}M parameters",
+                 f"Trained for 4 optimizer steps on {rows[-1]['tokens']:,} target tokens",
+                 "Global batch: 16 sequences per optimizer step = P=1 processes x K=2 micro-batches x\n  N=8 sequences",
+                 f"Final training loss: {rows[-1]['loss']:.4f} at step 4",
+                 f"Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}) "
+                 "at step 4, on data/shakespeare_eval",
+                 "Data license: public domain", "![Training curves](curves.png)",
+                 "    accelerate launch scripts/pretrain.py --model.hidden_size=64",
+                 f"--output_dir={out}\n", "  gradient_accumulation_steps: 2\n"):
+        assert fact in card.text, fact
+
+
+def test_the_push_creates_the_repo_and_uploads_final(tmp_path, monkeypatch):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "README.md").write_text("card")
+    calls = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: calls.append(("create", a, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)) or
+                        huggingface_hub.CommitInfo(commit_url="https://huggingface.co/x/y/commit/1", commit_message="",
+                                                   commit_description="", oid="1"))
+    push_to_hub(load_config(None, {"hub.repo_id": "someone/tiny-llama", "hub.private": False,
+                                   "output_dir": str(tmp_path)}), str(final))
+    assert calls[0] == ("create", ("someone/tiny-llama",), {"private": False, "exist_ok": True})
+    assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "someone/tiny-llama"
+    assert calls[1][1]["folder_path"] == str(final)
+
+
+@pytest.mark.parametrize("offline, token, says", [(True, "hf_token", "HF_HUB_OFFLINE is set"),
+                                                  (False, None, "no Hugging Face token")])
+def test_no_push_without_network_or_token_is_one_warning(offline, token, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda *a, **kw: pytest.fail("no Hub call expected"))
+    push_to_hub(load_config(None, {"hub.repo_id": "someone/tiny-llama"}), str(tmp_path))
+    err = capsys.readouterr().err
+    assert err.count("warning: hub:") == 1 and says in err
