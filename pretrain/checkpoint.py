@@ -201,9 +201,10 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def load_checkpoint(accelerator: Accelerator, path: str) -> None:
     """Model, optimizer, scaler and RNG states from `path` into the prepared objects."""
+    from torch.distributed.checkpoint.api import CheckpointException  # FSDP2's shards: a BaseException
     try:
         accelerator.load_state(path)
-    except Exception as err:  # a size mismatch, a missing or corrupt file (safetensors has its own error type)
+    except (Exception, CheckpointException) as err:  # a size mismatch, a missing or corrupt file
         raise ConfigError(f"resume: cannot load {path!r} into this model ({first_line(err)})") from None
 
 

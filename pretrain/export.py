@@ -16,7 +16,7 @@ from pretrain.checkpoint import STATE_FILE, checkpoint_dirs, read_trainer_state
 from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
 from pretrain.errors import ConfigError, RunError, first_line
-from pretrain.models import build_model, model_config_for
+from pretrain.models import build_model, model_config_for, plain_name
 
 # What accelerator.save_state writes for the model (the run prepares one), by engine.
 WEIGHTS_FILE = "model.safetensors"  # one process and DDP: the whole state dict
@@ -81,16 +81,18 @@ def model_config(model_section: dict[str, Any], tokenizer: PreTrainedTokenizerBa
 def read_weights(checkpoint: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The full float32 weights in `checkpoint`, whichever engine wrote them (`model` gives FSDP2's shapes)."""
     fsdp_shards, whole = os.path.join(checkpoint, FSDP_DIR), os.path.join(checkpoint, WEIGHTS_FILE)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     try:
         if os.path.isdir(fsdp_shards):
             return read_fsdp_shards(fsdp_shards, model)
         if os.path.isdir(os.path.join(checkpoint, DEEPSPEED_TAG)):
-            return read_zero_shards(checkpoint)
+            return {plain_name(name): weight for name, weight in read_zero_shards(checkpoint).items()}
         if os.path.isfile(whole):
-            return load_file(whole)
+            return {plain_name(name): weight for name, weight in load_file(whole).items()}
     except ConfigError:  # DeepSpeed is not installed
         raise
-    except Exception as err:  # a file cut short or of another model: safetensors', torch's and DeepSpeed's errors
+    except (Exception, CheckpointException) as err:  # a file cut short or of another model: safetensors', torch's
+        # and DeepSpeed's errors
         raise ConfigError(f"checkpoint: cannot read the weights in {checkpoint!r} ({first_line(err)})") from None
     raise ConfigError(f"checkpoint: {checkpoint!r} holds no model weights ({WEIGHTS_FILE}, {FSDP_DIR}/ or "
                       f"{DEEPSPEED_TAG}/ as accelerator.save_state writes them)")
@@ -100,11 +102,15 @@ def read_fsdp_shards(directory: str, model: PreTrainedModel) -> dict[str, torch.
     """FSDP2's sharded weights gathered into `model`'s own tensors, in this one process."""
     import torch.distributed.checkpoint as dcp
 
-    weights = model.state_dict()
+    own = model.state_dict()
+    # The names as saved (Accelerate saves {"model": state_dict}; a compiled model's carry torch.compile's prefix)
+    saved = [key.removeprefix("model.") for key in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+             if key.startswith("model.")]
+    weights = {name: own[plain_name(name)] for name in saved if plain_name(name) in own}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": weights}, checkpoint_id=directory, no_dist=True)  # Accelerate saves {"model": state_dict}
-    return weights
+        dcp.load({"model": weights}, checkpoint_id=directory, no_dist=True)
+    return {plain_name(name): weight for name, weight in weights.items()}
 
 
 def read_zero_shards(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ class RunFacts:
     processes: int
     command: str  # the command line of the last launch (a resumed run may have had several)
     rows: list[dict[str, Any]]  # metrics.jsonl
+    curves: bool  # curves.png was drawn beside the card
 
 
 def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
@@ -33,8 +34,8 @@ def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
     command and the resolved config, with the curves (curves.png beside it)."""
     last = facts.rows[-1] if facts.rows else {"step": 0, "tokens": 0, "loss": math.nan}
     evals = [row for row in facts.rows if "eval_loss" in row]
-    ks = sorted({row["gradient_accumulation_steps"] for row in facts.rows}) or ["none"]
-    batches = sorted({row["global_batch_size"] for row in facts.rows}) or [0]
+    ks = sorted({row.get("gradient_accumulation_steps", 0) for row in facts.rows}) or [0]
+    batches = sorted({row.get("global_batch_size", 0) for row in facts.rows}) or [0]
     k = str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} (train.gradient_accumulation_schedule)"
     batch = " to ".join(f"{g:,}" for g in (batches[0], batches[-1])) if len(batches) > 1 else f"{batches[0]:,}"
     eval_line = (f"- Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}) "
@@ -58,13 +59,16 @@ with the pretrain template (an LLM pretraining template on Hugging Face Accelera
 - Final training loss: {last['loss']:.4f} at step {last['step']}
 {eval_line}
 
-![Training curves](curves.png)
+{"![Training curves](curves.png)" if facts.curves else ""}
 
 Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.
 
 ## How it was trained
 
-    {facts.command}
+The script and its arguments, as the last launch got them (a launcher's own flags, such as
+`--config_file` or `--num_processes`, are not recorded):
+
+    {facts.command or "(not recorded)"}
 
 <details><summary>The resolved config</summary>
 

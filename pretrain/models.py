@@ -88,6 +88,11 @@ AutoConfig.register(EmbeddingLinearConfig.model_type, EmbeddingLinearConfig, exi
 AutoModelForCausalLM.register(EmbeddingLinearConfig, EmbeddingLinearForCausalLM, exist_ok=True)
 
 
+def plain_name(name: str) -> str:
+    """A weight's name without torch.compile's wrapper in it, as the model itself and from_pretrained call it."""
+    return name.replace("_orig_mod.", "")
+
+
 def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The transformers config for `cfg`, sized to `tokenizer` and with its special token ids."""
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from matplotlib.lines import Line2D
 from pretrain.checkpoint import FREE_ON_RESUME
 from pretrain.config import flat_dict
 from pretrain.errors import ConfigError
+from pretrain import tracking
 from pretrain.output_dir import CONFIG_FILE
 from pretrain.tracking import METRICS_FILE
 
@@ -58,24 +58,16 @@ class Run:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, by step (the last row of a step that appears twice); a line that is not a JSON
-    object with an integer step (a half-written last line) is skipped. ConfigError when there is none."""
+    """The rows of a metrics.jsonl by step (pretrain.tracking.read_rows); ConfigError when there is none."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
+        rows = tracking.read_rows(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; give a run's output_dir (it holds {METRICS_FILE})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
-    by_step = {}
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
-                by_step[row["step"]] = row
-    if not by_step:
+    if not rows:
         raise ConfigError(f"{path}: holds no metrics rows (the run logged no optimizer step)")
-    return [by_step[step] for step in sorted(by_step)]
+    return rows
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -89,7 +81,11 @@ def read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    return config if isinstance(config, dict) else {}
+    except ValueError:  # not UTF-8: not a config a run wrote
+        raise ConfigError(f"{path}: not UTF-8 text, so not the config.yaml a run writes") from None
+    if not isinstance(config, dict) or not all(isinstance(key, str) for key in config):
+        return {}  # not a config a run wrote: the legend names this run by its directory
+    return config
 
 
 def read_runs(run_dirs: list[str]) -> list[Run]:

@@ -59,7 +59,7 @@ def new_run_id(cfg: Config) -> str | None:
 
 def start_tracker(name: str, cfg: Config, run_id: str | None, resumed_at: int | None) -> GeneralTracker:
     """Tracker `name`, started, with the config as its hyperparameters. A resumed run continues the same run:
-    W&B's by id, trackio's by name; TensorBoard drops what it holds after the checkpoint (`purge_step`)."""
+    W&B's by id, trackio's by name; TensorBoard drops what it holds and gets every row again."""
     if name == "wandb":
         from accelerate.tracking import WandBTracker
         tracker = WandBTracker(cfg.tracking.project, dir=cfg.output_dir, mode=wandb_mode(cfg),
@@ -67,12 +67,14 @@ def start_tracker(name: str, cfg: Config, run_id: str | None, resumed_at: int | 
     elif name == "trackio":
         from accelerate.tracking import TrackioTracker
         use_trackio_dir(os.path.join(cfg.output_dir, TRACKIO_DIR))
-        tracker = TrackioTracker(cfg.tracking.project, name=cfg.tracking.run_name or run_id, resume="allow",
+        tracker = TrackioTracker(cfg.tracking.project, name=cfg.tracking.run_name or run_id,
+                                 resume="never" if resumed_at is None else "allow",  # a fresh run is a new one
                                  auto_log_cpu=False, auto_log_gpu=False)  # the rows of metrics.jsonl, nothing else
     else:
         from accelerate.tracking import TensorBoardTracker
-        tracker = TensorBoardTracker(TENSORBOARD_DIR, cfg.output_dir,
-                                     purge_step=None if resumed_at is None else resumed_at + 1)
+        # Events of steps >= 1 already there (of an earlier run, or before this resume) are dropped, and every row
+        # comes from metrics.jsonl (history_end 0), so that TensorBoard holds exactly its rows.
+        tracker = TensorBoardTracker(TENSORBOARD_DIR, cfg.output_dir, purge_step=1)
     with contextlib.redirect_stdout(io.StringIO()) if name == "trackio" else contextlib.nullcontext():
         tracker.start()  # (trackio's own lines would name a dashboard command without the output dir)
     tracker.store_init_configuration(flat_dict(cfg) if name == "wandb" else plain_values(flat_dict(cfg)))
@@ -106,8 +108,9 @@ def plain_values(hyperparameters: dict[str, Any]) -> dict[str, bool | int | floa
 
 def history_end(tracker: GeneralTracker, resumed_at: int | None) -> int:
     """The first optimizer step that `tracker` does not hold yet (a resumed run logs from there on)."""
+    if resumed_at is None or tracker.name == "tensorboard":  # a new run; TensorBoard dropped what it had
+        return 0
     if tracker.name == "wandb":
         return tracker.tracker.step
-    if tracker.name == "trackio":
-        return getattr(tracker.tracker, "_next_step", 0)  # trackio's own resume point (the step after its last)
-    return 0 if resumed_at is None else resumed_at + 1  # TensorBoard: purge_step dropped the rest
+    return tracker.tracker._next_step  # trackio's own resume point (the step after its last): if a version renames
+    # it, the AttributeError drops trackio with a warning rather than sending it every step twice

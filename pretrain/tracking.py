@@ -135,6 +135,19 @@ def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
             tracker.finish()
 
 
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl by step (the last row of a step written twice); a line that is not a JSON object
+    with an integer step (a half-written last line) is skipped. OSError when the file cannot be read."""
+    by_step = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+                    by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
     """Rewrite metrics.jsonl with the rows of steps <= last_step, and return them (a half-written line is dropped)."""
     kept = []

@@ -22,7 +22,7 @@ from pretrain.console import say
 from pretrain.data import DataStats, MicroBatchReader
 from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
-from pretrain.errors import ConfigError, RunError, Stopped, first_line
+from pretrain.errors import RunError, Stopped, first_line
 from pretrain.evaluation import evaluate
 from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP
@@ -31,16 +31,20 @@ from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
 from pretrain.model_card import RunFacts, model_card, push_to_hub
-from pretrain.tracking import METRICS_FILE, MetricsLogger, describe_eval, describe_step, step_row
+from pretrain.models import plain_name
+from pretrain.tracking import METRICS_FILE, MetricsLogger, describe_eval, describe_step, read_rows, step_row
 
 
 def train(cfg: Config, command: str = "") -> None:
     """Run the whole job that `cfg` describes (`command`: the command line, for the model card). Bad input raises
     ConfigError before any model is built."""
     run = setup(cfg, command)
+    main_process = run.accelerator.is_main_process
     with run:  # every way out releases the metrics file, the signal handlers, the process group and the lock
         stopped_by = loop(run)
         finish(run, stopped_by)
+    if cfg.hub.repo_id and main_process:  # after the last collective: an upload may outlast the process group's timeout
+        push_to_hub(cfg, os.path.join(cfg.output_dir, FINAL_DIR))
 
 
 @dataclass
@@ -211,11 +215,8 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
         say(f"checkpoint: {checkpoint(run)}")
     if run.nothing_left:
         return
-    if cfg.tracking.curves and accelerator.is_main_process:
-        draw_curves(cfg)
-    save_final(run)
-    if cfg.hub.repo_id and accelerator.is_main_process:
-        push_to_hub(cfg, os.path.join(cfg.output_dir, FINAL_DIR))
+    drawn = cfg.tracking.curves and accelerator.is_main_process and draw_curves(cfg)
+    save_final(run, curves=drawn)
     sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
     if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded):
         try:  # the model is saved: a sample that cannot be drawn is worth a warning, not a failed run
@@ -233,34 +234,42 @@ def checkpoint(run: Run) -> str:
     return save_checkpoint(run.accelerator, run.cfg, run.state)
 
 
-def draw_curves(cfg: Config) -> None:
+def draw_curves(cfg: Config) -> bool:
     """output_dir/curves.png from metrics.jsonl; a plot that cannot be drawn is worth a warning, not a failed run."""
     path = os.path.join(cfg.output_dir, CURVES_FILE)
     try:
         from pretrain.plots import write_curves  # matplotlib: imported only by a run that gets this far
         write_curves([cfg.output_dir], path)
-        say(f"curves: {path}")
     except Exception as err:
         say(f"warning: curves: cannot draw {path} ({first_line(err)})", warning=True)
+        return False
+    say(f"curves: {path}")
+    return True
 
 
-def save_final(run: Run) -> None:
-    """The model and tokenizer in Hugging Face format with a model card (README.md, and curves.png when drawn),
+def save_final(run: Run, curves: bool) -> None:
+    """The model and tokenizer in Hugging Face format with a model card (README.md, and `curves`: curves.png),
     written to final.tmp/ and then renamed to final/."""
     accelerator, output_dir = run.accelerator, run.cfg.output_dir
     final_dir, tmp = os.path.join(output_dir, FINAL_DIR), os.path.join(output_dir, FINAL_TMP)
     full_weights = accelerator.get_state_dict(run.model)  # gathered from the shards under FSDP and ZeRO-3 (collective)
-    # torch.compile's wrapper prefixes every name; from_pretrained would not find the weights under them
-    full_weights = {name.replace("_orig_mod.", ""): weight for name, weight in full_weights.items()}
+    if full_weights is not None:  # (None on the other processes under ZeRO-3)
+        # torch.compile's wrapper prefixes every name; from_pretrained would not find the weights under them
+        full_weights = {plain_name(name): weight for name, weight in full_weights.items()}
     error = None
     try:
         accelerator.unwrap_model(run.model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
                                                             save_function=accelerator.save, state_dict=full_weights)
         if accelerator.is_main_process:
             run.tokenizer.save_pretrained(tmp)
-            write_model_card(run, tmp)
     except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
         error = err
+    if error is None and accelerator.is_main_process:
+        try:  # the card describes the model; the model does not wait for it
+            write_model_card(run, tmp, curves)
+        except Exception as err:
+            say(f"warning: final: cannot write the model card ({first_line(err)}); final/ holds the model without "
+                "it", warning=True)
     del full_weights
     written = all_true(accelerator, error is None)  # and every process is done with tmp
     if written and accelerator.is_main_process:
@@ -278,18 +287,12 @@ def save_final(run: Run) -> None:
     say(f"saved the model and tokenizer to {final_dir}")
 
 
-def write_model_card(run: Run, folder: str) -> None:
-    """README.md in `folder` (final/ being written), with the run's curves.png beside it when drawn."""
-    curves = os.path.join(run.cfg.output_dir, CURVES_FILE)
-    if run.cfg.tracking.curves and os.path.exists(curves):
-        shutil.copyfile(curves, os.path.join(folder, CURVES_FILE))
-    from pretrain.plots import read_rows
-    try:
-        rows = read_rows(os.path.join(run.cfg.output_dir, METRICS_FILE))
-    except ConfigError:  # no optimizer step was logged (the data ran out before the first)
-        rows = []
+def write_model_card(run: Run, folder: str, curves: bool) -> None:
+    """README.md in `folder` (final/ being written), and with `curves` a copy of the curves.png just drawn."""
+    if curves:
+        shutil.copyfile(os.path.join(run.cfg.output_dir, CURVES_FILE), os.path.join(folder, CURVES_FILE))
     facts = RunFacts(parameters=run.parameters, processes=run.accelerator.num_processes, command=run.command,
-                     rows=rows)
+                     rows=read_rows(os.path.join(run.cfg.output_dir, METRICS_FILE)), curves=curves)
     model_card(run.cfg, facts).save(os.path.join(folder, "README.md"))
 
 

@@ -148,7 +148,7 @@ def test_a_run_of_one_step_is_drawn_as_points(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing dir", "a file", "no metrics", "empty metrics", "only a half line",
-                                  "out in a missing dir", "out is a dir", "out not an image"])
+                                  "config not UTF-8", "out in a missing dir", "out is a dir", "out not an image"])
 def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsys, case):
     good = make_run(tmp_path / "good", rows(3))
     (tmp_path / "bare").mkdir()
@@ -160,14 +160,25 @@ def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsy
         "empty metrics": (make_run(tmp_path / "empty", []), tmp_path / "c.png", tmp_path / "empty" / "metrics.jsonl"),
         "only a half line": (make_run(tmp_path / "half", [], tail='{"step": 1, "lo'), tmp_path / "c.png",
                              tmp_path / "half" / "metrics.jsonl"),
+        "config not UTF-8": (make_run(tmp_path / "latin1", rows(3)), tmp_path / "c.png",
+                             tmp_path / "latin1" / "config.yaml"),
         "out in a missing dir": (good, tmp_path / "nope" / "c.png", tmp_path / "nope" / "c.png"),
         "out is a dir": (good, tmp_path / "bare", tmp_path / "bare"),
         "out not an image": (good, tmp_path / "c.txt", tmp_path / "c.txt"),
     }[case]
+    if case == "config not UTF-8":
+        (run / "config.yaml").write_bytes("train:\n  lr: 0.001  # r\xe9sum\xe9\n".encode("latin-1"))
     assert plot_runs_main(str(good), str(run), "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_a_config_that_no_run_wrote_names_the_run_by_its_directory(tmp_path):
+    runs = [make_run(tmp_path / name, rows(3)) for name in ("a", "b")]
+    (runs[1] / "config.yaml").write_text("{1: x, train: {lr: 0.1}}\n")  # a key that is not text
+    fig = build_figure(read_runs([str(run) for run in runs]))
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["a", "b"]
 
 
 def test_a_real_run_drawn_by_the_script(tmp_path):

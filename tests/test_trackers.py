@@ -91,7 +91,7 @@ def test_a_resumed_run_leaves_each_step_once_in_the_trackers(lost_from, finished
     shutil.copytree(finished_run, out)
     # A kill -9 takes the rows still in trackio's buffers: those from `lost_from` on are taken out of its database.
     # Step 2 then comes again from metrics.jsonl; step 3, still held, is not sent twice. TensorBoard drops its old
-    # steps 3 and 4 (purge_step).
+    # events (purge_step=1) and gets every row of metrics.jsonl again.
     with sqlite3.connect(out / "trackio" / "pretrain.db") as db:
         db.execute("DELETE FROM metrics WHERE step >= ?", (lost_from,))
     result = run_accelerate_launch([*ARGS, BOTH, f"--output_dir={out}", f"--resume={out}/checkpoints/step_2"])
