@@ -150,15 +150,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
     """Rewrite metrics.jsonl with the rows of steps <= last_step, and return them (a half-written line is dropped)."""
-    kept = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
-                kept.append(row)
+    kept = [row for row in read_rows(path) if row["step"] <= last_step]
     tmp = path + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

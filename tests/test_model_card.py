@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TINY_LLAMA, accelerate_launch_command, read_metrics
+from conftest import REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_in_process
 from pretrain.config import load_config
 from pretrain.model_card import push_to_hub
 
@@ -78,3 +78,16 @@ def test_no_push_without_network_or_token_is_one_warning(offline, token, says, t
     push_to_hub(load_config(None, {"hub.repo_id": "someone/tiny-llama"}), str(tmp_path))
     err = capsys.readouterr().err
     assert err.count("warning: hub:") == 1 and says in err
+
+
+def test_a_card_that_cannot_be_written_is_a_warning_and_final_holds_the_model(tmp_path, monkeypatch):
+    import pretrain.train
+
+    def broken_card(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pretrain.train, "model_card", broken_card)
+    out = tmp_path / "run"
+    result = run_in_process([a for a in ARGS if not a.startswith("--hub.")] + [f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: final: cannot write the model card" in result.stderr
+    assert (out / "final" / "model.safetensors").exists() and not (out / "final" / "README.md").exists()
