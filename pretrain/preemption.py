@@ -15,8 +15,10 @@ from pretrain.distributed import max_over_processes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # One request often arrives twice within milliseconds: a scheduler signals the process group and every process,
 # a launcher forwards what it got, a terminal's Ctrl-C reaches the launcher and the trainer. A second signal
-# within this window is taken as the same request (and said so); a later one is the user insisting.
-DUPLICATE_WINDOW_S = 0.5
+# within this window is taken as the same request (and said so); a later one is the user insisting. The window is
+# measured between the handlers' runs, which a busy main thread (a long kernel on a loaded machine) can delay by
+# over half a second after the signal's arrival.
+DUPLICATE_WINDOW_S = 2.0
 # Shared with DataLoader workers (forked after import): set when the trainer is stopping cleanly.
 _STOPPING = multiprocessing.Value("b", 0, lock=False)
 
@@ -33,7 +35,7 @@ class StopRequest:
         _STOPPING.value = 1
         if self.signal is not None:
             if time.monotonic() - self._since < DUPLICATE_WINDOW_S:
-                _say(f"received {signal.Signals(signum).name} again within {DUPLICATE_WINDOW_S} s: the same request "
+                _say(f"received {signal.Signals(signum).name} again within {DUPLICATE_WINDOW_S:g} s: the same request "
                      "(delivered twice); send it again to exit at once")
                 self._since = 0.0  # the next one exits, however soon
                 return

@@ -111,14 +111,20 @@ class MetricsLogger:
         while self.trackers:
             tracker, _ = self.trackers.pop()
             try:
-                quiet = tracker.name == "trackio"  # its "Uploading logs to Trackio" is a local write here
-                with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-                    tracker.finish()
-                if tracker.name == "wandb":
-                    import wandb
-                    wandb.teardown()  # now, not at exit: if its service died (a scheduler signalled it), warn here
+                finish(tracker)
             except Exception as err:
                 give_up(tracker.name, None, err)
+
+
+def finish(tracker: GeneralTracker) -> None:
+    """Close `tracker`'s run. W&B is torn down now, not by its own hook at exit: when its service has died (a
+    scheduler's SIGTERM reaches every process of the job), that hook would print a traceback as the run ends."""
+    quiet = tracker.name == "trackio"  # its "Uploading logs to Trackio" is a local write here
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        tracker.finish()
+    if tracker.name == "wandb":
+        import wandb
+        wandb.teardown()
 
 
 def send(tracker: GeneralTracker, row: dict[str, Any]) -> None:
@@ -131,8 +137,12 @@ def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
     say(f"warning: tracker {name} stopped working ({reason}); metrics go on to {METRICS_FILE} and the other "
         "trackers", warning=True)
     if tracker is not None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
             tracker.finish()
+    if name == "wandb":  # also when it failed half-way through starting: else its exit hook prints a traceback
+        with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+            import wandb
+            wandb.teardown()
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
