@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 import time
 
 from accelerate import Accelerator
@@ -57,10 +56,11 @@ class StopRequest:
 
 
 def _say(line: str) -> None:
-    """Print from a signal handler: plain print, since console.say would take tqdm's lock (held, maybe, by the
-    code the signal interrupted)."""
+    """Print from a signal handler, straight to file descriptor 2: console.say would take tqdm's lock (held, maybe,
+    by the code the signal interrupted), and sys.stderr may be W&B's console capture, whose write fails once a
+    scheduler's signal has stopped W&B's service (the line was lost so)."""
     try:
-        print(line, file=sys.stderr, flush=True)
+        os.write(2, f"{line}\n".encode())
     except OSError:  # stderr is a closed pipe (tee killed with the job): the checkpoint matters more
         pass
 

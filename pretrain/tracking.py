@@ -136,11 +136,12 @@ def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
     reason = " ".join(f"{type(err).__name__}: {err}".split())
     say(f"warning: tracker {name} stopped working ({reason}); metrics go on to {METRICS_FILE} and the other "
         "trackers", warning=True)
+    # (stderr is not redirected to hide what they print: a signal's line printed meanwhile would be lost with it)
     if tracker is not None:
-        with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.suppress(Exception):
             tracker.finish()
     if name == "wandb":  # also when it failed half-way through starting: else its exit hook prints a traceback
-        with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.suppress(Exception):
             import wandb
             wandb.teardown()
 
