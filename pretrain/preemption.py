@@ -57,8 +57,7 @@ class StopRequest:
 
 def _say(line: str) -> None:
     """Print from a signal handler, straight to file descriptor 2: console.say would take tqdm's lock (held, maybe,
-    by the code the signal interrupted), and sys.stderr may be W&B's console capture, whose write fails once a
-    scheduler's signal has stopped W&B's service (the line was lost so)."""
+    by the code the signal interrupted), and sys.stderr may be W&B's console capture, which needs W&B's service."""
     try:
         os.write(2, f"{line}\n".encode())
     except OSError:  # stderr is a closed pipe (tee killed with the job): the checkpoint matters more
