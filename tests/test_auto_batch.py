@@ -84,6 +84,7 @@ def test_an_error_other_than_out_of_memory_is_not_taken_for_one(monkeypatch):
         auto_batch.choose_micro_batch(cfg, accelerator, checked.config, checked.parameters)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_n_when_only_one_of_them_runs_out_of_memory(ddp_probe):
     # tests/ddp_sync_probe.py: G = 16 on 2 gloo processes; rank 1's trials run out of memory from N = 4 on.
     ranks = ddp_probe["auto"]["out of memory from 4"]
@@ -101,6 +102,7 @@ def test_two_processes_agree_on_n_when_only_one_of_them_runs_out_of_memory(ddp_p
 PEAKS = re.compile(r"(\d+): peak ([\d.]+) GB")
 
 
+@pytest.mark.slow
 def test_a_limit_that_admits_4_but_not_8_trains_exactly_as_n_4_by_hand(tmp_path):
     # Memory as this machine measures it: the peaks of every candidate, from a limit nothing fits under (0.1 GB:
     # above what the run estimates any N needs, 0.089 GB for N=16, so each is run; below the process's own size).

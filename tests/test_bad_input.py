@@ -586,6 +586,7 @@ def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
     assert "data: 2 documents read" in result.stdout  # one epoch of two files, not dozens of copies
 
 
+@pytest.mark.slow
 def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_third_exits():
     script = ("import os, signal, time\n"
               "from pretrain.preemption import StopRequest\n"
@@ -601,6 +602,7 @@ def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_
         "received SIGINT again: exiting now, without finishing the step or a checkpoint being written"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 3.0])  # during the imports, during the checks
 def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
     run = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *TINY_RUN,

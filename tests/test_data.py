@@ -165,6 +165,7 @@ def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path)
     assert str(caught.value).startswith(f"data.path: cannot read '{tmp_path}'") and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp_path):
     # Through the script: a DataLoader whose worker raised takes torch 5 s per worker to shut down when
     # collected in a live process (at exit, none), which the in-process suite cannot afford.

@@ -15,6 +15,7 @@ from pretrain.errors import ConfigError
 from wandb_history import history_rows
 
 
+@pytest.mark.slow
 def test_prepared_shards_train_with_workers_and_report_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     shards = tmp_path / "shards"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import fresh_accelerate_state
 from pretrain.config import load_config
 from pretrain.engines import build_accelerator
 
 
+@pytest.mark.slow
 def test_gradients_differ_across_ranks_until_the_sync_micro_batch(ddp_probe):
     agreement = ddp_probe["agreement"]
     # K = 3: local (different) gradients after micro-batches 1 and 2, all-reduced (equal) after 3

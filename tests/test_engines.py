@@ -38,6 +38,7 @@ def one_process(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ENGINES)
 def test_engine_on_two_processes_follows_the_one_process_trajectory(config, one_process, tmp_path):
     if config.startswith("deepspeed"):
@@ -71,6 +72,7 @@ def test_engine_on_two_processes_follows_the_one_process_trajectory(config, one_
     assert_export_is_final(out, 4, tmp_path / "exported")
 
 
+@pytest.mark.slow
 def test_deepspeed_k_that_disagrees_with_the_template_is_an_error(tmp_path):
     # (A number in the accelerate config's deepspeed_config reaches the trainer as the launcher's K, which
     # tests/test_bad_input.py covers; a DeepSpeed JSON file is read by the engine itself.)

@@ -65,6 +65,7 @@ def llama_run(tmp_path_factory) -> Path:
     return trained(tmp_path_factory.mktemp("export") / "llama", *TINY_LLAMA)
 
 
+@pytest.mark.slow
 def test_the_script_exports_a_checkpoint_that_loads_as_final_does(llama_run, tmp_path):
     out = tmp_path / "exported"
     result = subprocess.run([sys.executable, str(EXPORT), str(llama_run / "checkpoints" / "step_2"), str(out)],

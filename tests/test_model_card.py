@@ -19,6 +19,7 @@ ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.max_steps=4", "--train.warmup
         "--hub.repo_id=someone/tiny-llama"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_has_curves_and_a_model_card_and_warns_once_when_the_hub_is_unreachable(tmp_path):
     out = tmp_path / "run"
     cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_in_process
 
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.backends=[]", "--tracking.curves=false",
@@ -56,6 +58,7 @@ def sbatch(tmp_path, args, nodes=2):
     return result, logs, scontrol
 
 
+@pytest.mark.slow
 def test_sbatch_script_on_two_simulated_nodes_matches_one_process(tmp_path):
     out = tmp_path / "two_nodes"
     result, logs, scontrol = sbatch(tmp_path, [f"--output_dir={out}"])
@@ -72,6 +75,7 @@ def test_sbatch_script_on_two_simulated_nodes_matches_one_process(tmp_path):
     assert_same_trajectory(reference, out)
 
 
+@pytest.mark.slow
 def test_sbatch_requeues_a_failed_job_only_while_it_saves_new_checkpoints(tmp_path):
     # An absurd lr: step 1 is saved, then the loss is not finite and the run stops with status 1 (as a
     # SIGTERM stop reads through the launcher). The requeued job resumes from step 1, diverges again and

@@ -118,6 +118,7 @@ def test_k_micro_batches_are_one_big_batch_for_muon_too(tmp_path):
     assert_same_losses(a, b)
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one_with_muon(tmp_path):
     args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
             "--train.max_steps=4"]

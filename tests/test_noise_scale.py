@@ -170,6 +170,7 @@ def probe_model(weights: dict) -> nn.Module:
     return model.double()
 
 
+@pytest.mark.slow
 def test_two_processes_measure_what_a_computation_from_scratch_gives_on_the_same_data(ddp_probe):
     saved = torch.load(ddp_probe["saved"], weights_only=False)
     ranks = saved["ranks"]  # each rank's micro-batches (ragged) and its measured (b, |G_b|^2)
@@ -181,6 +182,7 @@ def test_two_processes_measure_what_a_computation_from_scratch_gives_on_the_same
     assert list(saved["estimates"]) == pytest.approx(estimates.tolist(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_one_process_measures_what_a_computation_from_scratch_gives_on_the_same_data(ddp_probe):
     saved = torch.load(ddp_probe["saved"], weights_only=False)
     micro_batches = [mb for r in saved["ranks"] for mb in r["micro_batches"]]  # the same data, K = 6 on P = 1

@@ -181,6 +181,7 @@ def test_a_config_that_no_run_wrote_names_the_run_by_its_directory(tmp_path):
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_a_real_run_drawn_by_the_script(tmp_path):
     out = tmp_path / "run"
     result = run_in_process(["--train.max_steps=4", "--train.warmup_steps=1", "--eval.every=2", "--eval.sequences=4",

@@ -101,6 +101,7 @@ def assert_one_wandb_run(out, reference, launches):
     assert [losses[s] for s in sorted(losses)] == [r["loss"] for r in read_metrics(reference)]
 
 
+@pytest.mark.slow
 def test_kill_9_at_several_points_then_resume_gives_the_same_run(tmp_path, reference):
     out = tmp_path / "run"
     args = [*ARGS, f"--output_dir={out}"]
@@ -133,6 +134,7 @@ def test_kill_9_at_several_points_then_resume_gives_the_same_run(tmp_path, refer
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_6", "step_8"]  # checkpoint.keep: 2
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, reference):
     out = tmp_path / "run"
     args = [*ARGS, f"--output_dir={out}"]
@@ -171,6 +173,7 @@ def tracebacks_through_the_template(err: str) -> list[str]:
     return [block for block in blocks if str(REPO / "pretrain") in block or str(REPO / "scripts") in block]
 
 
+@pytest.mark.slow
 def test_wandb_service_killed_mid_run_is_one_warning_and_no_traceback(tmp_path):
     """What a scheduler's SIGTERM does to W&B's service process: the tracker is dropped with one line, training goes
     on, and wandb's exit hook (which would find its service gone) is not left to print a traceback."""
@@ -188,6 +191,7 @@ def test_wandb_service_killed_mid_run_is_one_warning_and_no_traceback(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1)) and (out / "final").is_dir()
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
     cmd, env = accelerate_launch_command([*ARGS, f"--output_dir={out}"], script=SLOW_SAVE)

@@ -81,10 +81,12 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_trackio_and_tensorboard_hold_the_rows_of_metrics_jsonl(finished_run):
     assert_trackers_hold_the_metrics(finished_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lost_from", [2, 4])
 def test_a_resumed_run_leaves_each_step_once_in_the_trackers(lost_from, finished_run, tmp_path):
     out = tmp_path / "run"  # a copy, resumed from its step 2: steps 3 and 4 are trained again
@@ -107,6 +109,7 @@ HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
             "--virtual-time-budget=20000"]  # time for the dashboard's scripts to fetch the runs and draw
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to open the dashboard in (Debian: apt-get install chromium)")
 def test_the_trackio_dashboard_of_a_finished_run_shows_its_loss(finished_run, tmp_path):
     port = free_port()

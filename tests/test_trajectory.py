@@ -43,6 +43,7 @@ def test_k4_n2_and_k1_n8_follow_the_same_trajectory_over_adamw_steps_with_warmup
     assert [r["loss"] for r in read_metrics(b)] == pytest.approx([r["loss"] for r in read_metrics(a)], rel=loss_rel)
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_trajectory(tmp_path):
     # K is not given: it follows from the global batch, K = G / (N x P) = 4 on one process, 2 on two.
     # Run a trains 3 steps on one process, then resumes its checkpoint on two; run b trains on two throughout.
@@ -126,6 +127,7 @@ def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, r
         assert tokens == full_steps + [windows * SEQ_LEN]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["epoch-schedule", "partial-last-step"])
 def test_two_processes_agree_with_one_on_epoch_schedules_and_at_the_end_of_data(tmp_path, case):
     # The global batch per step is the same on 1 and 2 processes (K halves), so the runs must match,
