@@ -1,4 +1,4 @@
-"""The output dir: what a run may overwrite there, what it cleans up before starting, and writing files whole."""
+"""The output dir: what a run may overwrite there, what it cleans up before starting, and what final/ lacks."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """Train a byte-level BPE tokenizer on a corpus and save it in Hugging Face format.
 
     python scripts/train_tokenizer.py --files "data/shakespeare/*.txt" --vocab-size 4096 --out data/tokenizer
-    python scripts/train_tokenizer.py --config my.yaml [--data.path=corpus/*.jsonl.gz] --vocab-size 32000 --out tokenizers/mine
+    python scripts/train_tokenizer.py --config my.yaml --vocab-size 32000 --out tokenizers/mine
 
 The first line is how the bundled tokenizer in data/tokenizer/ was made. The second trains on
 whatever a config's `data` section reads (JSONL, Parquet, compressed files, Hub datasets,
-mixtures), one epoch, unshuffled. Byte-level means every string can be encoded (no unknown
-tokens), so the tokenizer works on any text.
+mixtures; overrides such as --data.path=corpus/*.jsonl.gz allowed), one epoch, unshuffled.
+Byte-level means every string can be encoded (no unknown tokens), so the tokenizer works on any
+text.
 """
 
 import argparse
