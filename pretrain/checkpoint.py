@@ -22,12 +22,13 @@ from typing import Annotated, Any
 
 from accelerate import Accelerator
 
+from pretrain.atomic import make_readable
 from pretrain.config import Config, TrainConfig, flat_dict, to_dict
 from pretrain.console import say
 from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
-from pretrain.fields import AT_LEAST_1, COUNT, from_mapping
+from pretrain.fields import AT_LEAST_1, COUNT, NON_NEGATIVE, from_mapping
 from pretrain.noise_scale import NoiseScale
 from pretrain.optim import lr_at
 
@@ -68,16 +69,29 @@ class TrainerState:
     settings: dict[str, Any] = field(default_factory=dict)  # MUST_MATCH values of the run that saved it
     config: dict[str, Any] | None = None  # the whole config of the run that saved it (absent before 2026-11)
     noise: NoiseScale = field(default_factory=NoiseScale)  # the noise scale's moving averages (absent before 2026-12)
+    # The launches that trained the steps so far, and their training time in seconds, summed (for the model card;
+    # None: resumed from a checkpoint of an earlier version, which did not count them)
+    launches: Annotated[int, COUNT] | None = 0
+    train_seconds: Annotated[float, NON_NEGATIVE] | None = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The form saved as trainer_state.json (read back by read_trainer_state)."""
         return {**dataclasses.asdict(self), "data_position": self.data_position.to_json()}
 
-    def advance(self, step: int, *, k: int, tokens: int, data_position: DataPosition, result: Any) -> None:
-        """Count optimizer step `step` of K micro-batches holding `tokens` target tokens, with its StepResult."""
+    def start_launch(self) -> None:
+        """Count a launch that goes on to train steps of this run."""
+        if self.launches is not None:
+            self.launches += 1
+
+    def advance(self, step: int, *, k: int, tokens: int, data_position: DataPosition, result: Any,
+                seconds: float) -> None:
+        """Count optimizer step `step` of K micro-batches holding `tokens` target tokens, with its StepResult, which
+        took `seconds` since the step before (or since the launch's first step began)."""
         self.step, self.k, self.tokens, self.data_position = step, k, self.tokens + tokens, data_position
         self.updates += not result.skipped
         self.consecutive_skips = 0 if result.finite else self.consecutive_skips + 1
+        if self.train_seconds is not None:
+            self.train_seconds += seconds
 
 
 def settings_of(cfg: Config) -> dict[str, Any]:
@@ -161,6 +175,7 @@ def read_trainer_state(path: str) -> TrainerState:
     except (OSError, ValueError) as err:
         raise ConfigError(f"resume: cannot read {file} ({getattr(err, 'strerror', None) or first_line(err)})") from None
     if isinstance(raw, dict):
+        raw = {"launches": None, "train_seconds": None, **raw}  # not counted by older checkpoints
         optional = ("config", "noise")  # added later: older checkpoints have none
         missing = [f.name for f in dataclasses.fields(TrainerState) if f.name not in raw and f.name not in optional]
         if missing:
@@ -273,6 +288,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainerState) 
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state.to_json(), f, indent=1)
+            make_readable(tmp)
             _flush_tree(tmp)
             os.rename(tmp, final)  # the commit point: step_<N> appears complete or not at all
             _fsync_dir(root)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -12,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from pretrain.atomic import remove_leftovers, temporary, write_folder
 from pretrain.checkpoint import STATE_FILE, checkpoint_dirs, read_trainer_state
 from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
@@ -28,6 +27,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False) ->
     """Write the model of `checkpoint` with its config, tokenizer and generation config to `out_dir`, whole or not
     at all; `out_dir` must be empty or missing unless `overwrite`. Bad input is a ConfigError, a failed write a
     RunError."""
+    try:  # first, so that the checks see out_dir as it was before a killed export
+        remove_leftovers(out_dir)
+    except OSError as err:
+        raise RunError(f"out_dir: cannot remove {temporary(out_dir)!r}, left by an export that was stopped "
+                       f"({err.strerror})") from None
     check_paths(checkpoint, out_dir, overwrite)
     model_section, tokenizer_name = run_settings(checkpoint)
     try:
@@ -37,7 +41,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False) ->
                           "ran in)") from None
     model = build_model(model_config(model_section, tokenizer))
     load_weights(model, read_weights(checkpoint, model), checkpoint)
-    write_folder(model, tokenizer, out_dir)
+    save_folder(model, tokenizer, out_dir)
 
 
 def check_paths(checkpoint: str, out_dir: str, overwrite: bool) -> None:
@@ -143,40 +147,16 @@ def shape(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape))
 
 
-def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
-    """save_pretrained (safetensors, config.json, generation_config.json) and the tokenizer into a temporary
-    directory beside `out_dir`, renamed to it once complete: a failed export leaves `out_dir` as it was."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private to its owner)
-    except OSError as err:
-        raise RunError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
-    try:
+def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """save_pretrained (safetensors, config.json, generation_config.json) and the tokenizer into `.<out_dir>.tmp`
+    beside `out_dir`, renamed to it once complete: a failed export leaves `out_dir` as it was, and a killed one
+    leaves only that temporary, which the next export to `out_dir` removes."""
+    def fill(tmp: str) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException as err:  # a full disk or quota: OSError, or safetensors' own error; or Ctrl-C
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(err, Exception):
-            raise
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        write_folder(out_dir, fill)
+    except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
         reason = getattr(err, "strerror", None) or first_line(err)
         raise RunError(f"out_dir: cannot write {out_dir!r} ({reason}); it is as it was") from None
-
-
-def replace_dir(new: str, out_dir: str) -> None:
-    """Rename `new` to `out_dir`; what was in `out_dir` goes only once `new` is in its place."""
-    if not os.path.isdir(out_dir):
-        os.rename(new, out_dir)
-        return
-    old = f"{new}.old"
-    os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

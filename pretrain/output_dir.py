@@ -1,4 +1,4 @@
-"""The output dir: what a run may overwrite there, what it cleans up before starting, and writing files whole."""
+"""The output dir: what a run may overwrite there, what it cleans up before starting, and what final/ lacks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import contextlib
 import glob
 import os
 import shutil
+import tempfile
 
 import yaml
 
+from pretrain.atomic import remove_leftovers, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR
 from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
@@ -18,6 +20,7 @@ FINAL_DIR = "final"
 FINAL_TMP = ".final.tmp"  # final/ is written here first: a kill mid-save leaves no half-written final/
 CONFIG_FILE = "config.yaml"
 CURVES_FILE = "curves.png"  # drawn from metrics.jsonl at the end of a run (tracking.curves)
+MODEL_CARD = "README.md"  # in final/
 
 
 def check_output_dir(cfg: Config, resuming: bool) -> None:
@@ -44,9 +47,7 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
                           "config outside output_dir, or choose another output_dir")
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=cfg.output_dir).close()  # nameless where the OS allows: a kill leaves nothing
     except OSError as err:
         raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
 
@@ -69,30 +70,28 @@ def _written_by_a_run(text: str) -> bool:
     return isinstance(data, dict) and yaml.safe_dump(data, sort_keys=False) == text
 
 
+def missing_from_final(cfg: Config) -> list[str]:
+    """What the final/ of a finished run lacks: ["final/"] when there is none, else its model card and (with
+    tracking.curves) curves.png where a failed write kept them out."""
+    final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
+    if not os.path.isdir(final_dir):
+        return [f"{FINAL_DIR}/"]
+    wanted = [MODEL_CARD, CURVES_FILE] if cfg.tracking.curves else [MODEL_CARD]
+    return [f"{FINAL_DIR}/{name}" for name in wanted if not os.path.isfile(os.path.join(final_dir, name))]
+
+
 def prepare_output_dir(cfg: Config, fresh: bool) -> None:
-    """Remove what a killed save left behind (and with overwrite, an earlier run's checkpoints), then write the
+    """Remove what a killed write left behind (and with overwrite, an earlier run's checkpoints), then write the
     resolved config. Main process only, once every check has passed."""
     if fresh and cfg.overwrite:
         shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINTS_DIR), ignore_errors=True)
-    for unfinished in glob.glob(os.path.join(glob.escape(cfg.output_dir), CHECKPOINTS_DIR, ".step_*.tmp")) + \
-            [os.path.join(cfg.output_dir, FINAL_TMP)]:
+    for unfinished in glob.glob(os.path.join(glob.escape(cfg.output_dir), CHECKPOINTS_DIR, ".step_*.tmp")):
         shutil.rmtree(unfinished, ignore_errors=True)
+    for written in (CONFIG_FILE, METRICS_FILE, CURVES_FILE, FINAL_DIR, os.path.join(FINAL_DIR, MODEL_CARD),
+                    os.path.join(FINAL_DIR, CURVES_FILE)):  # each one written whole (pretrain.atomic)
+        with contextlib.suppress(OSError):  # a leftover that cannot be removed does the run no harm
+            remove_leftovers(os.path.join(cfg.output_dir, written))
     try:
-        write_atomically(os.path.join(cfg.output_dir, CONFIG_FILE), to_yaml(cfg))
+        write_text(os.path.join(cfg.output_dir, CONFIG_FILE), to_yaml(cfg))
     except OSError as err:
         raise ConfigError(f"output_dir: cannot write {CONFIG_FILE} in {cfg.output_dir!r} ({err.strerror})") from None
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write `path` whole or not at all: into a temporary file first, then renamed over it."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from pretrain.atomic import write_file
 from pretrain.checkpoint import FREE_ON_RESUME
 from pretrain.config import flat_dict
 from pretrain.errors import ConfigError
@@ -212,11 +212,7 @@ def write_curves(run_dirs: list[str], out_path: str) -> None:
             else "permission denied"
         raise ConfigError(f"{out_path}: cannot write it ({reason})")
     fig = build_figure(read_runs(run_dirs))
-    tmp = os.path.join(folder, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, out_path)
+    try:  # through `.<name>.tmp`, which also replaces what a killed write left there
+        write_file(out_path, lambda f: fig.savefig(f, format=fmt))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise ConfigError(f"{out_path}: cannot write it ({err.strerror})") from None

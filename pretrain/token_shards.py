@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from pretrain.atomic import write_text
 from pretrain.errors import ConfigError
 
 INDEX_FILE = "index.json"
@@ -53,19 +54,8 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
         index = {**self.meta, **extra, "tokens": self.tokens, "shards": self.shards}
-        tmp = os.path.join(self.out_dir, INDEX_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, os.path.join(self.out_dir, INDEX_FILE))  # the index appears only once all shards are whole
+        write_text(os.path.join(self.out_dir, INDEX_FILE), json.dumps(index, indent=1))  # once all shards are whole
         return index
-
-    def abandon(self) -> None:
-        """Remove the shard files written so far (nothing worth an index)."""
-        if self._file is not None:
-            self._file.close()
-        for shard in self.shards:
-            os.remove(os.path.join(self.out_dir, shard["file"]))
-        self.shards = []
 
     def _open_next(self) -> None:
         if self._file is not None:

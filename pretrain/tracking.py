@@ -15,6 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
+from pretrain.atomic import write_text
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.errors import RunError
@@ -162,13 +163,5 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
     """Rewrite metrics.jsonl with the rows of steps <= last_step, and return them (a half-written line is dropped)."""
     kept = [row for row in read_rows(path) if row["step"] <= last_step]
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
     return kept

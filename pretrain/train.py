@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pretrain import noise_scale
 from pretrain.accumulation import AccumulationPlan, lr_scale
+from pretrain.atomic import copy_file, make_readable, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint
 from pretrain.config import Config
 from pretrain.console import say
@@ -25,12 +26,12 @@ from pretrain.engines import build_accelerator, weights_are_finite, weights_are_
 from pretrain.errors import RunError, Stopped, first_line
 from pretrain.evaluation import evaluate
 from pretrain.optim import lr_at, set_lr
-from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP
+from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final
 from pretrain.preemption import StopRequest
 from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
-from pretrain.model_card import RunFacts, model_card, push_to_hub
+from pretrain.model_card import RunFacts, hardware, model_card, push_to_hub
 from pretrain.models import plain_name
 from pretrain.tracking import METRICS_FILE, MetricsLogger, describe_eval, describe_step, read_rows, step_row
 
@@ -66,7 +67,8 @@ class Run:
     stats: DataStats
     flops_per_token: int
     peak_flops: float | None
-    nothing_left: bool  # resumed from a finished run whose final/ exists
+    nothing_left: bool  # resumed from a finished run whose final/ is complete
+    card_only: bool  # resumed from a finished run whose final/ lacks its model card or curves.png
     parameters: int
     command: str  # that started this launch, for the model card
 
@@ -100,22 +102,27 @@ def setup(cfg: Config, command: str = "") -> Run:
         inputs.abandon()
         raise
     done = resumed and state.step >= cfg.train.max_steps
-    nothing_left = done and os.path.isdir(os.path.join(cfg.output_dir, FINAL_DIR))
+    lacking = missing_from_final(cfg) if done else []
     if done:
         say(f"nothing left to do: {inputs.resume_from} is at step {state.step} and train.max_steps is "
-            f"{cfg.train.max_steps}" + ("" if nothing_left else "; writing the missing final/"))
+            f"{cfg.train.max_steps}" + (f"; writing the missing {' and '.join(lacking)}" if lacking else ""))
+    else:
+        state.start_launch()
     return Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
                tokenizer=inputs.tokenizer, state=state,
                reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
                eval_batches=inputs.eval_batches, metrics=metrics,
                progress=progress_bar(state, cfg.train.max_steps, accelerator.is_main_process),
                stop_request=StopRequest(), lock=inputs.lock, stats=inputs.stats, flops_per_token=built.flops_per_token,
-               peak_flops=built.peak_flops, nothing_left=nothing_left, parameters=built.parameters, command=command)
+               peak_flops=built.peak_flops, nothing_left=done and not lacking,
+               card_only=done and bool(lacking) and lacking != [f"{FINAL_DIR}/"], parameters=built.parameters,
+               command=command)
 
 
 def loop(run: Run) -> signal.Signals | None:
     """Optimizer steps until train.max_steps or the end of the data; returns the signal that stopped it, if any."""
     cfg, state, accelerator, plan = run.cfg, run.state, run.accelerator, run.plan
+    clock = time.perf_counter()  # the launch's training time (state.train_seconds) runs from here
     for step in run.progress:
         started = time.perf_counter()
         # ---- K for this step (it changes only between steps), its micro-batches and their global token count
@@ -134,7 +141,9 @@ def loop(run: Run) -> signal.Signals | None:
         set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
                                 max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
-        state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result)
+        state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result,
+                      seconds=time.perf_counter() - clock)
+        clock = time.perf_counter()
         # ---- record the step: its metrics row, with the noise scale when measured and the eval loss when due
         speed = throughput(global_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
                            flops_per_token_=run.flops_per_token, peak=run.peak_flops, device=accelerator.device)
@@ -215,15 +224,31 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
         say(f"checkpoint: {checkpoint(run)}")
     if run.nothing_left:
         return
-    drawn = cfg.tracking.curves and accelerator.is_main_process and draw_curves(cfg)
-    save_final(run, curves=drawn)
+    sample = draw_sample(run)  # before final/: the model card shows it
+    if run.card_only:
+        if accelerator.is_main_process:
+            complete_final(run, sample)
+    else:
+        drawn = cfg.tracking.curves and accelerator.is_main_process and draw_curves(cfg)
+        save_final(run, curves=drawn, sample=sample)
+    if sample is not None:
+        say(f"sample:\n{sample}")
+
+
+def draw_sample(run: Run) -> str | None:
+    """The trained model's continuation of sample.prompt, drawn by the main process (by every process when the
+    weights are sharded); None when sample.max_new_tokens is 0 or when it cannot be drawn (a warning: the run
+    has succeeded)."""
+    cfg, accelerator = run.cfg, run.accelerator
     sharded = weights_are_sharded(accelerator)  # then every process takes part in each forward pass
-    if cfg.sample.max_new_tokens > 0 and (accelerator.is_main_process or sharded):
-        try:  # the model is saved: a sample that cannot be drawn is worth a warning, not a failed run
-            say(f"sample:\n{sample_text(accelerator.unwrap_model(run.model), run.tokenizer, cfg, synced=sharded)}")
-        except Exception as err:
-            say(f"warning: sample: cannot generate from {cfg.sample.prompt!r} ({first_line(err)}); the model in "
-                "final/ is complete")
+    if cfg.sample.max_new_tokens == 0 or not (accelerator.is_main_process or sharded):
+        return None
+    try:
+        return sample_text(accelerator.unwrap_model(run.model), run.tokenizer, cfg, synced=sharded)
+    except Exception as err:
+        say(f"warning: sample: cannot generate from {cfg.sample.prompt!r} ({first_line(err)}); the model card goes "
+            "without it")
+        return None
 
 
 def checkpoint(run: Run) -> str:
@@ -247,9 +272,9 @@ def draw_curves(cfg: Config) -> bool:
     return True
 
 
-def save_final(run: Run, curves: bool) -> None:
-    """The model and tokenizer in Hugging Face format with a model card (README.md, and `curves`: curves.png),
-    written to final.tmp/ and then renamed to final/."""
+def save_final(run: Run, curves: bool, sample: str | None) -> None:
+    """The model and tokenizer in Hugging Face format with a model card (README.md, with `sample`; and `curves`:
+    curves.png), written to .final.tmp/, made readable as any other new file, and then renamed to final/."""
     accelerator, output_dir = run.accelerator, run.cfg.output_dir
     final_dir, tmp = os.path.join(output_dir, FINAL_DIR), os.path.join(output_dir, FINAL_TMP)
     full_weights = accelerator.get_state_dict(run.model)  # gathered from the shards under FSDP and ZeRO-3 (collective)
@@ -265,15 +290,12 @@ def save_final(run: Run, curves: bool) -> None:
     except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
         error = err
     if error is None and accelerator.is_main_process:
-        try:  # the card describes the model; the model does not wait for it
-            write_model_card(run, tmp, curves)
-        except Exception as err:
-            say(f"warning: final: cannot write the model card ({first_line(err)}); final/ holds the model without "
-                "it", warning=True)
+        write_model_card(run, tmp, curves, sample)
     del full_weights
     written = all_true(accelerator, error is None)  # and every process is done with tmp
     if written and accelerator.is_main_process:
         try:
+            make_readable(tmp)  # safetensors writes the weights readable by their owner only
             shutil.rmtree(final_dir, ignore_errors=True)  # the final/ of an earlier run (overwrite: true)
             os.rename(tmp, final_dir)
         except OSError as err:
@@ -287,13 +309,41 @@ def save_final(run: Run, curves: bool) -> None:
     say(f"saved the model and tokenizer to {final_dir}")
 
 
-def write_model_card(run: Run, folder: str, curves: bool) -> None:
-    """README.md in `folder` (final/ being written), and with `curves` a copy of the curves.png just drawn."""
-    if curves:
-        shutil.copyfile(os.path.join(run.cfg.output_dir, CURVES_FILE), os.path.join(folder, CURVES_FILE))
+def write_model_card(run: Run, folder: str, curves: bool, sample: str | None) -> list[str]:
+    """README.md in `folder` and, with `curves`, a copy of the curves.png just drawn (unless `folder` has it),
+    each written whole. One that cannot be written is a warning, and `folder` holds the model without it (the
+    model does not wait for its card). Returns the names written."""
+    written, image = [], os.path.join(folder, CURVES_FILE)
+    if curves and not os.path.isfile(image):
+        try:
+            copy_file(os.path.join(run.cfg.output_dir, CURVES_FILE), image)
+            written.append(CURVES_FILE)
+        except OSError as err:
+            say(f"warning: final: cannot write {CURVES_FILE} ({err.strerror}); final/ holds the model without it",
+                warning=True)
+    state = run.state
     facts = RunFacts(parameters=run.parameters, processes=run.accelerator.num_processes, command=run.command,
-                     rows=read_rows(os.path.join(run.cfg.output_dir, METRICS_FILE)), curves=curves)
-    model_card(run.cfg, facts).save(os.path.join(folder, "README.md"))
+                     rows=[], curves=os.path.isfile(image), launches=state.launches,
+                     train_seconds=state.train_seconds, hardware=hardware(run.accelerator), sample=sample)
+    try:
+        facts.rows = read_rows(os.path.join(run.cfg.output_dir, METRICS_FILE))
+        write_text(os.path.join(folder, MODEL_CARD), str(model_card(run.cfg, facts)))
+        written.append(MODEL_CARD)
+    except Exception as err:  # a full disk (OSError), or a card that cannot be made
+        reason = getattr(err, "strerror", None) or first_line(err)
+        say(f"warning: final: cannot write the model card ({reason}); final/ holds the model without it",
+            warning=True)
+    return written
+
+
+def complete_final(run: Run, sample: str | None) -> None:
+    """The model card and curves.png that the final/ of a finished run lacks (a full disk kept them out)."""
+    final_dir = os.path.join(run.cfg.output_dir, FINAL_DIR)
+    curves = run.cfg.tracking.curves and (os.path.isfile(os.path.join(final_dir, CURVES_FILE)) or
+                                          draw_curves(run.cfg))
+    written = write_model_card(run, final_dir, curves, sample)
+    if written:
+        say(f"final: wrote {' and '.join(written)} into {final_dir}")
 
 
 @torch.no_grad()

@@ -22,18 +22,20 @@ sys.path.insert(0, os.path.dirname(_here))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
-def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> None:
+def prepare(cfg: Config, tmp: str, out_dir: str, shard_tokens: int, max_tokens: float) -> None:
+    """Tokenize into `tmp` what will be `out_dir` (the lines printed name `out_dir`)."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     fraction = cfg.eval.holdout_fraction
-    parts = [(out_dir, "training" if fraction else "all")] + ([(os.path.join(out_dir, "eval"), "held_out")]
-                                                               if fraction else [])
-    for directory, selection in parts:
+    parts = [("", "training" if fraction else "all")] + ([("eval", "held_out")] if fraction else [])
+    for part, selection in parts:
+        directory, shown = os.path.join(tmp, part), os.path.join(out_dir, part)
         held_out = selection == "held_out"
         # The eval part stops at its share of the cap, or a capped sample would read the whole corpus for it.
         cap = max_tokens * fraction / (1 - fraction) if held_out else max_tokens
@@ -44,7 +46,7 @@ def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> 
                                              collate_fn=as_is)
         writer = ShardWriter(directory, len(tokenizer), tokenizer.eos_token_id, shard_tokens)
         documents = empty = replaced = 0
-        with tqdm(desc=f"tokenizing into {directory}", unit="tok", unit_scale=True) as progress:
+        with tqdm(desc=f"tokenizing into {shown}", unit="tok", unit_scale=True) as progress:
             for block in loader:
                 if block.tokens is None:
                     continue
@@ -54,18 +56,17 @@ def prepare(cfg: Config, out_dir: str, shard_tokens: int, max_tokens: float) -> 
                 documents, empty = documents + block.documents, empty + block.empty_documents
                 replaced += block.replaced_chars
                 progress.update(len(block.tokens))
-        if writer.tokens == 0:  # checked before the index is written, so nothing usable is left behind
-            writer.abandon()
+        if writer.tokens == 0:
             if held_out:
                 raise ConfigError(f"eval.holdout_fraction: the {fraction} of documents held out hold no text; raise it")
             raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to tokenize" +
                               (" once the held-out documents are set aside" if fraction else ""))
         index = writer.close(documents=documents - empty, source=cfg.data.path if not cfg.data.mixture else
                              [s.path for s in cfg.data.mixture], tokenizer=cfg.data.tokenizer)
-        print(f"{directory}: {index['tokens']:,} tokens from {documents - empty:,} documents in "
+        print(f"{shown}: {index['tokens']:,} tokens from {documents - empty:,} documents in "
               f"{len(index['shards'])} shard(s) of {index['dtype']}; {empty:,} empty documents skipped, "
               f"{replaced:,} characters of invalid UTF-8 replaced")
-    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))  # train with data.tokenizer=<out>/tokenizer
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))  # train with data.tokenizer=<out>/tokenizer
 
 
 def remove_shards(directory: str) -> None:
@@ -89,16 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
+        remove_leftovers(args.out)  # of a run that was killed: before the checks, which must not see it
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ConfigError(f"--out: {args.out!r} is a file; give a directory")
-        if os.path.isdir(args.out) and os.listdir(args.out):
-            if not args.overwrite:
-                raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
-            remove_shards(args.out)
-        prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens, args.max_tokens)
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+        cfg = load_config(*parse_cli(rest))
+
+        def fill(tmp: str) -> None:
+            prepare(cfg, tmp, args.out, args.shard_tokens, args.max_tokens)
+            if os.path.isdir(args.out):
+                remove_shards(args.out)  # only now: a run that fails keeps the earlier shards
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_folder(args.out, fill, merge=True, last=INDEX_FILE)  # the index last: read only once all is there
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: --out: cannot write {args.out!r} ({err.strerror}); it is as it was", file=sys.stderr)
+        return 1
     return 0
 
 

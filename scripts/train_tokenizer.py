@@ -1,12 +1,13 @@
 """Train a byte-level BPE tokenizer on a corpus and save it in Hugging Face format.
 
     python scripts/train_tokenizer.py --files "data/shakespeare/*.txt" --vocab-size 4096 --out data/tokenizer
-    python scripts/train_tokenizer.py --config my.yaml [--data.path=corpus/*.jsonl.gz] --vocab-size 32000 --out tok
+    python scripts/train_tokenizer.py --config my.yaml --vocab-size 32000 --out tokenizers/mine
 
 The first line is how the bundled tokenizer in data/tokenizer/ was made. The second trains on
 whatever a config's `data` section reads (JSONL, Parquet, compressed files, Hub datasets,
-mixtures), one epoch, unshuffled. Byte-level means every string can be encoded (no unknown
-tokens), so the tokenizer works on any text.
+mixtures; overrides such as --data.path=corpus/*.jsonl.gz allowed), one epoch, unshuffled.
+Byte-level means every string can be encoded (no unknown tokens), so the tokenizer works on any
+text.
 """
 
 import argparse
@@ -19,6 +20,8 @@ sys.path.insert(0, os.path.dirname(_here))
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from pretrain.atomic import write_folder
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -66,7 +69,7 @@ def config_texts(argv: list[str]):
         raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to train a tokenizer on")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--files", help="glob of text files to train on (quote it), each file one document")
@@ -74,9 +77,12 @@ def main() -> int:
                                          "(further --data.key=value overrides allowed)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="size of the vocabulary, special tokens included")
     parser.add_argument("--out", required=True, help="directory to save the tokenizer to")
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
     if args.vocab_size < 257:
         print("error: --vocab-size must be at least 257 (256 bytes plus the end-of-text token)", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out: {args.out!r} is a file; give a directory", file=sys.stderr)
         return 2
     if args.files is not None:
         if rest:
@@ -95,7 +101,13 @@ def main() -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         what = f"the data of {args.config}"
-    tokenizer.save_pretrained(args.out)
+    try:  # into `.<out>.tmp`, whose files then replace their namesakes in out: a failed or killed save leaves out
+        # as it was, and the next save removes what a killed one left
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_folder(args.out, tokenizer.save_pretrained, merge=True)
+    except OSError as err:
+        print(f"error: --out: cannot write {args.out!r} ({err.strerror}); it is as it was", file=sys.stderr)
+        return 1
     print(f"trained on {what}; vocabulary {len(tokenizer)}; saved to {args.out}")
     return 0
 

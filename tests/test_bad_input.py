@@ -489,13 +489,22 @@ def test_resuming_an_older_checkpoint_on_purpose_keeps_the_run_it_replaces(run_c
 
 
 def test_what_a_killed_save_left_is_removed_by_the_next_run(run_copy):
-    # What a kill -9 during final/ or a checkpoint leaves: a model-sized temporary file, a half checkpoint.
+    # What a kill -9 during final/ or a checkpoint leaves: a model-sized temporary file, a half checkpoint; and
+    # during any other write (each goes through `.<name>.tmp` beside its file): config.yaml, metrics.jsonl cut
+    # back on a resume, curves.png, and the model card and curves.png that complete a final/.
+    before = tree(run_copy)
     (run_copy / ".final.tmp").mkdir()
     (run_copy / ".final.tmp" / "model.safetensors").write_bytes(b"\0" * 4_000_000)
     (run_copy / "checkpoints" / ".step_5.tmp").mkdir()
     (run_copy / "checkpoints" / ".step_5.tmp" / "optimizer.bin").write_bytes(b"\0" * 1000)
-    assert again(run_copy).returncode == 0
-    assert not (run_copy / ".final.tmp").exists() and not (run_copy / "checkpoints" / ".step_5.tmp").exists()
+    for name in (".config.yaml.tmp", ".metrics.jsonl.tmp", ".curves.png.tmp", "final/.README.md.tmp",
+                 "final/.curves.png.tmp"):
+        (run_copy / name).write_bytes(b"\0" * 1000)
+    result = again(run_copy)
+    assert result.returncode == 0 and "nothing left to do" in result.stdout, result.stderr[-2000:]
+    mine = ("config.yaml", ".lock")  # the resolved config (its output_dir is the copy's) and the run's pid
+    assert {k: v for k, v in tree(run_copy).items() if k not in mine} == {
+        k: v for k, v in before.items() if k not in mine}  # each leftover gone, nothing else changed
 
 
 def enospc(*args, **kwargs):

@@ -12,8 +12,10 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,4 +240,77 @@ def test_a_failed_write_leaves_out_dir_as_it_was_and_overwrite_replaces_it(llama
     monkeypatch.chdir(REPO)
     assert export_main(checkpoint, str(out), "--overwrite") == 0
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not (out / "old.txt").exists()
+    assert_same_as_final(out, llama_run / "final")
+
+
+# --------------------------------------------------------------------------- leftovers and file modes
+
+
+def test_the_next_export_removes_what_a_stopped_one_left(llama_run, tmp_path, capfd, monkeypatch):
+    checkpoint, out = str(llama_run / "checkpoints" / "step_2"), tmp_path / "out"
+    monkeypatch.chdir(REPO)
+    # A kill -9 in the middle of the save, emulated: the export stops there and no clean-up runs.
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_killed(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_killed)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(KeyboardInterrupt):
+        export_main(checkpoint, str(out))
+    monkeypatch.undo()
+    monkeypatch.chdir(REPO)
+    left = [p for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".out") and (left[0] / "model.safetensors").is_file()
+    assert export_main(checkpoint, str(out)) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert_same_as_final(out, llama_run / "final")
+    # Killed between setting the earlier export aside and renaming the new one in: the earlier one is put back, and
+    # is not replaced without --overwrite.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.rename(tmp_path / ".out.old")
+    (tmp_path / ".out.tmp").mkdir()
+    capfd.readouterr()
+    assert export_main(checkpoint, str(out)) == 2
+    assert capfd.readouterr().err == (f"error: out_dir: '{out}' is not empty; choose another directory or pass "
+                                      "--overwrite\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_exported_file_is_readable_as_any_new_file(umask, llama_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "new.txt").write_text("a file as open() makes it")
+        assert export_main(str(llama_run / "checkpoints" / "step_2"), str(tmp_path / "out")) == 0
+    finally:
+        os.umask(previous)
+    new_file = stat.S_IMODE((tmp_path / "new.txt").stat().st_mode)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {new_file}  # safetensors' own: 0o600
+    assert new_file & 0o044 == (0o044 if umask == 0o022 else 0)
+
+
+@pytest.mark.slow
+def test_a_kill_9_in_the_middle_of_an_export_leaves_a_temporary_that_the_next_export_removes(llama_run, tmp_path):
+    out = tmp_path / "out"
+    export = subprocess.Popen([sys.executable, str(REPO / "tests" / "slow_export.py"),
+                               str(llama_run / "checkpoints" / "step_2"), str(out)], cwd=REPO,
+                              env={**clean_env(), "SLOW_SAVE_SECONDS": "120"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".out.tmp" / "model.safetensors").exists():
+            assert export.poll() is None and time.monotonic() < deadline, "no .out.tmp/model.safetensors appeared"
+            time.sleep(0.05)
+    finally:
+        export.kill()  # SIGKILL
+        export.wait()
+    assert [p.name for p in tmp_path.iterdir()] == [".out.tmp"]  # what the kill left, and OUT_DIR not made
+    result = subprocess.run([sys.executable, str(EXPORT), str(llama_run / "checkpoints" / "step_2"), str(out)],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr.count("error:") == 0, result.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert_same_as_final(out, llama_run / "final")
