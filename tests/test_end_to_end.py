@@ -59,6 +59,7 @@ def test_accelerate_launch_trains_logs_every_step_and_saves(family, tmp_path):
     assert "sample:\nROMEO:" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_wandb_never_stops_training(tmp_path):
     # Online mode with no credentials (and a HOME without a .netrc): wandb.init fails, training must not.
     out = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_a_failing_wandb_never_stops_training(tmp_path):
     assert len(read_metrics(out)) == 3 and (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_script_is_one_line_and_exit_status_2(tmp_path):
     # The whole catalogue runs in-process (tests/test_bad_input.py); this is the real script's exit status.
     out = tmp_path / "run"
@@ -79,6 +81,7 @@ def test_bad_input_through_the_script_is_one_line_and_exit_status_2(tmp_path):
     assert "model:" not in result.stdout and not out.exists()
 
 
+@pytest.mark.slow
 def test_under_accelerate_launch_the_templates_line_comes_first(tmp_path):
     result = run_accelerate_launch(["--train.gradient_accumulation_steps=0", f"--output_dir={tmp_path / 'run'}"],
                                    launcher_args=["-q"])
