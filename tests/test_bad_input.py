@@ -27,7 +27,7 @@ import transformers
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
+from conftest import LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
@@ -603,7 +603,7 @@ def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_
               "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)\n"
               "time.sleep(0.2); print('still training', flush=True)\n"
               "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 128 + signal.SIGINT and result.stdout == "still training\n"
     assert result.stderr.splitlines() == [
         "received SIGINT: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
@@ -619,6 +619,6 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(delay)
     run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=60)
+    out, err = run.communicate(timeout=LAUNCH_TIMEOUT)
     assert run.returncode == 128 + signal.SIGINT, err[-2000:]
     assert err.splitlines()[-1] == "interrupted (SIGINT) while starting; nothing was trained" and "Traceback" not in err

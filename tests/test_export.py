@@ -24,7 +24,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, TINY_LLAMA, clean_env, run_in_process
+from conftest import LAUNCH_TIMEOUT, REPO, TINY_LLAMA, clean_env, run_in_process
 from pretrain.checkpoint import STATE_FILE
 from pretrain.export import export_checkpoint
 
@@ -71,7 +71,7 @@ def llama_run(tmp_path_factory) -> Path:
 def test_the_script_exports_a_checkpoint_that_loads_as_final_does(llama_run, tmp_path):
     out = tmp_path / "exported"
     result = subprocess.run([sys.executable, str(EXPORT), str(llama_run / "checkpoints" / "step_2"), str(out)],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"exported {llama_run}/checkpoints/step_2 to {out}" in result.stdout
     exported = {p.name for p in out.iterdir()}
@@ -310,7 +310,7 @@ def test_a_kill_9_in_the_middle_of_an_export_leaves_a_temporary_that_the_next_ex
         export.wait()
     assert [p.name for p in tmp_path.iterdir()] == [".out.tmp"]  # what the kill left, and OUT_DIR not made
     result = subprocess.run([sys.executable, str(EXPORT), str(llama_run / "checkpoints" / "step_2"), str(out)],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0 and result.stderr.count("error:") == 0, result.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert_same_as_final(out, llama_run / "final")

@@ -18,7 +18,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_in_process
+from conftest import LAUNCH_TIMEOUT, REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_in_process
 from pretrain.config import load_config
 from pretrain.model_card import RunFacts, model_card, push_to_hub
 
@@ -34,7 +34,7 @@ def test_a_finished_run_has_curves_and_a_model_card_and_warns_once_when_the_hub_
     # A token, but no network: the Hub's address is a closed port here.
     env = {**env, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token", "HF_ENDPOINT": "http://127.0.0.1:9",
            "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: hub:")]
     assert len(warnings) == 1 and "not pushed to someone/tiny-llama" in warnings[0], result.stderr[-2000:]

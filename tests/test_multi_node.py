@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_in_process
+from conftest import LAUNCH_TIMEOUT, REPO, TINY_LLAMA, assert_same_trajectory, clean_env, read_metrics, run_in_process
 
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.warmup_steps=2", "--tracking.backends=[]", "--tracking.curves=false",
         "--sample.max_new_tokens=0", "--train.log_every=1", "--train.micro_batch_size=2",
@@ -51,7 +51,7 @@ def sbatch(tmp_path, args, nodes=2):
            "MAIN_PORT": str(free_port()), "CONFIG": "configs/default.yaml", "SRUN_LOGS": str(tmp_path),
            "ACCELERATE_USE_CPU": "1"}  # no GPUs here: the processes run on CPU with gloo
     result = subprocess.run(["bash", "scripts/slurm_pretrain.sbatch", *ARGS, *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     logs = [(tmp_path / f"task{rank}.out").read_text() + (tmp_path / f"task{rank}.err").read_text()
             for rank in range(nodes)]
     scontrol = (tmp_path / "scontrol.log").read_text().splitlines()

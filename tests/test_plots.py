@@ -12,7 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TINY_LLAMA, clean_env, read_metrics, run_in_process
+from conftest import LAUNCH_TIMEOUT, REPO, TINY_LLAMA, clean_env, read_metrics, run_in_process
 
 from pretrain.output_dir import CURVES_FILE
 from pretrain.plots import DPI, build_figure, read_runs, run_labels, write_curves
@@ -189,7 +189,7 @@ def test_a_real_run_drawn_by_the_script(tmp_path):
                              f"--output_dir={out}", *TINY_LLAMA])
     assert result.returncode == 0, result.stderr[-2000:]
     script = subprocess.run([sys.executable, "scripts/plot_runs.py", str(out), "-o", str(tmp_path / "c.png")],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert script.returncode == 0, script.stderr[-2000:]
     assert script.stdout == f"wrote {tmp_path / 'c.png'}\n"
     image = matplotlib.image.imread(tmp_path / "c.png")
