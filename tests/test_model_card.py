@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import huggingface_hub
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_LLAMA, accelerate_launch_command, read_metrics, run_in_process
 from pretrain.config import load_config
-from pretrain.model_card import push_to_hub
+from pretrain.model_card import RunFacts, model_card, push_to_hub
 
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.max_steps=4", "--train.warmup_steps=2", "--eval.every=2",
         "--eval.sequences=4", "--sample.max_new_tokens=0", "--tracking.backends=[]", "--train.log_every=1000",
@@ -91,3 +92,22 @@ def test_a_card_that_cannot_be_written_is_a_warning_and_final_holds_the_model(tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: final: cannot write the model card" in result.stderr
     assert (out / "final" / "model.safetensors").exists() and not (out / "final" / "README.md").exists()
+
+
+def card_global_batch(text: str) -> tuple[int, int, int, int]:
+    """(G, P, K, N) as the card's "Global batch" line gives them."""
+    found = re.search(r"Global batch: ([\d,]+) sequences per optimizer step = P=(\d+) processes x K=(\d+) "
+                      r"micro-batches x\s+N=(\d+) sequences", text)
+    assert found, text
+    return tuple(int(group.replace(",", "")) for group in found.groups())
+
+
+def test_the_cards_global_batch_counts_every_process():
+    # The rows of a run on two processes, K = 2, N = 2: the card's global batch is train.global_batch_size, 8, not
+    # one process's K x N = 4. (tests/test_trajectory.py checks the card of a real two-process run.)
+    cfg = load_config(None, {"train.global_batch_size": 8, "train.gradient_accumulation_steps": None,
+                             "train.micro_batch_size": 2, "data.seq_len": 32})
+    rows = [{"step": step, "tokens": 8 * 32 * step, "loss": 5.0, "gradient_accumulation_steps": 2,
+             "global_batch_size": 8} for step in (1, 2)]
+    card = model_card(cfg, RunFacts(parameters=10**6, processes=2, command="", rows=rows, curves=False))
+    assert card_global_batch(card.text) == (8, 2, 2, 2)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import pretrain.train
 from conftest import (QUIET, REPO, SLOW_SAVE, TINY_LLAMA, accelerate_launch_command, read_metrics,
                       run_accelerate_launch, run_in_process, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
@@ -195,3 +196,40 @@ def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # none while non-finite
     state = json.loads((out / "checkpoints" / "step_1" / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["consecutive_skips"] == 0
+
+
+def test_a_sigterm_between_checkpoints_saves_the_step_it_finished_and_dropout_resumes_exactly(tmp_path, monkeypatch):
+    # In this process, with the real handler: the signal arrives during step 3, between checkpoint.every's steps.
+    # Dropout draws from torch's generator at every forward pass, so the resumed run is the uninterrupted one
+    # only if the checkpoint restores the generator's state.
+    args = [*ARGS, "--model.attention_dropout=0.2", "--checkpoint.every=4", "--train.max_steps=5",
+            "--tracking.backends=[]", "--tracking.curves=false"]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_in_process([*args, f"--output_dir={whole}"]).returncode == 0
+    no_dropout = tmp_path / "no_dropout"
+    assert run_in_process([*args, "--model.attention_dropout=0.0", "--train.max_steps=1",
+                           f"--output_dir={no_dropout}"]).returncode == 0
+    assert read_metrics(no_dropout)[0]["loss"] != read_metrics(whole)[0]["loss"]  # dropout is on
+
+    real_step, calls = pretrain.train.optimizer_step, iter(range(1, 100))
+
+    def signalled_in_step_3(*args, **kwargs):
+        if next(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain.train, "optimizer_step", signalled_in_step_3)
+    stopped = run_in_process([*args, f"--output_dir={out}"])
+    monkeypatch.undo()
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert f"stopped by SIGTERM after optimizer step 3; the checkpoint is in {out}/checkpoints/step_3" in stopped.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_3"]
+    assert json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())["step"] == 3
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and not (out / "final").exists()
+
+    resumed = run_in_process([*args, f"--output_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/step_3" in resumed.stdout
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(whole)]
+    final = "final/model.safetensors"
+    assert (out / final).read_bytes() == (whole / final).read_bytes()
