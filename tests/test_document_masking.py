@@ -141,7 +141,7 @@ def test_every_position_is_a_target_and_eval_is_each_documents_loss_alone(tmp_pa
     out = trained(tmp_path, "eval", ["--data.document_masking=true", f"--data.seq_len={seq_len}",
                                      "--train.gradient_accumulation_steps=2", "--train.micro_batch_size=2",
                                      f"--train.max_steps={steps}", f"--eval.every={steps}", "--eval.sequences=5",
-                                     f"--eval.path={short_documents}"])
+                                     f"--eval.path={short_documents}", "--train.cpu_threads=1"])
     rows = read_metrics(out)
     assert [r["tokens"] for r in rows] == [2 * 2 * seq_len * step for step in range(1, steps + 1)]
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
