@@ -250,7 +250,8 @@ def test_the_loop_gives_the_estimator_the_tokens_of_all_processes(monkeypatch):
     # not this process's T / P. (tests/test_trajectory.py checks the same on two real processes.)
     processes, k, n, seq_len = 2, 3, 2, 16
     calls = []
-    monkeypatch.setattr(noise_scale, "estimate", lambda accelerator, small, big: calls.append((small, big)) or (1.0, 5.0))
+    monkeypatch.setattr(noise_scale, "estimate",
+                        lambda accelerator, small, big: calls.append((small, big)) or (1.0, 5.0))
     cfg = load_config(None, {"train.noise_scale": True, "train.micro_batch_size": n, "data.seq_len": seq_len,
                              "train.gradient_accumulation_steps": k})
     run = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=processes), state=TrainerState(),

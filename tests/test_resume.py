@@ -224,7 +224,12 @@ def test_a_sigterm_between_checkpoints_saves_the_step_it_finished_and_dropout_re
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(pretrain.train, "optimizer_step", signalled_in_step_3)
-    stopped = run_in_process([*args, f"--output_dir={out}"])
+    # Should the run not take the signal, it fails this test rather than terminating pytest.
+    outside = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("the run did not handle SIGTERM"))
+    try:
+        stopped = run_in_process([*args, f"--output_dir={out}"])
+    finally:
+        signal.signal(signal.SIGTERM, outside)
     monkeypatch.undo()
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert f"stopped by SIGTERM after optimizer step 3; the checkpoint is in {out}/checkpoints/step_3" in stopped.stderr

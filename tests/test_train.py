@@ -73,7 +73,8 @@ def test_eval_holds_the_first_eval_sequences_when_n_does_not_divide_them(sequenc
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     parts = [eval_micro_batches(cfg, tokenizer, rank, processes) for rank in range(processes)]
     dealt = [parts[i % processes][i // processes] for i in range(sum(map(len, parts)))]
-    rows = [row for batch in dealt for row, labels in zip(batch["input_ids"], batch["labels"]) if (labels != -100).any()]
+    rows = [row for batch in dealt for row, labels in zip(batch["input_ids"], batch["labels"])
+            if (labels != -100).any()]  # without the empty batches that give each process as many
     eval_data = DataConfig(path=cfg.eval.path, seq_len=32, shuffle=False, repeat=False)
     first = [mb.batch["input_ids"][0] for mb in itertools.islice(
         micro_batch_stream(eval_data, tokenizer, micro_batch_size=1, rank=0, world_size=1), sequences)]
