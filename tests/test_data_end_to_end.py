@@ -8,10 +8,12 @@ import math
 
 import pytest
 
+import pretrain.train
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.errors import ConfigError
+from pretrain.throughput import throughput
 from wandb_history import history_rows
 
 
@@ -38,7 +40,14 @@ def test_prepared_shards_train_with_workers_and_report_eval(tmp_path, monkeypatc
     assert [h["_step"] for h in history if "eval_loss" in h] == [2, 4]
 
 
-def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
+def test_unpacked_training_counts_only_real_tokens(tmp_path, repo, monkeypatch):
+    seconds = []  # of each step, as the loop measured them
+
+    def timed(step_tokens, step_seconds, **kwargs):
+        seconds.append(step_seconds)
+        return throughput(step_tokens, step_seconds, **kwargs)
+
+    monkeypatch.setattr(pretrain.train, "throughput", timed)
     corpus = tmp_path / "docs.jsonl"
     lines = [f"Line {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(60)]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
@@ -56,6 +65,9 @@ def test_unpacked_training_counts_only_real_tokens(tmp_path, repo):
     steps = [sum(targets[i:i + 2]) for i in (0, 2, 4)]
     assert [r["tokens"] for r in read_metrics(out)] == list(itertools.accumulate(steps))
     assert all(s < 2 * 4 * 32 for s in steps)
+    # tokens/s counts those target tokens too, not the padded positions
+    assert [r["tokens_per_sec"] for r in read_metrics(out)] == pytest.approx(
+        [s / t for s, t in zip(steps, seconds)], rel=1e-12)
 
 
 def test_prepare_data_never_overwrites_and_names_bad_input(tmp_path, capsys, monkeypatch):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, prepare_data, read_metrics, run_in_process
 from pretrain.accumulation import summed_token_loss
-from pretrain.config import ModelConfig, load_config
+from pretrain.config import DataConfig, ModelConfig, load_config
+from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.document_masking import document_positions, model_inputs
 from pretrain.errors import ConfigError
 from pretrain.models import build_model, build_model_config
@@ -128,3 +131,34 @@ def test_token_shards_carry_what_masking_needs(tmp_path, short_documents, monkey
     off = trained(tmp_path, "shards_off", [*on[1:], f"--data.path={shards}"])
     assert [r["loss"] for r in read_metrics(from_shards)] == [r["loss"] for r in read_metrics(text)]
     assert [r["loss"] for r in read_metrics(off)][1:] != [r["loss"] for r in read_metrics(from_shards)][1:]
+
+
+def test_every_position_is_a_target_and_eval_is_each_documents_loss_alone(tmp_path, short_documents, repo):
+    # Under masking an EOS keeps its target (the next document's first token): a step holds K x N x seq_len target
+    # tokens. The eval loss over eval.sequences = 5 (N = 2: the last micro-batch in part) must be the final model's
+    # loss over the first 5 eval windows, each document of them computed alone (here, from final/).
+    seq_len, steps = 64, 2
+    out = trained(tmp_path, "eval", ["--data.document_masking=true", f"--data.seq_len={seq_len}",
+                                     "--train.gradient_accumulation_steps=2", "--train.micro_batch_size=2",
+                                     f"--train.max_steps={steps}", f"--eval.every={steps}", "--eval.sequences=5",
+                                     f"--eval.path={short_documents}", "--train.cpu_threads=1"])
+    rows = read_metrics(out)
+    assert [r["tokens"] for r in rows] == [2 * 2 * seq_len * step for step in range(1, steps + 1)]
+    tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
+    eos = tokenizer.eos_token_id
+    windows = micro_batch_stream(DataConfig(path=str(short_documents), seq_len=seq_len, shuffle=False), tokenizer,
+                                 micro_batch_size=1, rank=0, world_size=1)
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    loss, targets, documents = 0.0, 0, 0
+    with torch.no_grad():
+        for window in itertools.islice(windows, 5):
+            ids, labels = window.batch["input_ids"][0], window.batch["labels"][0]
+            ends = [i + 1 for i in range(seq_len) if ids[i] == eos]  # a document ends with its EOS
+            for start, end in zip([0, *ends], [*ends, seq_len]):
+                if start < end:
+                    logits = model(input_ids=ids[None, start:end]).logits
+                    loss += float(summed_token_loss(logits, labels[None, start:end]))
+                    targets += int((labels[start:end] != -100).sum())
+                    documents += 1
+    assert targets == 5 * seq_len and documents > 10  # every position a target; windows of several documents
+    assert rows[-1]["eval_loss"] == pytest.approx(loss / targets, rel=1e-5)

@@ -63,8 +63,9 @@ def trained(out: Path, *args: str) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory) -> Path:
-    """A finished 2-step run of a tiny llama, whose output layer is tied to the embedding."""
-    return trained(tmp_path_factory.mktemp("export") / "llama", *TINY_LLAMA)
+    """A finished 2-step run of a tiny llama, whose output layer is tied to the embedding; it keeps the checkpoints
+    of both steps."""
+    return trained(tmp_path_factory.mktemp("export") / "llama", *TINY_LLAMA, "--checkpoint.every=1")
 
 
 @pytest.mark.slow
@@ -82,6 +83,18 @@ def test_the_script_exports_a_checkpoint_that_loads_as_final_does(llama_run, tmp
     assert AutoTokenizer.from_pretrained(out)(text) == AutoTokenizer.from_pretrained(llama_run / "final")(text)
     assert not [p for p in tmp_path.iterdir() if p.name != "exported"]  # no temporary directory left beside it
     assert out.stat().st_mode == (llama_run / "final").stat().st_mode  # not the temporary directory's 0700
+
+
+def test_the_checkpoint_named_is_exported_not_another_of_its_run(llama_run, tmp_path, monkeypatch):
+    # step_1 is not the run's last checkpoint: its export holds step_1's weights as the checkpoint's own file has them.
+    step_1, step_2 = (load_file(llama_run / "checkpoints" / f"step_{n}" / "model.safetensors") for n in (1, 2))
+    assert any(not torch.equal(step_1[name], step_2[name]) for name in step_1)
+    monkeypatch.chdir(REPO)
+    assert export_main(str(llama_run / "checkpoints" / "step_1"), str(tmp_path / "out")) == 0
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert exported.keys() == step_1.keys()
+    for name in exported:
+        assert torch.equal(exported[name], step_1[name]), name
 
 
 def test_an_embedding_linear_checkpoint_exports_as_its_final(tmp_path):

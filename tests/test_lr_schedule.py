@@ -110,3 +110,20 @@ def test_a_cosine_run_or_a_decayed_wsd_run_is_refused_a_larger_max_steps(tmp_pat
     stopped_at_step_8(tmp_path / "early", WSD)
     refused = run_in_process([*RUN, *WSD, "--train.max_steps=10", f"--output_dir={tmp_path / 'early'}"])
     assert refused.returncode == 2 and "changes train.max_steps 12 -> 10" in refused.stderr
+
+
+def test_lr_scaling_follows_each_steps_global_batch_through_the_loop(tmp_path):
+    # K goes 1 -> 3 at N = 2 on one process: G = P x K x N = 2, then 6 sequences, against a base batch of 4.
+    # (sqrt's factor: tests/test_accumulation.py)
+    out = tmp_path / "run"
+    result = run_in_process(["--config=configs/embedding_linear.yaml", "--model.hidden_size=16", "--data.seq_len=32",
+                             "--train.micro_batch_size=2", "--train.gradient_accumulation_schedule={0: 1, 2: 3}",
+                             "--train.max_steps=4", "--train.lr=0.03", "--train.lr_schedule=constant",
+                             "--train.warmup_steps=0", "--train.lr_scaling=linear", "--train.lr_base_batch_size=4",
+                             "--eval.every=0", "--sample.max_new_tokens=0", "--tracking.backends=[]",
+                             "--tracking.curves=false", "--train.cpu_threads=1", "--data.block_chars=20000",
+                             f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["global_batch_size"] for r in rows] == [2, 2, 6, 6]
+    assert [r["lr"] for r in rows] == pytest.approx([0.03 * g / 4 for g in (2, 2, 6, 6)], rel=1e-12)

@@ -244,3 +244,22 @@ def test_a_resumed_runs_card_counts_its_launches_and_time_has_its_sample_and_fin
     text = ModelCard.load(out / "final" / "README.md").text
     assert "Trained for 5 optimizer steps" in text and "which did not count its launches" in text
     assert "- Training time: not recorded" in text
+
+
+def card_global_batch(text: str) -> tuple[int, int, int, int]:
+    """(G, P, K, N) as the card's "Global batch" line gives them."""
+    found = re.search(r"Global batch: ([\d,]+) sequences per optimizer step = P=(\d+) processes x K=(\d+) "
+                      r"micro-batches x\s+N=(\d+) sequences", text)
+    assert found, text
+    return tuple(int(group.replace(",", "")) for group in found.groups())
+
+
+def test_the_cards_global_batch_counts_every_process():
+    # The rows of a run on two processes, K = 2, N = 2: the card's global batch is train.global_batch_size, 8, not
+    # one process's K x N = 4. (tests/test_trajectory.py checks the card of a real two-process run.)
+    rows = [{"step": step, "tokens": 8 * 32 * step, "loss": 5.0, "gradient_accumulation_steps": 2,
+             "global_batch_size": 8} for step in (1, 2)]
+    text = card_of({"processes": 2, "rows": rows, "curves": False},
+                   **{"train.global_batch_size": 8, "train.gradient_accumulation_steps": None,
+                      "train.micro_batch_size": 2, "data.seq_len": 32})
+    assert card_global_batch(text) == (8, 2, 2, 2)

@@ -19,7 +19,8 @@ from pretrain.models import build_model, build_model_config
 from pretrain.muon import MuonWithAdamW
 from pretrain.optim import build_optimizer, set_lr
 
-MUON = TrainConfig(optimizer="muon", lr=0.01, weight_decay=0.1, fused_adamw=False)
+# A momentum other than the default (torch's too): the config's must reach Muon.
+MUON = TrainConfig(optimizer="muon", lr=0.01, weight_decay=0.1, fused_adamw=False, muon_momentum=0.8)
 
 # The weights inside the blocks, by name, for each model type: what Muon must take, and nothing else.
 BLOCK_MATRICES = {
@@ -61,7 +62,7 @@ def test_a_step_is_torch_muon_and_torch_adamw_stepped_apart_and_a_checkpoint_hol
     named = list(reference.named_parameters())
     matrices = [p for name, p in named if re.fullmatch(pattern, name)]
     rest = [p for name, p in named if not re.fullmatch(pattern, name)]
-    apart = [torch.optim.Muon(matrices, lr=0.01, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw"),
+    apart = [torch.optim.Muon(matrices, lr=0.01, weight_decay=0.1, momentum=0.8, adjust_lr_fn="match_rms_adamw"),
              torch.optim.AdamW([{"params": [p for p in rest if p.ndim >= 2], "weight_decay": 0.1},
                                 {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}],
                                lr=0.01, betas=(0.9, 0.95), eps=1e-8)]

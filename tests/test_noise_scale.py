@@ -21,12 +21,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from conftest import TINY_LLAMA, fresh_accelerate_state, read_metrics, run_in_process
-from pretrain.accumulation import summed_token_loss
-from pretrain.config import ModelConfig
+from pretrain import noise_scale
+from pretrain.accumulation import AccumulationPlan, summed_token_loss
+from pretrain.checkpoint import TrainerState
+from pretrain.config import ModelConfig, load_config
 from pretrain.models import build_model, build_model_config
 from pretrain.noise_scale import NoiseScale, estimate
 from pretrain.preemption import StopRequest
-from pretrain.step import optimizer_step
+from pretrain.step import StepResult, optimizer_step
+from pretrain.train import measure_noise_scale
 
 
 def mean_estimates(model: nn.Module, micro_batches, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +229,39 @@ def test_a_stopped_and_resumed_run_logs_the_noise_scale_of_an_uninterrupted_one(
     rows = [[r.get(c) for c in columns] for r in read_metrics(tmp_path / "resumed")]
     assert rows == [[r.get(c) for c in columns] for r in read_metrics(tmp_path / "whole")]
     assert all(row[1] is not None for row in rows)
+    assert_big_batch_is_the_whole_step(tmp_path / "whole")
+
+
+def assert_big_batch_is_the_whole_step(out) -> None:
+    """Every logged estimate took B = the step's target tokens on all processes (the tokens column's growth) and
+    |G_B| = the logged grad_norm. The two formulas of the module docstring give, whatever b and |G_b| are,
+    |G|^2 = |G_B|^2 - tr(S) / B; so does their mean over processes."""
+    rows = read_metrics(out)
+    measured = [(row, row["tokens"] - before["tokens"]) for before, row in zip([{"tokens": 0}, *rows], rows)
+                if "noise_grad_sq" in row]
+    assert measured
+    for row, big_tokens in measured:
+        big_sq = row["grad_norm"] ** 2
+        assert row["noise_grad_sq"] == pytest.approx(big_sq - row["noise_trace"] / big_tokens, rel=0,
+                                                     abs=1e-9 * big_sq), row["step"]
+
+
+def test_the_loop_gives_the_estimator_the_tokens_of_all_processes(monkeypatch):
+    # P = 2 in one process: the loop's accelerator and plan say 2, and the estimator is recorded instead of run.
+    # Its big batch is the step's T = P x K x N x seq_len target tokens (grad_norm is the norm of their gradient),
+    # not this process's T / P. (tests/test_trajectory.py checks the same on two real processes.)
+    processes, k, n, seq_len = 2, 3, 2, 16
+    calls = []
+    monkeypatch.setattr(noise_scale, "estimate",
+                        lambda accelerator, small, big: calls.append((small, big)) or (1.0, 5.0))
+    cfg = load_config(None, {"train.noise_scale": True, "train.micro_batch_size": n, "data.seq_len": seq_len,
+                             "train.gradient_accumulation_steps": k})
+    run = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=processes), state=TrainerState(),
+                          plan=AccumulationPlan(n, processes, k))
+    result = StepResult(loss=3.0, grad_norm=0.5, skipped=False, finite=True, small_batch=(n * seq_len, 0.75))
+    columns = measure_noise_scale(run, result, k, global_tokens=processes * k * n * seq_len)
+    assert calls == [((n * seq_len, 0.75), (processes * k * n * seq_len, 0.5))]
+    assert columns == {"noise_grad_sq": 1.0, "noise_trace": 5.0, "noise_scale_tokens": 5.0}
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])

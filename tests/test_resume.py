@@ -16,7 +16,10 @@ import sys
 import time
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+import pretrain.train
 from conftest import (LAUNCH_TIMEOUT, QUIET, REPO, SLOW_SAVE, TINY_LLAMA, accelerate_launch_command, read_metrics,
                       run_accelerate_launch, run_in_process, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
@@ -26,6 +29,10 @@ STEPS = 8
 ARGS = [*TINY_LLAMA, *QUIET, "--sample.max_new_tokens=0", "--data.seq_len=32", "--train.micro_batch_size=2",
         "--train.gradient_accumulation_schedule={0: 2, 4: 1}", f"--train.max_steps={STEPS}", "--train.warmup_steps=2",
         "--checkpoint.every=2", "--checkpoint.keep=2", "--eval.every=0"]
+
+
+# For runs in this process: one thread does not wait on a busy machine's other core, small blocks tokenize sooner.
+FAST = ["--train.cpu_threads=1", "--data.block_chars=20000"]
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +232,44 @@ def test_non_finite_steps_are_skipped_then_stop_and_are_never_checkpointed(tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # none while non-finite
     state = json.loads((out / "checkpoints" / "step_1" / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["consecutive_skips"] == 0
+
+
+def test_a_sigterm_between_checkpoints_saves_the_step_it_finished_and_dropout_resumes_exactly(tmp_path, monkeypatch):
+    # In this process, with the real handler: the signal arrives during step 3, between checkpoint.every's steps.
+    # Dropout draws from torch's generator at every forward pass, so the resumed run is the uninterrupted one
+    # only if the checkpoint restores the generator's state.
+    args = [*ARGS, "--model.attention_dropout=0.2", "--checkpoint.every=4", "--train.max_steps=5",
+            "--tracking.backends=[]", "--tracking.curves=false", *FAST]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_in_process([*args, f"--output_dir={whole}"]).returncode == 0
+    trained = AutoModelForCausalLM.from_pretrained(whole / "final").train()  # the run's model, as it trained
+    ids = torch.arange(3, 35)[None]
+    assert not torch.equal(trained(ids).logits, trained(ids).logits)  # its dropout draws from torch's generator
+
+    real_step, calls = pretrain.train.optimizer_step, iter(range(1, 100))
+
+    def signalled_in_step_3(*args, **kwargs):
+        if next(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain.train, "optimizer_step", signalled_in_step_3)
+    # Should the run not take the signal, it fails this test rather than terminating pytest.
+    outside = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("the run did not handle SIGTERM"))
+    try:
+        stopped = run_in_process([*args, f"--output_dir={out}"])
+    finally:
+        signal.signal(signal.SIGTERM, outside)
+    monkeypatch.undo()
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert f"stopped by SIGTERM after optimizer step 3; the checkpoint is in {out}/checkpoints/step_3" in stopped.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_3"]
+    assert json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())["step"] == 3
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and not (out / "final").exists()
+
+    resumed = run_in_process([*args, f"--output_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/step_3" in resumed.stdout
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(whole)]
+    final = "final/model.safetensors"
+    assert (out / final).read_bytes() == (whole / final).read_bytes()

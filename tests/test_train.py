@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
+import torch
 from accelerate import Accelerator
 
 from conftest import fresh_accelerate_state, read_metrics
 from pretrain.accumulation import count_target_tokens
-from pretrain.config import load_config
-from pretrain.data import load_tokenizer
+from pretrain.config import DataConfig, load_config
+from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.evaluation import eval_micro_batches
 from pretrain.sources import is_held_out
 from pretrain.setup import check_inputs
@@ -60,3 +62,20 @@ def test_eval_batches_are_as_many_on_every_process_and_hold_every_sequence_once(
     parts = [eval_micro_batches(cfg, tokenizer, rank, 4) for rank in range(4)]
     assert [len(part) for part in parts] == [2, 2, 2, 2]
     assert sum(int(count_target_tokens(part)) for part in parts) == 40 * 32
+
+
+@pytest.mark.parametrize("sequences, n, processes", [(5, 2, 1), (7, 2, 2), (9, 4, 3)])
+def test_eval_holds_the_first_eval_sequences_when_n_does_not_divide_them(sequences, n, processes, monkeypatch, repo):
+    # The last micro-batch is needed in part: the processes' batches, dealt back in order, hold exactly the first
+    # `sequences` windows of the eval data, read here one at a time.
+    monkeypatch.chdir(repo)
+    cfg = load_config(None, {"eval.sequences": sequences, "train.micro_batch_size": n, "data.seq_len": 32})
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    parts = [eval_micro_batches(cfg, tokenizer, rank, processes) for rank in range(processes)]
+    dealt = [parts[i % processes][i // processes] for i in range(sum(map(len, parts)))]
+    rows = [row for batch in dealt for row, labels in zip(batch["input_ids"], batch["labels"])
+            if (labels != -100).any()]  # without the empty batches that give each process as many
+    eval_data = DataConfig(path=cfg.eval.path, seq_len=32, shuffle=False, repeat=False)
+    first = [mb.batch["input_ids"][0] for mb in itertools.islice(
+        micro_batch_stream(eval_data, tokenizer, micro_batch_size=1, rank=0, world_size=1), sequences)]
+    assert len(rows) == sequences and all(torch.equal(a, b) for a, b in zip(rows, first))

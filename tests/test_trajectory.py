@@ -14,6 +14,8 @@ from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from test_export import assert_export_is_final
+from test_model_card import card_global_batch
+from test_noise_scale import assert_big_batch_is_the_whole_step
 
 SEQ_LEN = 32
 COMMON = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--train.warmup_steps=3", "--tracking.backends=[]", "--tracking.curves=false",
@@ -54,7 +56,9 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     # A longer run than the checkpoint's: resumed on purpose (resume: auto refuses a changed max_steps).
     a, resumed = trained(tmp_path, "p1", [*args, "--train.max_steps=5", f"--resume={tmp_path}/p1/checkpoints/step_3"],
                          processes=2)
-    b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1"], processes=2)
+    # b also measures the noise scale (which changes nothing of the training) and writes a model card.
+    b, result_b = trained(tmp_path, "p2", [*args, "--train.max_steps=5", "--train.log_every=1",
+                                           "--train.noise_scale=true"], processes=2)
     assert result_b.stdout.count("step 1: loss") == 1  # printed by rank 0 only
     assert "global batch: 1 process x K=4 micro-batches x N=2 sequences = 8 sequences" in result_a.stdout
     assert "global batch: 2 processes x K=2 micro-batches x N=2 sequences = 8 sequences" in result_b.stdout
@@ -64,6 +68,8 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
         assert row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, rel=1e-12)
     assert_same_trajectory(a, b)
     assert_export_is_final(b, 5, tmp_path / "exported")  # DDP's checkpoint, exported in this one process
+    assert_big_batch_is_the_whole_step(b)  # the noise scale's B: the step's tokens on both processes
+    assert card_global_batch((b / "final" / "README.md").read_text()) == (8, 2, 2, 2)  # G = P x K x N
 
 
 def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, repo):
