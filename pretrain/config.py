@@ -25,6 +25,7 @@ import yaml
 from pretrain.errors import ConfigError, one_line
 from pretrain.fields import (AT_LEAST_1, BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, Text,
                              from_mapping)
+from pretrain.paths import special_kind
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
 
@@ -347,6 +348,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The mapping of sections in a YAML config file; anything else (unreadable, empty, a list) is a ConfigError."""
+    if special_kind(path):  # opening a FIFO would wait for a writer; every process reads the file
+        raise ConfigError(f"--config: {path!r} is {special_kind(path)}, not a YAML file; give a YAML file such as "
+                          "configs/default.yaml")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=UniqueKeyLoader)

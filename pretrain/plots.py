@@ -19,6 +19,7 @@ from pretrain.config import flat_dict
 from pretrain.errors import ConfigError
 from pretrain import tracking
 from pretrain.output_dir import CONFIG_FILE
+from pretrain.paths import kind_of
 from pretrain.tracking import METRICS_FILE
 
 WIDTH_IN, ROW_IN, LEGEND_LINE_IN, DPI = 12.0, 3.2, 0.25, 100
@@ -94,7 +95,7 @@ def read_runs(run_dirs: list[str]) -> list[Run]:
         if not os.path.exists(run_dir):
             raise ConfigError(f"{run_dir}: no such directory")
         if not os.path.isdir(run_dir):
-            raise ConfigError(f"{run_dir}: not a directory; give a run's output_dir")
+            raise ConfigError(f"{run_dir}: {kind_of(run_dir)}, not a directory; give a run's output_dir")
     names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
     names = [name if names.count(name) == 1 else os.path.normpath(d) for name, d in zip(names, run_dirs)]
     return [Run(d, name, read_config(os.path.join(d, CONFIG_FILE)), read_rows(os.path.join(d, METRICS_FILE)))
@@ -207,9 +208,9 @@ def write_curves(run_dirs: list[str], out_path: str) -> None:
     if fmt not in FigureCanvasBase.get_supported_filetypes():
         raise ConfigError(f"{out_path}: not an image file name; end it in .png (or .pdf, .svg)")
     folder = os.path.dirname(os.path.abspath(out_path))
-    if os.path.isdir(out_path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        reason = "a directory" if os.path.isdir(out_path) else "no such directory" if not os.path.isdir(folder) \
-            else "permission denied"
+    if kind_of(out_path) not in (None, "a file") or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        reason = kind_of(out_path) if kind_of(out_path) not in (None, "a file") else "no such directory" \
+            if not os.path.isdir(folder) else "permission denied"
         raise ConfigError(f"{out_path}: cannot write it ({reason})")
     fig = build_figure(read_runs(run_dirs))
     tmp = os.path.join(folder, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")

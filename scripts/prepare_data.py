@@ -25,6 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
+from pretrain.paths import kind_of  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ConfigError(f"--out: {args.out!r} is a file; give a directory")
+        if kind_of(args.out) not in (None, "a directory"):
+            raise ConfigError(f"--out: {args.out!r} is {kind_of(args.out)}, not a directory; give a directory")
         if os.path.isdir(args.out) and os.listdir(args.out):
             if not args.overwrite:
                 raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
