@@ -138,14 +138,23 @@ def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
 def read_rows(path: str) -> list[dict[str, Any]]:
     """The rows of metrics.jsonl by step (the last row of a step written twice); a line that is not a JSON object
     with an integer step (a half-written last line) is skipped. OSError when the file cannot be read."""
-    by_step = {}
+    return read_rows_counting(path)[0]
+
+
+def read_rows_counting(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """read_rows, and the numbers of the lines it skipped (blank lines aside)."""
+    by_step, skipped = {}, []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
+        for number, line in enumerate(f, start=1):
+            try:
                 row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
-                    by_step[row["step"]] = row
-    return [by_step[step] for step in sorted(by_step)]
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+                by_step[row["step"]] = row
+            elif line.strip():
+                skipped.append(number)
+    return [by_step[step] for step in sorted(by_step)], skipped
 
 
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:
