@@ -69,6 +69,8 @@ class Run:
     nothing_left: bool  # resumed from a finished run whose final/ exists
     parameters: int
     command: str  # that started this launch, for the model card
+    noise_said_at: int = 0  # the step after which the noise-scale line was last printed (finish prints it once more
+    # only when it has changed since)
 
     def __enter__(self) -> Run:
         return self
@@ -184,6 +186,7 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
         say(describe_step(row, finite))
         if "noise_grad_sq" in row:
             say(describe_noise_scale(run))
+            run.noise_said_at = step
     skips = run.state.consecutive_skips
     if skips > cfg.train.max_nonfinite_skips:
         raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite for {skips} steps in a "
@@ -205,7 +208,7 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
     if run.stats.documents:
         say(f"data: {run.stats.documents:,} documents read, {run.stats.empty_documents:,} empty ones skipped, "
             f"{run.stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
-    if cfg.train.noise_scale and state.noise.steps:
+    if cfg.train.noise_scale and state.noise.steps and run.noise_said_at != state.step:
         say(describe_noise_scale(run))
     checkpoint_dir = os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")
     if stopped_by:
