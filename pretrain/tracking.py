@@ -51,12 +51,15 @@ class MetricsLogger:
     `resumed_at`: the step of the checkpoint a run resumes from. Rows after it (logged before a
     crash, and about to be logged again) are dropped from metrics.jsonl, so each step appears once.
     The trackers continue the same run; each gets the rows from the first step it does not hold.
+    A launch that `trains` no step (a finished run run again) opens nothing and starts no tracker: it would
+    only add an empty run to each.
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None):
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None,
+                 trains: bool = True):
         self.trackers: list[tuple[GeneralTracker, int]] = []  # each with the first step it is sent
         self.file = None
-        if not accelerator.is_main_process:
+        if not accelerator.is_main_process or not trains:
             return
         self.path = os.path.join(cfg.output_dir, METRICS_FILE)
         try:

@@ -97,11 +97,12 @@ def setup(cfg: Config, command: str = "") -> Run:
         built = build(accelerator, cfg, inputs)
         state = inputs.state
         resumed = inputs.resume_from is not None
-        metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resumed else None)
+        done = resumed and state.step >= cfg.train.max_steps  # a finished run run again: it trains no step
+        metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resumed else None,
+                                trains=not done)
     except BaseException:
         inputs.abandon()
         raise
-    done = resumed and state.step >= cfg.train.max_steps
     nothing_left = done and os.path.isdir(os.path.join(cfg.output_dir, FINAL_DIR))
     if done:
         say(f"nothing left to do: {inputs.resume_from} is at step {state.step} and train.max_steps is "
