@@ -19,6 +19,7 @@ from pretrain.accumulation import AccumulationPlan, lr_scale
 from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint
 from pretrain.config import Config
 from pretrain.console import say
+from pretrain.data_passes import first_epoch_warning, shards_warning
 from pretrain.data import DataStats, MicroBatchReader
 from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
@@ -107,6 +108,8 @@ def setup(cfg: Config, command: str = "") -> Run:
     if done:
         say(f"nothing left to do: {inputs.resume_from} is at step {state.step} and train.max_steps is "
             f"{cfg.train.max_steps}" + ("" if nothing_left else "; writing the missing final/"))
+    elif repeats := shards_warning(cfg, inputs.plan):
+        say(repeats, warning=True)
     return Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
                tokenizer=inputs.tokenizer, state=state,
                reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
@@ -137,7 +140,10 @@ def loop(run: Run) -> signal.Signals | None:
         set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
                                 max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
+        before = state.data_position
         state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result)
+        if repeats := first_epoch_warning(cfg, plan, before, state.data_position, step):  # raw text: known only now
+            say(repeats, warning=True)
         # ---- record the step: its metrics row, with the noise scale when measured and the eval loss when due
         speed = throughput(global_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
                            flops_per_token_=run.flops_per_token, peak=run.peak_flops, device=accelerator.device)

@@ -1,7 +1,7 @@
 """Tokenize the corpus of a config once into token shards, which training then reads without a tokenizer.
 
     python scripts/prepare_data.py --config configs/default.yaml --out data/prepared/shakespeare
-    python scripts/prepare_data.py --config configs/llama-125m.yaml --out data/fineweb-edu-gpt2 --max-tokens 2e9
+    python scripts/prepare_data.py --config configs/llama-125m.yaml --out data/fineweb-edu-gpt2 --max-tokens 1e10
     accelerate launch scripts/pretrain.py --data.path=data/prepared/shakespeare
 
 Reads `data` (path or mixture, text_column, ...) and tokenizes it with `data.tokenizer`, using
