@@ -182,7 +182,8 @@ class TrainConfig:
     log_every: Annotated[int, AT_LEAST_1] = 50
     """print a line every this many optimizer steps (metrics.jsonl and W&B get every step)"""
     cpu_threads: Annotated[int, Range(1, 4096)] | None = None
-    """torch threads per process on CPU; null: the machine's cores / local processes"""
+    """torch threads per process on CPU; null: the machine's cores / local processes (1 is far faster on cores
+    busy with other work)"""
     max_nonfinite_skips: Annotated[int, COUNT] = 3
     """skip up to this many steps in a row with a non-finite loss or gradient norm (no update, logged as
     skipped), then stop with an error; 0: stop at once"""
