@@ -234,9 +234,10 @@ def write_curves(run_dirs: list[str], out_path: str) -> None:
     if fmt not in FigureCanvasBase.get_supported_filetypes():
         raise ConfigError(f"{out_path}: not an image file name; end it in .png (or .pdf, .svg)")
     folder = os.path.dirname(os.path.abspath(out_path))
-    if kind_of(out_path) not in (None, "a file") or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        reason = kind_of(out_path) if kind_of(out_path) not in (None, "a file") else "no such directory" \
-            if not os.path.isdir(folder) else "permission denied"
+    if kind_of(out_path) not in (None, "a file"):  # a FIFO's reader would wait for ever; a directory
+        raise ConfigError(f"{out_path}: {kind_of(out_path)}, not an image file; give the name of the image to write")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        reason = "no such directory" if not os.path.isdir(folder) else "permission denied"
         raise ConfigError(f"{out_path}: cannot write it ({reason})")
     fig = build_figure(read_runs(run_dirs))
     tmp = os.path.join(folder, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -187,15 +188,18 @@ def test_a_run_of_one_step_is_drawn_as_points(tmp_path):
     assert matplotlib.image.imread(run / CURVES_FILE).ndim == 3
 
 
-@pytest.mark.parametrize("case", ["missing dir", "a file", "no metrics", "empty metrics", "only a half line",
-                                  "config not UTF-8", "out in a missing dir", "out is a dir", "out not an image"])
+@pytest.mark.parametrize("case", ["missing dir", "a file", "a FIFO", "no metrics", "empty metrics", "only a half line",
+                                  "config not UTF-8", "out in a missing dir", "out is a dir", "out is a FIFO",
+                                  "out not an image"])
 def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsys, case):
     good = make_run(tmp_path / "good", rows(3))
     (tmp_path / "bare").mkdir()
     (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
     run, out, named = {
         "missing dir": (tmp_path / "nope", tmp_path / "c.png", tmp_path / "nope"),
         "a file": (tmp_path / "file", tmp_path / "c.png", tmp_path / "file"),
+        "a FIFO": (tmp_path / "fifo", tmp_path / "c.png", f"{tmp_path / 'fifo'}: a FIFO (named pipe), not a directory"),
         "no metrics": (tmp_path / "bare", tmp_path / "c.png", tmp_path / "bare" / "metrics.jsonl"),
         "empty metrics": (make_run(tmp_path / "empty", []), tmp_path / "c.png", tmp_path / "empty" / "metrics.jsonl"),
         "only a half line": (make_run(tmp_path / "half", [], tail='{"step": 1, "lo'), tmp_path / "c.png",
@@ -204,14 +208,17 @@ def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsy
                              tmp_path / "latin1" / "config.yaml"),
         "out in a missing dir": (good, tmp_path / "nope" / "c.png", tmp_path / "nope" / "c.png"),
         "out is a dir": (good, tmp_path / "bare", tmp_path / "bare"),
+        "out is a FIFO": (good, tmp_path / "fifo.png", f"{tmp_path / 'fifo.png'}: a FIFO (named pipe), not an image file"),
         "out not an image": (good, tmp_path / "c.txt", tmp_path / "c.txt"),
     }[case]
+    if case == "out is a FIFO":
+        os.mkfifo(out)  # replaced by the image, a reader of the FIFO would wait for ever
     if case == "config not UTF-8":
         (run / "config.yaml").write_bytes("train:\n  lr: 0.001  # r\xe9sum\xe9\n".encode("latin-1"))
     assert plot_runs_main(str(good), str(run), "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
-    assert not (tmp_path / "c.png").exists()
+    assert not (tmp_path / "c.png").exists() and (tmp_path / "fifo").is_fifo()
 
 
 def test_a_config_that_no_run_wrote_names_the_run_by_its_directory(tmp_path):
