@@ -32,6 +32,7 @@ VARIANTS = {  # name -> config overrides on top of the baseline (float32, for-ea
     "noise_scale": ["--train.noise_scale=true"],  # measuring it: one gradient norm and one all-reduce per step
     "document_masking": ["--data.document_masking=true"],  # an explicit block mask instead of sdpa's causal path
     "bf16+compile+fused": ["--train.mixed_precision=bf16", "--train.compile=true", "--train.fused_adamw=true"],
+    "cpu_threads=1": ["--train.cpu_threads=1"],  # on CPU, against the default of one thread per core
 }
 
 

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 
 from pretrain.atomic import make_readable
 from pretrain.config import Config, TrainConfig, flat_dict, to_dict
@@ -29,12 +31,15 @@ from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, NON_NEGATIVE, from_mapping
+from pretrain.models import plain_name
 from pretrain.noise_scale import NoiseScale
 from pretrain.optim import lr_at
+from pretrain.paths import kind_of
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".lock"
+WEIGHTS_FILE = "model.safetensors"  # the model's weights as accelerator.save_state writes them (one process, DDP)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that fix the model's shape and the data stream: a checkpoint resumes only under the same ones.
 MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "data.tokenizer", "data.seq_len",
@@ -122,6 +127,10 @@ def resume_path(cfg: Config) -> str | None:
     if cfg.resume == "auto":
         found = checkpoint_dirs(cfg.output_dir)
         return found[-1] if found else None
+    kind = kind_of(cfg.resume)
+    if kind not in (None, "a directory"):
+        raise ConfigError(f"resume: {cfg.resume!r} is {kind}, not a checkpoint directory; give auto, none or a "
+                          f"{CHECKPOINTS_DIR}/step_<N> directory")
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(f"resume: {cfg.resume!r} is not a checkpoint (no {STATE_FILE}); give auto, none or a "
                           f"{CHECKPOINTS_DIR}/step_<N> directory")
@@ -214,21 +223,53 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> None:
-    """Model, optimizer, scaler and RNG states from `path` into the prepared objects."""
+def load_checkpoint(accelerator: Accelerator, model: torch.nn.Module, path: str) -> None:
+    """Model, optimizer, scaler and RNG states from `path` into the prepared objects (`model` among them)."""
     from torch.distributed.checkpoint.api import CheckpointException  # FSDP2's shards: a BaseException
+    check_weight_shapes(accelerator.unwrap_model(model), path)
     try:
         accelerator.load_state(path)
     except (Exception, CheckpointException) as err:  # a size mismatch, a missing or corrupt file
         raise ConfigError(f"resume: cannot load {path!r} into this model ({first_line(err)})") from None
 
 
-def newest_loadable(accelerator: Accelerator, paths: list[str]) -> str | None:
+def check_weight_shapes(model: torch.nn.Module, path: str) -> None:
+    """The shapes in the header of checkpoint `path`'s weights file against `model`'s: one line naming the file and
+    each tensor of another shape with both shapes (torch's own error names no file)."""
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(file):  # FSDP's and DeepSpeed's shards: their loaders' errors are reported whole
+        return
+    try:
+        with safe_open(file, framework="pt") as f:
+            saved = {plain_name(name): f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception:  # a file cut short or not safetensors at all: loading it says so
+        return
+    wrong = other_shapes(saved, {plain_name(name): weight.shape for name, weight in model.state_dict().items()})
+    if wrong:
+        raise ConfigError(f"resume: the weights in {file} do not fit this model (of another shape: {listing(wrong)})")
+
+
+def other_shapes(saved: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """'name 64x96 (the model: 64x128)' for each tensor of `saved` whose shape is not the model's (`own`)."""
+    return [f"{name} {shape(saved[name])} (the model: {shape(own[name])})" for name in saved
+            if name in own and list(saved[name]) != list(own[name])]
+
+
+def shape(dims: Any) -> str:
+    return "x".join(map(str, dims))
+
+
+def listing(items: list[str], at_most: int = 3) -> str:
+    """The first `at_most` items, each whole, and how many more."""
+    return ", ".join(items[:at_most]) + (f" and {len(items) - at_most} more" if len(items) > at_most else "")
+
+
+def newest_loadable(accelerator: Accelerator, model: torch.nn.Module, paths: list[str]) -> str | None:
     """The newest of `paths` whose trainer state reads and whose files load into the prepared objects."""
     for path in reversed(paths):
         try:
             read_trainer_state(path)
-            load_checkpoint(accelerator, path)
+            load_checkpoint(accelerator, model, path)
             return path
         except ConfigError:
             continue

@@ -25,6 +25,7 @@ import yaml
 from pretrain.errors import ConfigError, one_line
 from pretrain.fields import (AT_LEAST_1, BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, Text,
                              from_mapping)
+from pretrain.paths import special_kind
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
 
@@ -181,7 +182,8 @@ class TrainConfig:
     log_every: Annotated[int, AT_LEAST_1] = 50
     """print a line every this many optimizer steps (metrics.jsonl and W&B get every step)"""
     cpu_threads: Annotated[int, Range(1, 4096)] | None = None
-    """torch threads per process on CPU; null: the machine's cores / local processes"""
+    """torch threads per process on CPU; null: the machine's cores / local processes (1 is far faster on cores
+    busy with other work)"""
     max_nonfinite_skips: Annotated[int, COUNT] = 3
     """skip up to this many steps in a row with a non-finite loss or gradient norm (no update, logged as
     skipped), then stop with an error; 0: stop at once"""
@@ -347,6 +349,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The mapping of sections in a YAML config file; anything else (unreadable, empty, a list) is a ConfigError."""
+    if special_kind(path):  # opening a FIFO would wait for a writer; every process reads the file
+        raise ConfigError(f"--config: {path!r} is {special_kind(path)}, not a YAML file; give a YAML file such as "
+                          "configs/default.yaml")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=UniqueKeyLoader)

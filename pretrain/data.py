@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,17 +35,26 @@ from pretrain.config import DataConfig
 from pretrain.data_position import START, DataPosition, TextCursor
 from pretrain.document_masking import document_positions
 from pretrain.errors import ConfigError, first_line
+from pretrain.paths import kind_of
 from pretrain.preemption import prepare_worker
 from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
 from pretrain.token_shards import TokenShards, is_token_shards
 
 # Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
 Documents = Literal["all", "training", "held_out"]
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a repo on the Hub: name or owner/name
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A fast tokenizer from a local directory or the Hub; it must have an EOS token to separate documents."""
     if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise ConfigError(f"data.tokenizer: cannot load {name_or_path!r}: no such directory; give a tokenizer "
                           "directory (as written by save_pretrained) or a Hub tokenizer id")
+    kind = kind_of(name_or_path)
+    # A file (or FIFO, device...) there: transformers would take the name for a Hub id, which a path cannot be.
+    if kind not in (None, "a directory") and not (kind == "a file" and HUB_ID.fullmatch(name_or_path)):
+        raise ConfigError(f"data.tokenizer: {name_or_path!r} is {kind}, not a tokenizer directory; give the "
+                          "directory that save_pretrained wrote (it holds tokenizer.json) or a Hub tokenizer id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if not hasattr(tokenizer, "backend_tokenizer"):  # a slow (Python) tokenizer: the data path needs a fast one

@@ -36,10 +36,13 @@ class Stopped(Exception):
 
 
 def first_line(err: Exception) -> str:
-    """The first line of an error from a library, for a one-line message (a long one cut to its first sentence)."""
+    """The first line of an error from a library, for a one-line message (a long one cut to its first sentence);
+    the whole message when that line is a heading for the lines below ("Error(s) in loading state_dict for X:")."""
     lines = str(err).strip().splitlines()
     if not lines:
         return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:  # the details (which tensor, which shapes) are on the next lines
+        return one_line(err)
     if len(lines[0]) > 200:  # a paragraph of advice after the fact: keep its first sentence
         return re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0][:300]
     return lines[0]

@@ -11,14 +11,15 @@ from safetensors.torch import load_file
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pretrain.atomic import remove_leftovers, temporary, write_folder
-from pretrain.checkpoint import STATE_FILE, checkpoint_dirs, read_trainer_state
+from pretrain.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dirs, listing, other_shapes, read_trainer_state
 from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.models import build_model, model_config_for, plain_name
+from pretrain.paths import kind_of
 
 # What accelerator.save_state writes for the model (the run prepares one), by engine.
-WEIGHTS_FILE = "model.safetensors"  # one process and DDP: the whole state dict
+# WEIGHTS_FILE (model.safetensors): one process and DDP, the whole state dict
 FSDP_DIR = "pytorch_model_fsdp_0"  # FSDP2 (SHARDED_STATE_DICT): torch.distributed.checkpoint shards, under "model"
 DEEPSPEED_TAG = "pytorch_model"  # DeepSpeed ZeRO-2/3: the checkpoint tag; fp32 master weights in the optimizer shards
 
@@ -40,7 +41,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False) ->
         raise ConfigError(f"{err} (the tokenizer of {checkpoint!r}: run the export from the directory the training "
                           "ran in)") from None
     model = build_model(model_config(model_section, tokenizer))
-    load_weights(model, read_weights(checkpoint, model), checkpoint)
+    load_weights(model, read_weights(checkpoint, model), weights_path(checkpoint))
     save_folder(model, tokenizer, out_dir)
 
 
@@ -48,13 +49,16 @@ def check_paths(checkpoint: str, out_dir: str, overwrite: bool) -> None:
     """Refuse what is not a checkpoint, and an out_dir whose files would be lost."""
     if not os.path.exists(checkpoint):
         raise ConfigError(f"checkpoint: {checkpoint!r} does not exist; give a checkpoints/step_<N> directory of a run")
+    if kind_of(checkpoint) != "a directory":
+        raise ConfigError(f"checkpoint: {checkpoint!r} is {kind_of(checkpoint)}, not a checkpoint directory; give a "
+                          "checkpoints/step_<N> directory of a run")
     if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
         found = checkpoint_dirs(checkpoint) if os.path.isdir(checkpoint) else []
         hint = f", such as {found[-1]!r}" if found else ""
         raise ConfigError(f"checkpoint: {checkpoint!r} is not a checkpoint (no {STATE_FILE}); give a "
                           f"checkpoints/step_<N> directory of a run{hint}")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"out_dir: {out_dir!r} is a file; give a directory")
+    if kind_of(out_dir) not in (None, "a directory"):
+        raise ConfigError(f"out_dir: {out_dir!r} is {kind_of(out_dir)}, not a directory; give a directory")
     inside = os.path.commonpath([os.path.realpath(out_dir), os.path.realpath(checkpoint)])
     if inside == os.path.realpath(out_dir):
         raise ConfigError(f"out_dir: {out_dir!r} holds the checkpoint {checkpoint!r}; choose another directory")
@@ -82,24 +86,32 @@ def model_config(model_section: dict[str, Any], tokenizer: PreTrainedTokenizerBa
     return model_config_for(section, tokenizer)
 
 
+def weights_path(checkpoint: str) -> str | None:
+    """What holds the model's weights in `checkpoint`: FSDP2's or DeepSpeed's shards, or the one file."""
+    for name, is_kind in ((FSDP_DIR, os.path.isdir), (DEEPSPEED_TAG, os.path.isdir), (WEIGHTS_FILE, os.path.isfile)):
+        if is_kind(os.path.join(checkpoint, name)):
+            return os.path.join(checkpoint, name)
+    return None
+
+
 def read_weights(checkpoint: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The full float32 weights in `checkpoint`, whichever engine wrote them (`model` gives FSDP2's shapes)."""
-    fsdp_shards, whole = os.path.join(checkpoint, FSDP_DIR), os.path.join(checkpoint, WEIGHTS_FILE)
+    path = weights_path(checkpoint)
+    if path is None:
+        raise ConfigError(f"checkpoint: {checkpoint!r} holds no model weights ({WEIGHTS_FILE}, {FSDP_DIR}/ or "
+                          f"{DEEPSPEED_TAG}/ as accelerator.save_state writes them)")
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     try:
-        if os.path.isdir(fsdp_shards):
-            return read_fsdp_shards(fsdp_shards, model)
-        if os.path.isdir(os.path.join(checkpoint, DEEPSPEED_TAG)):
+        if os.path.basename(path) == FSDP_DIR:
+            return read_fsdp_shards(path, model)
+        if os.path.basename(path) == DEEPSPEED_TAG:
             return {plain_name(name): weight for name, weight in read_zero_shards(checkpoint).items()}
-        if os.path.isfile(whole):
-            return {plain_name(name): weight for name, weight in load_file(whole).items()}
+        return {plain_name(name): weight for name, weight in load_file(path).items()}
     except ConfigError:  # DeepSpeed is not installed
         raise
     except (Exception, CheckpointException) as err:  # a file cut short or of another model: safetensors', torch's
         # and DeepSpeed's errors
-        raise ConfigError(f"checkpoint: cannot read the weights in {checkpoint!r} ({first_line(err)})") from None
-    raise ConfigError(f"checkpoint: {checkpoint!r} holds no model weights ({WEIGHTS_FILE}, {FSDP_DIR}/ or "
-                      f"{DEEPSPEED_TAG}/ as accelerator.save_state writes them)")
+        raise ConfigError(f"checkpoint: cannot read the weights in {path!r} ({first_line(err)})") from None
 
 
 def read_fsdp_shards(directory: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -127,24 +139,19 @@ def read_zero_shards(checkpoint: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=DEEPSPEED_TAG)
 
 
-def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], checkpoint: str) -> None:
-    """Put `weights` into `model`, once they are known to fit: every parameter comes from them, or shares its tensor
-    with one that does (the output layer tied to the embedding, which safetensors saves once)."""
+def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Put `weights` (read from `source`) into `model`, once they are known to fit: every parameter comes from them,
+    or shares its tensor with one that does (the output layer tied to the embedding, which safetensors saves once)."""
     own = model.state_dict()
     loaded = {own[name].data_ptr() for name in weights if name in own}
     problems = {"missing": [name for name in own if name not in weights and own[name].data_ptr() not in loaded],
                 "unexpected": [name for name in weights if name not in own],
-                "of another shape": [f"{name} {shape(weights[name])} (the model: {shape(own[name])})"
-                                     for name in weights if name in own and weights[name].shape != own[name].shape]}
+                "of another shape": other_shapes({name: w.shape for name, w in weights.items()},
+                                                 {name: w.shape for name, w in own.items()})}
     if any(problems.values()):
-        listed = "; ".join(f"{kind}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-                           for kind, names in problems.items() if names)
-        raise ConfigError(f"checkpoint: the weights in {checkpoint!r} do not fit its model section ({listed})")
+        listed = "; ".join(f"{kind}: {listing(names)}" for kind, names in problems.items() if names)
+        raise ConfigError(f"checkpoint: the weights in {source!r} do not fit its model section ({listed})")
     model.load_state_dict(weights, strict=False)
-
-
-def shape(tensor: torch.Tensor) -> str:
-    return "x".join(map(str, tensor.shape))
 
 
 def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:

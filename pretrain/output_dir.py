@@ -14,6 +14,7 @@ from pretrain.atomic import remove_leftovers, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR
 from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
+from pretrain.paths import kind_of
 from pretrain.tracking import METRICS_FILE
 
 FINAL_DIR = "final"
@@ -26,6 +27,10 @@ MODEL_CARD = "README.md"  # in final/
 def check_output_dir(cfg: Config, resuming: bool) -> None:
     """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
     cannot be written."""
+    kind = kind_of(cfg.output_dir)
+    if kind not in (None, "a directory"):
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} is {kind}, not a directory; give a directory (missing "
+                          "ones are made)")
     previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
                 if os.path.exists(os.path.join(cfg.output_dir, name))
                 and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]

@@ -16,9 +16,11 @@ from matplotlib.lines import Line2D
 from pretrain.atomic import write_file
 from pretrain.checkpoint import FREE_ON_RESUME
 from pretrain.config import flat_dict
+from pretrain.console import say
 from pretrain.errors import ConfigError
 from pretrain import tracking
 from pretrain.output_dir import CONFIG_FILE
+from pretrain.paths import kind_of
 from pretrain.tracking import METRICS_FILE
 
 WIDTH_IN, ROW_IN, LEGEND_LINE_IN, DPI = 12.0, 3.2, 0.25, 100
@@ -58,15 +60,22 @@ class Run:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl by step (pretrain.tracking.read_rows); ConfigError when there is none."""
+    """The rows of a metrics.jsonl by step (pretrain.tracking.read_rows); ConfigError when there is none, and one
+    warning that counts the lines that are not rows."""
     try:
-        rows = tracking.read_rows(path)
+        rows, skipped = tracking.read_rows_counting(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; give a run's output_dir (it holds {METRICS_FILE})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
     if not rows:
         raise ConfigError(f"{path}: holds no metrics rows (the run logged no optimizer step)")
+    if skipped:
+        many = len(skipped) > 1
+        numbers = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        say(f"warning: {path}: skipped {len(skipped)} line{'s' * many} that {'are' if many else 'is'} not "
+            f"{'metrics rows' if many else 'a metrics row'} (line{'s' * many} {numbers}; a row is a JSON object with "
+            f"an integer step); drew the other {len(rows)} rows", warning=True)
     return rows
 
 
@@ -94,11 +103,27 @@ def read_runs(run_dirs: list[str]) -> list[Run]:
         if not os.path.exists(run_dir):
             raise ConfigError(f"{run_dir}: no such directory")
         if not os.path.isdir(run_dir):
-            raise ConfigError(f"{run_dir}: not a directory; give a run's output_dir")
+            raise ConfigError(f"{run_dir}: {kind_of(run_dir)}, not a directory; give a run's output_dir")
     names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
     names = [name if names.count(name) == 1 else os.path.normpath(d) for name, d in zip(names, run_dirs)]
-    return [Run(d, name, read_config(os.path.join(d, CONFIG_FILE)), read_rows(os.path.join(d, METRICS_FILE)))
-            for d, name in zip(run_dirs, names)]
+    runs = []
+    for run_dir, name in zip(run_dirs, names):
+        rows = read_rows(os.path.join(run_dir, METRICS_FILE))
+        runs.append(Run(run_dir, name, with_trained_k(read_config(os.path.join(run_dir, CONFIG_FILE)), rows), rows))
+    return runs
+
+
+def with_trained_k(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`config` with the K its steps trained with (their rows' gradient_accumulation_steps) where it says null (K
+    chosen for the run: micro_batch_size: auto, global_batch_size), when every step had the same K."""
+    train = config.get("train")
+    if not isinstance(train, dict) or train.get("gradient_accumulation_steps", 0) is not None:
+        return config
+    ks = {row.get("gradient_accumulation_steps") for row in rows}
+    k = ks.pop() if len(ks) == 1 else None
+    if not isinstance(k, int) or isinstance(k, bool):
+        return config
+    return {**config, "train": {**train, "gradient_accumulation_steps": k}}
 
 
 def show(value: Any) -> str:
@@ -127,8 +152,10 @@ def run_labels(configs: list[dict[str, Any]], names: list[str]) -> list[str]:
 
 
 def series(rows: list[dict[str, Any]], x: str, column: str) -> tuple[list[float], list[float]]:
-    """(x, y) of the rows that hold `column`; a value that is not a number (null, a string) becomes NaN: a gap."""
+    """(x, y) of the rows whose `column` and `x` are finite numbers: a NaN loss (a skipped step, marked in the loss
+    panels) or a null leaves its point out, and the line joins the points on either side."""
     points = [(number(row.get(x)), number(row[column])) for row in rows if column in row]
+    points = [(px, py) for px, py in points if math.isfinite(px) and math.isfinite(py)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -207,9 +234,10 @@ def write_curves(run_dirs: list[str], out_path: str) -> None:
     if fmt not in FigureCanvasBase.get_supported_filetypes():
         raise ConfigError(f"{out_path}: not an image file name; end it in .png (or .pdf, .svg)")
     folder = os.path.dirname(os.path.abspath(out_path))
-    if os.path.isdir(out_path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        reason = "a directory" if os.path.isdir(out_path) else "no such directory" if not os.path.isdir(folder) \
-            else "permission denied"
+    if kind_of(out_path) not in (None, "a file"):  # a FIFO's reader would wait for ever; a directory
+        raise ConfigError(f"{out_path}: {kind_of(out_path)}, not an image file; give the name of the image to write")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        reason = "no such directory" if not os.path.isdir(folder) else "permission denied"
         raise ConfigError(f"{out_path}: cannot write it ({reason})")
     fig = build_figure(read_runs(run_dirs))
     try:  # through `.<name>.tmp`, which also replaces what a killed write left there

@@ -177,21 +177,21 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
         f"{describe_engine(accelerator, optimizer, cfg)}")
     agree(accelerator, lambda: check_free_space(cfg, parameters))
     if inputs.resume_from is not None:
-        agree(accelerator, lambda: resume(accelerator, cfg, inputs.resume_from, inputs.state))
+        agree(accelerator, lambda: resume(accelerator, model, cfg, inputs.resume_from, inputs.state))
     agree(accelerator, lambda: prepare_output_dir(cfg, fresh=inputs.resume_from is None)
           if accelerator.is_main_process else None)
     return Built(model, optimizer, flops, peak_flops(accelerator.device, cfg.train.peak_flops_per_device), parameters)
 
 
-def resume(accelerator: Accelerator, cfg: Config, path: str, state: TrainerState) -> None:
+def resume(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, path: str, state: TrainerState) -> None:
     """Load checkpoint `path` into the prepared objects; only then set aside the newer checkpoints it replaces."""
     try:
-        load_checkpoint(accelerator, path)  # model, optimizer, scaler and RNG states
+        load_checkpoint(accelerator, model, path)  # model, optimizer, scaler and RNG states
     except ConfigError as err:
         older = checkpoint_dirs(cfg.output_dir)
         if cfg.resume != "auto" or path not in older:
             raise
-        intact = newest_loadable(accelerator, older[:older.index(path)])
+        intact = newest_loadable(accelerator, model, older[:older.index(path)])
         raise ConfigError(f"{err}; {use_older(intact)}") from None
     if accelerator.is_main_process:
         newer = set_aside_newer(cfg.output_dir, state.step)

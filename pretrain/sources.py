@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pretrain.config import DataConfig, SourceConfig
 from pretrain.errors import ConfigError, first_line
+from pretrain.paths import special_kind
 
 # File suffix -> the `datasets` builder that reads it. Compressed copies (.gz, .zst, ...) work too.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -164,9 +165,11 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
     """Files that `path` names locally, sorted; None if it is not a local path (then it is a Hub name)."""
     expanded = os.path.expanduser(path)
     if glob.has_magic(expanded):
-        files = once_each(f for f in _glob(expanded) if os.path.isfile(f))
+        matched = list(_glob(expanded))
+        files = once_each(f for f in matched if os.path.isfile(f))
         if not files:
-            raise ConfigError(f"{field}: the glob {path!r} matches no file")
+            special = next((f"; {f!r} is {special_kind(f)}" for f in matched if special_kind(f)), "")
+            raise ConfigError(f"{field}: the glob {path!r} matches no file{special}")
         return files
     if os.path.isfile(expanded):
         return [expanded]
@@ -176,6 +179,9 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
             raise ConfigError(f"{field}: directory {path!r} holds no {', '.join(BUILDERS)} files "
                               "(nor token shards from scripts/prepare_data.py)")
         return files
+    if special_kind(expanded):
+        raise ConfigError(f"{field}: {path!r} is {special_kind(expanded)}, not a data file or directory; give a "
+                          "file, directory, glob or Hub dataset name")
     # "data/shakespear" (a typo under an existing folder) is local and missing, not a Hub name.
     first_part = expanded.split("/")[0]
     if expanded.startswith((".", "/")) or _suffix(expanded) in BUILDERS or (first_part and os.path.isdir(first_part)):

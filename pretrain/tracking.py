@@ -52,12 +52,15 @@ class MetricsLogger:
     `resumed_at`: the step of the checkpoint a run resumes from. Rows after it (logged before a
     crash, and about to be logged again) are dropped from metrics.jsonl, so each step appears once.
     The trackers continue the same run; each gets the rows from the first step it does not hold.
+    A launch that `trains` no step (a finished run run again) opens nothing and starts no tracker: it would
+    only add an empty run to each.
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None):
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str | None, resumed_at: int | None = None,
+                 trains: bool = True):
         self.trackers: list[tuple[GeneralTracker, int]] = []  # each with the first step it is sent
         self.file = None
-        if not accelerator.is_main_process:
+        if not accelerator.is_main_process or not trains:
             return
         self.path = os.path.join(cfg.output_dir, METRICS_FILE)
         try:
@@ -150,14 +153,23 @@ def give_up(name: str, tracker: GeneralTracker | None, err: Exception) -> None:
 def read_rows(path: str) -> list[dict[str, Any]]:
     """The rows of metrics.jsonl by step (the last row of a step written twice); a line that is not a JSON object
     with an integer step (a half-written last line) is skipped. OSError when the file cannot be read."""
-    by_step = {}
+    return read_rows_counting(path)[0]
+
+
+def read_rows_counting(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """read_rows, and the numbers of the lines it skipped (blank lines aside)."""
+    by_step, skipped = {}, []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
+        for number, line in enumerate(f, start=1):
+            try:
                 row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
-                    by_step[row["step"]] = row
-    return [by_step[step] for step in sorted(by_step)]
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+                by_step[row["step"]] = row
+            elif line.strip():
+                skipped.append(number)
+    return [by_step[step] for step in sorted(by_step)], skipped
 
 
 def keep_rows_up_to(path: str, last_step: int) -> list[dict[str, Any]]:

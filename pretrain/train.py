@@ -20,6 +20,7 @@ from pretrain.atomic import copy_file, make_readable, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint
 from pretrain.config import Config
 from pretrain.console import say
+from pretrain.data_passes import first_epoch_warning, shards_warning
 from pretrain.data import DataStats, MicroBatchReader
 from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
@@ -71,6 +72,8 @@ class Run:
     card_only: bool  # resumed from a finished run whose final/ lacks its model card or curves.png
     parameters: int
     command: str  # that started this launch, for the model card
+    noise_said_at: int = 0  # the step after which the noise-scale line was last printed (finish prints it once more
+    # only when it has changed since)
 
     def __enter__(self) -> Run:
         return self
@@ -97,17 +100,20 @@ def setup(cfg: Config, command: str = "") -> Run:
         built = build(accelerator, cfg, inputs)
         state = inputs.state
         resumed = inputs.resume_from is not None
-        metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resumed else None)
+        done = resumed and state.step >= cfg.train.max_steps  # a finished run run again: it trains no step
+        metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resumed else None,
+                                trains=not done)
     except BaseException:
         inputs.abandon()
         raise
-    done = resumed and state.step >= cfg.train.max_steps
     lacking = missing_from_final(cfg) if done else []
     if done:
         say(f"nothing left to do: {inputs.resume_from} is at step {state.step} and train.max_steps is "
             f"{cfg.train.max_steps}" + (f"; writing the missing {' and '.join(lacking)}" if lacking else ""))
     else:
         state.start_launch()
+        if repeats := shards_warning(cfg, inputs.plan):
+            say(repeats, warning=True)
     return Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
                tokenizer=inputs.tokenizer, state=state,
                reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
@@ -141,9 +147,12 @@ def loop(run: Run) -> signal.Signals | None:
         set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
                                 max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
+        before = state.data_position
         state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result,
                       seconds=time.perf_counter() - clock)
         clock = time.perf_counter()
+        if repeats := first_epoch_warning(cfg, plan, before, state.data_position, step):  # raw text: known only now
+            say(repeats, warning=True)
         # ---- record the step: its metrics row, with the noise scale when measured and the eval loss when due
         speed = throughput(global_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
                            flops_per_token_=run.flops_per_token, peak=run.peak_flops, device=accelerator.device)
@@ -193,6 +202,7 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
         say(describe_step(row, finite))
         if "noise_grad_sq" in row:
             say(describe_noise_scale(run))
+            run.noise_said_at = step
     skips = run.state.consecutive_skips
     if skips > cfg.train.max_nonfinite_skips:
         raise RunError(f"train.max_nonfinite_skips: the loss or gradient norm was not finite for {skips} steps in a "
@@ -214,7 +224,7 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
     if run.stats.documents:
         say(f"data: {run.stats.documents:,} documents read, {run.stats.empty_documents:,} empty ones skipped, "
             f"{run.stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
-    if cfg.train.noise_scale and state.noise.steps:
+    if cfg.train.noise_scale and state.noise.steps and run.noise_said_at != state.step:
         say(describe_noise_scale(run))
     checkpoint_dir = os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")
     if stopped_by:

@@ -1,7 +1,7 @@
 """Tokenize the corpus of a config once into token shards, which training then reads without a tokenizer.
 
     python scripts/prepare_data.py --config configs/default.yaml --out data/prepared/shakespeare
-    python scripts/prepare_data.py --config configs/llama-125m.yaml --out data/fineweb-edu-gpt2 --max-tokens 2e9
+    python scripts/prepare_data.py --config configs/llama-125m.yaml --out data/fineweb-edu-gpt2 --max-tokens 1e10
     accelerate launch scripts/pretrain.py --data.path=data/prepared/shakespeare
 
 Reads `data` (path or mixture, text_column, ...) and tokenizes it with `data.tokenizer`, using
@@ -26,6 +26,7 @@ from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
+from pretrain.paths import kind_of  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
         remove_leftovers(args.out)  # of a run that was killed: before the checks, which must not see it
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ConfigError(f"--out: {args.out!r} is a file; give a directory")
+        if kind_of(args.out) not in (None, "a directory"):
+            raise ConfigError(f"--out: {args.out!r} is {kind_of(args.out)}, not a directory; give a directory")
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
         cfg = load_config(*parse_cli(rest))

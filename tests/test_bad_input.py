@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +24,10 @@ import types
 import typing
 
 import pytest
+import torch
 import transformers
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
@@ -32,7 +35,7 @@ from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, setting
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
 from pretrain.data_position import START
-from pretrain.errors import RunError
+from pretrain.errors import RunError, first_line
 from pretrain.fields import Range
 from pretrain.sources import local_files
 from pretrain.tracking import MetricsLogger
@@ -76,6 +79,9 @@ def files(tmp_path):
     (tmp_path / "not_a_tokenizer").mkdir()
     (tmp_path / "not_a_tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
     (tmp_path / "tokenizer_list").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer
+    with socket.socket(socket.AF_UNIX) as unix_socket:
+        unix_socket.bind(str(tmp_path / "socket"))  # the socket file stays after close
     (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
     for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
                         "state_shard_position": {"data_position": {"sequences": 64}},
@@ -268,6 +274,35 @@ CASES = {
     "missing eval path": (["--eval.path={tmp}/no_eval.txt", "--eval.every=10"], {},
                           "eval.path: '{tmp}/no_eval.txt' does not exist"),
     "negative checkpoint interval": (["--checkpoint.every=-1"], {}, "checkpoint.every: must be >= 0"),
+    # Paths that name a FIFO, a device or a socket (or a file where a directory is taken): said as what they are
+    "data path a FIFO": (["--data.path={tmp}/fifo"], {}, "data.path: '{tmp}/fifo' is a FIFO (named pipe), not a data "
+                                                         "file or directory; give a file, directory, glob or Hub"),
+    "data path a character device": (["--data.path=/dev/zero"], {}, "data.path: '/dev/zero' is a character device, "
+                                                                    "not a data file or directory"),
+    "data path a socket": (["--data.path={tmp}/socket"], {}, "data.path: '{tmp}/socket' is a socket, not a data file"),
+    "a glob that matches only a FIFO": (["--data.path={tmp}/fif*"], {},
+                                        "data.path: the glob '{tmp}/fif*' matches no file; '{tmp}/fifo' is a FIFO"),
+    "a mixture source that is a device": (["--data.mixture=[{path: data/shakespeare}, {path: /dev/null}]"], {},
+                                          "data.mixture[1].path: '/dev/null' is a character device, not a data file"),
+    "eval path a FIFO": (["--eval.path={tmp}/fifo"], {}, "eval.path: '{tmp}/fifo' is a FIFO (named pipe), not a "
+                                                         "data file or directory"),
+    "tokenizer a FIFO": (["--data.tokenizer={tmp}/fifo"], {}, "data.tokenizer: '{tmp}/fifo' is a FIFO (named pipe), "
+                                                              "not a tokenizer directory; give the directory that"),
+    "tokenizer a device": (["--data.tokenizer=/dev/zero"], {}, "data.tokenizer: '/dev/zero' is a character device, "
+                                                               "not a tokenizer directory"),
+    "tokenizer the file in its directory": (["--data.tokenizer=data/tokenizer/tokenizer.json"], {},
+                                            "data.tokenizer: 'data/tokenizer/tokenizer.json' is a file, not a "
+                                            "tokenizer directory"),
+    "config a FIFO": (["--config={tmp}/fifo"], {}, "--config: '{tmp}/fifo' is a FIFO (named pipe), not a YAML file"),
+    "config a device": (["--config=/dev/zero"], {}, "--config: '/dev/zero' is a character device, not a YAML file"),
+    "resume a device": (["--resume=/dev/zero"], {}, "resume: '/dev/zero' is a character device, not a checkpoint "
+                                                    "directory; give auto, none or a checkpoints/step_<N> directory"),
+    "resume a file": (["--resume={tmp}/precious.txt"], {}, "resume: '{tmp}/precious.txt' is a file, not a "
+                                                           "checkpoint directory"),
+    "output_dir a FIFO": (["--output_dir={tmp}/fifo"], {}, "output_dir: '{tmp}/fifo' is a FIFO (named pipe), not a "
+                                                           "directory"),
+    "output_dir a socket": (["--output_dir={tmp}/socket"], {}, "output_dir: '{tmp}/socket' is a socket, not a "
+                                                               "directory"),
 }
 
 
@@ -455,6 +490,28 @@ def test_a_corrupt_older_checkpoint_moves_nothing(run_copy):
     result = again(run_copy, f"--resume={run_copy}/checkpoints/step_2")
     assert one_error_line(result).startswith(f"error: resume: cannot load '{run_copy}/checkpoints/step_2'")
     assert tree(run_copy) == before  # step_3 and step_4 are where they were: not moved to superseded/
+
+
+def test_weights_of_another_shape_are_one_line_naming_the_file_the_tensor_and_both_shapes(run_copy):
+    newest = run_copy / "checkpoints" / "step_4"
+    weights = load_file(newest / "model.safetensors")
+    name = next(name for name, tensor in weights.items() if tensor.dim() == 2)
+    rows, columns = weights[name].shape
+    weights[name] = torch.zeros(rows, columns + 5)  # as from a run of another width, or a file copied by mistake
+    save_file(weights, newest / "model.safetensors")
+    before = tree(run_copy)
+    line = one_error_line(again(run_copy))
+    assert line.startswith(f"error: resume: the weights in {newest}/model.safetensors do not fit this model (of "
+                           f"another shape: {name} {rows}x{columns + 5} (the model: {rows}x{columns}))"), line
+    assert tree(run_copy) == before
+
+
+def test_a_library_error_whose_first_line_heads_the_details_is_kept_whole():
+    with pytest.raises(RuntimeError) as caught:  # torch: "Error(s) in loading state_dict for Linear:\n\tsize ..."
+        torch.nn.Linear(3, 2).load_state_dict({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)})
+    line = first_line(caught.value)
+    assert "\n" not in line and "size mismatch for weight" in line
+    assert "torch.Size([2, 4])" in line and "torch.Size([2, 3])" in line
 
 
 @pytest.mark.parametrize("damage", ["weights", "optimizer", "trainer_state"])

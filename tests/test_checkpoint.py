@@ -81,7 +81,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(accelerator, tmp_path, monk
                                        r"the previous checkpoint .*step_2 is intact"):
         save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2"]  # the half-written save is gone
-    load_checkpoint(accelerator, str(tmp_path / "checkpoints" / "step_2"))  # and the previous one still loads
+    load_checkpoint(accelerator, model, str(tmp_path / "checkpoints" / "step_2"))  # and the previous one still loads
 
 
 def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
@@ -183,5 +183,5 @@ def test_a_save_killed_part_way_leaves_no_step_directory_and_the_next_save_compl
     assert resume_path(config(tmp_path)) == str(tmp_path / "checkpoints" / "step_2")
     monkeypatch.undo()  # the restarted run saves step 4 for real
     save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
-    load_checkpoint(accelerator, str(tmp_path / "checkpoints" / "step_4"))  # complete: it loads
+    load_checkpoint(accelerator, model, str(tmp_path / "checkpoints" / "step_4"))  # complete: it loads
     assert json.loads((tmp_path / "checkpoints" / "step_4" / STATE_FILE).read_text())["step"] == 4

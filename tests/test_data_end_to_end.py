@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 
 import pytest
 
@@ -78,6 +79,10 @@ def test_prepare_data_never_overwrites_and_names_bad_input(tmp_path, capsys, mon
     assert capsys.readouterr().err.splitlines() == [
         f"error: --out: '{tmp_path / 'full'}' is not empty; choose another directory or pass --overwrite"]
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    os.mkfifo(tmp_path / "fifo")
+    assert prepare_data("--out", str(tmp_path / "fifo")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out: '{tmp_path / 'fifo'}' is a FIFO (named pipe), not a directory; give a directory"]
     assert prepare_data("--out", str(tmp_path / "new"), "--data.path=./no/such.jsonl") == 2
     assert capsys.readouterr().err.startswith("error: data.path: './no/such.jsonl' does not exist")
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -132,6 +133,12 @@ def test_a_step_straddling_an_epoch_boundary_keeps_the_k_of_its_first_micro_batc
                              "--eval.every=0", "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0",
                              "--checkpoint.every=0", f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    # The shards' size is known at the start: one warning says how many times the 10 steps read them.
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: data: '{shards}' holds {per_epoch} sequences of {SEQ_LEN} tokens ("
+        f"{json.loads((shards / 'index.json').read_text())['tokens']} tokens), and train.max_steps={steps} steps read "
+        f"{first}: the run reads its data {first / per_epoch:.2f} times (data.repeat: true); prepare more tokens "
+        "(scripts/prepare_data.py --max-tokens) or lower train.max_steps to read each once"]
     rows = read_metrics(out)
     tokens = [0] + [r["tokens"] for r in rows]
     logged = [{"epoch": r["epoch"], "gradient_accumulation_steps": r["gradient_accumulation_steps"],
@@ -139,3 +146,25 @@ def test_a_step_straddling_an_epoch_boundary_keeps_the_k_of_its_first_micro_batc
     assert logged == expected
     for index in straddling:  # spelled out: K is that of the epoch the step began in, for all its micro-batches
         assert logged[index]["gradient_accumulation_steps"] == k_of(logged[index]["epoch"])
+
+
+def test_raw_text_read_more_than_once_says_so_at_the_end_of_its_first_epoch(corpus, tmp_path):
+    per_epoch, k, n = len(corpus["windows"]), 1, 8  # the sequences of one epoch, packed by hand
+    steps = math.ceil(2.2 * per_epoch / (k * n))  # into the third epoch
+    out = tmp_path / "run"
+    result = run_in_process([*TINY_LLAMA, f"--data.path={corpus['text']}", f"--data.seq_len={SEQ_LEN}",
+                             f"--train.micro_batch_size={n}", f"--train.gradient_accumulation_steps={k}",
+                             f"--train.max_steps={steps}", "--eval.every=0", "--tracking.backends=[]",
+                             "--tracking.curves=false", "--sample.max_new_tokens=0", "--checkpoint.every=0",
+                             "--train.log_every=1000", f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]  # once, not per epoch
+    crossing = per_epoch // (k * n) + 1  # the first step that reads a sequence past the epoch's last
+    found = re.fullmatch(rf"warning: data: the first epoch of data.path '{re.escape(corpus['text'])}' ended in step "
+                         rf"{crossing}, after about (\d+) sequences of {SEQ_LEN} tokens, and train.max_steps={steps} "
+                         rf"steps read {steps * k * n}: the run reads its data about ([\d.]+) times \(data.repeat: "
+                         r"true\); add data or lower train.max_steps to read each document once", line)
+    assert found, line
+    assert abs(int(found[1]) - per_epoch) < k * n  # known only to within the step that ended the epoch
+    assert float(found[2]) == pytest.approx(steps * k * n / per_epoch, abs=0.1)
+    assert read_metrics(out)[crossing]["epoch"] == 1  # (the step after it is the first of epoch 1)

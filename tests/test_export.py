@@ -177,7 +177,15 @@ CASES = {
     "out_dir not empty": (lambda run, tmp: run / "checkpoints" / "step_2", ["{tmp}/precious"],
                           "out_dir: '{tmp}/precious' is not empty; choose another directory or pass --overwrite"),
     "out_dir a file": (lambda run, tmp: run / "checkpoints" / "step_2", ["{tmp}/precious/mine.txt"],
-                       "out_dir: '{tmp}/precious/mine.txt' is a file; give a directory"),
+                       "out_dir: '{tmp}/precious/mine.txt' is a file, not a directory; give a directory"),
+    "out_dir a FIFO": (lambda run, tmp: run / "checkpoints" / "step_2", ["{tmp}/precious/fifo"],
+                       "out_dir: '{tmp}/precious/fifo' is a FIFO (named pipe), not a directory; give a directory"),
+    "checkpoint a device": (lambda run, tmp: "/dev/zero", [],
+                            "checkpoint: '/dev/zero' is a character device, not a checkpoint directory; give a "
+                            "checkpoints/step_<N> directory of a run"),
+    "checkpoint a file": (lambda run, tmp: run / "checkpoints" / "step_2" / STATE_FILE, [],
+                          "checkpoint: '{run}/checkpoints/step_2/trainer_state.json' is a file, not a checkpoint "
+                          "directory"),
     "out_dir holds the checkpoint": (lambda run, tmp: run / "checkpoints" / "step_2", ["{run}", "--overwrite"],
                                      "out_dir: '{run}' holds the checkpoint '{run}/checkpoints/step_2'; choose another "
                                      "directory"),
@@ -190,13 +198,13 @@ CASES = {
                    "checkpoint: '{tmp}/checkpoints/step_2' holds no model weights (model.safetensors, "
                    "pytorch_model_fsdp_0/ or pytorch_model/ as accelerator.save_state writes them)"),
     "weights cut short": (with_weights_cut_short, [],
-                          "checkpoint: cannot read the weights in '{tmp}/checkpoints/step_2' ("),
+                          "checkpoint: cannot read the weights in '{tmp}/checkpoints/step_2/model.safetensors' ("),
     "a layer missing": (with_a_layer_missing, [],
-                        "checkpoint: the weights in '{tmp}/checkpoints/step_2' do not fit its model section (missing: "
-                        "model.norm.weight)"),
+                        "checkpoint: the weights in '{tmp}/checkpoints/step_2/model.safetensors' do not fit its model "
+                        "section (missing: model.norm.weight)"),
     "weights of another shape": (edited(lambda settings: settings["model"].update(intermediate_size=96)), [],
-                                 "checkpoint: the weights in '{tmp}/checkpoints/step_2' do not fit its model section "
-                                 "(of another shape: model.layers.0.mlp.down_proj.weight 64x128 (the model: 64x96), "
+                                 "checkpoint: the weights in '{tmp}/checkpoints/step_2/model.safetensors' do not fit its "
+                                 "model section (of another shape: model.layers.0.mlp.down_proj.weight 64x128 (the model: 64x96), "
                                  "model.layers.0.mlp.gate_proj.weight 128x64 (the model: 96x64), "
                                  "model.layers.0.mlp.up_proj.weight 128x64 (the model: 96x64) and 3 more)"),
     "tokenizer gone": (edited(lambda settings: settings.update({"data.tokenizer": "./gone"})), [],
@@ -214,6 +222,7 @@ def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(case, llama_run
     make, args, expected = CASES[case]
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "mine.txt").write_text("mine\n")
+    os.mkfifo(tmp_path / "precious" / "fifo")
     final = {p.name: p.read_bytes() for p in (llama_run / "final").iterdir()}
     made = make(llama_run, tmp_path)
     monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # DeepSpeed as if not installed
@@ -228,7 +237,7 @@ def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(case, llama_run
     assert status == 2
     assert err.splitlines() == [err.strip()] and err.startswith(f"error: {expected}"), err[-2000:]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.tmp*"))  # nothing written, nothing left
-    assert [p.name for p in (tmp_path / "precious").iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in (tmp_path / "precious").iterdir()) == ["fifo", "mine.txt"]
     assert (tmp_path / "precious" / "mine.txt").read_text() == "mine\n"
     assert {p.name: p.read_bytes() for p in (llama_run / "final").iterdir()} == final  # the run is as it was
 

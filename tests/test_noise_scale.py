@@ -208,11 +208,13 @@ def test_one_process_measures_what_a_computation_from_scratch_gives_on_the_same_
 def test_a_stopped_and_resumed_run_logs_the_noise_scale_of_an_uninterrupted_one(tmp_path, monkeypatch, repo):
     args = [*TINY_LLAMA, "--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=3",
             "--train.max_steps=6", "--train.noise_scale=true", "--train.noise_scale_ema=0.5", "--eval.every=0",
-            "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0", "--checkpoint.every=0"]
+            "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0", "--checkpoint.every=0",
+            "--train.log_every=3"]
     monkeypatch.chdir(repo)
     whole = run_in_process([*args, f"--output_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr
     assert "noise scale: about" in whole.stdout and "(an estimate)" in whole.stdout
+    assert len(noise_lines(whole.stdout)) == 2  # after steps 3 and 6 (the last): each once
     off = run_in_process([*args, "--train.noise_scale=false", f"--output_dir={tmp_path / 'off'}"])
     assert [r["loss"] for r in read_metrics(tmp_path / "off")] == [r["loss"] for r in read_metrics(tmp_path / "whole")]
     assert off.returncode == 0 and "noise_grad_sq" not in read_metrics(tmp_path / "off")[0]
@@ -221,6 +223,7 @@ def test_a_stopped_and_resumed_run_logs_the_noise_scale_of_an_uninterrupted_one(
     monkeypatch.setattr(StopRequest, "agreed", lambda self, accelerator: signal.SIGTERM if next(calls) == 3 else None)
     stopped = run_in_process([*args, f"--output_dir={tmp_path / 'resumed'}"])
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert noise_lines(stopped.stdout) == noise_lines(whole.stdout)[:1]  # after step 3, once
     monkeypatch.undo()
     monkeypatch.chdir(repo)
     resumed = run_in_process([*args, f"--output_dir={tmp_path / 'resumed'}"])
@@ -262,6 +265,10 @@ def test_the_loop_gives_the_estimator_the_tokens_of_all_processes(monkeypatch):
     columns = measure_noise_scale(run, result, k, global_tokens=processes * k * n * seq_len)
     assert calls == [((n * seq_len, 0.75), (processes * k * n * seq_len, 0.5))]
     assert columns == {"noise_grad_sq": 1.0, "noise_trace": 5.0, "noise_scale_tokens": 5.0}
+
+
+def noise_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("noise scale:")]
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])

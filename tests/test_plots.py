@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -130,12 +131,52 @@ def test_the_curves_are_the_rows_of_metrics_jsonl(tmp_path):
                              (1, "step", "eval_loss"), (2, "step", "lr"), (3, "step", "grad_norm"),
                              (4, "step", "tokens_per_sec")):
         [line] = curves(fig, panel, column, "run")
-        held = [row for row in metrics if column in row]
+        held = [row for row in metrics if column in row and math.isfinite(row[column])]  # the NaN loss left out
         np.testing.assert_array_equal(line.get_xdata(), [row[x] for row in held])
-        np.testing.assert_array_equal(line.get_ydata(), [row[column] for row in held])  # NaN where NaN
+        np.testing.assert_array_equal(line.get_ydata(), [row[column] for row in held])
     assert len([row for row in metrics if "eval_loss" in row]) == 4
     skipped = [line.get_xdata()[0] for line in fig.axes[1].get_lines() if line.get_gid() == "skipped"]
     assert skipped == [7, 21]
+
+
+def test_a_loss_broken_by_nans_is_drawn_through_its_finite_points(tmp_path):
+    metrics = rows(12, eval_every=4)
+    for row in metrics[1::2]:  # every other step not finite: no two finite points were neighbours
+        row["loss"], row["skipped"] = float("nan"), True
+    metrics[3]["eval_loss"] = None  # (null: no value either)
+    run = make_run(tmp_path / "run", metrics)
+    fig = build_figure(read_runs([str(run)]))
+    finite = [row for row in metrics if math.isfinite(row["loss"])]
+    [loss] = curves(fig, 1, "loss", "run")
+    assert list(loss.get_xdata()) == [row["step"] for row in finite] == [1, 3, 5, 7, 9, 11]
+    assert list(loss.get_ydata()) == [row["loss"] for row in finite]
+    [eval_loss] = curves(fig, 1, "eval_loss", "run")
+    assert list(eval_loss.get_xdata()) == [8, 12]
+
+
+def test_unreadable_lines_of_metrics_jsonl_are_counted_in_one_warning(tmp_path, capsys):
+    lines = [json.dumps(row) for row in rows(6)]
+    lines[1:1] = ["not json", "[1, 2]", '{"loss": 3.0}', '{"step": "3", "loss": 3.0}', ""]  # a blank line is no row
+    run = make_run(tmp_path / "run", [], tail="\n".join(lines) + '\n{"step": 7, "lo')  # and a half-written last line
+    assert plot_runs_main(str(run), "-o", str(tmp_path / "c.png")) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"warning: {run / 'metrics.jsonl'}: skipped 5 lines that are not metrics rows (lines "
+                                "2, 3, 4, 5, 12; a row is a JSON object with an integer step); drew the other 6 rows"]
+    assert out == f"wrote {tmp_path / 'c.png'}\n" and (tmp_path / "c.png").is_file()
+    assert plot_runs_main(str(make_run(tmp_path / "clean", rows(6))), "-o", str(tmp_path / "d.png")) == 0
+    assert capsys.readouterr().err == ""  # no warning when every line is a row
+
+
+def test_the_legend_shows_the_k_a_run_trained_with_where_its_config_says_null(tmp_path):
+    auto = config(train__gradient_accumulation_steps=None, train__micro_batch_size=4, train__global_batch_size=16)
+    runs = [make_run(tmp_path / "auto", rows(5, k=4), auto), make_run(tmp_path / "k2", rows(5, k=2))]
+    fig = build_figure(read_runs([str(run) for run in runs]))
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == [
+        "train.global_batch_size=16, train.gradient_accumulation_steps=4, train.micro_batch_size=4",
+        "train.global_batch_size=(absent), train.gradient_accumulation_steps=2, train.micro_batch_size=8"]
+    scheduled = make_run(tmp_path / "scheduled", rows(2, k=8) + rows(2, k=4)[1:] , config(
+        train__gradient_accumulation_steps=None, train__gradient_accumulation_schedule={0: 8, 2: 4}))
+    assert read_runs([str(scheduled)])[0].config["train"]["gradient_accumulation_steps"] is None  # no one K: as it is
 
 
 def test_a_run_of_one_step_is_drawn_as_points(tmp_path):
@@ -147,15 +188,18 @@ def test_a_run_of_one_step_is_drawn_as_points(tmp_path):
     assert matplotlib.image.imread(run / CURVES_FILE).ndim == 3
 
 
-@pytest.mark.parametrize("case", ["missing dir", "a file", "no metrics", "empty metrics", "only a half line",
-                                  "config not UTF-8", "out in a missing dir", "out is a dir", "out not an image"])
+@pytest.mark.parametrize("case", ["missing dir", "a file", "a FIFO", "no metrics", "empty metrics", "only a half line",
+                                  "config not UTF-8", "out in a missing dir", "out is a dir", "out is a FIFO",
+                                  "out not an image"])
 def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsys, case):
     good = make_run(tmp_path / "good", rows(3))
     (tmp_path / "bare").mkdir()
     (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
     run, out, named = {
         "missing dir": (tmp_path / "nope", tmp_path / "c.png", tmp_path / "nope"),
         "a file": (tmp_path / "file", tmp_path / "c.png", tmp_path / "file"),
+        "a FIFO": (tmp_path / "fifo", tmp_path / "c.png", f"{tmp_path / 'fifo'}: a FIFO (named pipe), not a directory"),
         "no metrics": (tmp_path / "bare", tmp_path / "c.png", tmp_path / "bare" / "metrics.jsonl"),
         "empty metrics": (make_run(tmp_path / "empty", []), tmp_path / "c.png", tmp_path / "empty" / "metrics.jsonl"),
         "only a half line": (make_run(tmp_path / "half", [], tail='{"step": 1, "lo'), tmp_path / "c.png",
@@ -164,14 +208,17 @@ def test_bad_input_is_one_line_naming_the_path_and_exit_status_2(tmp_path, capsy
                              tmp_path / "latin1" / "config.yaml"),
         "out in a missing dir": (good, tmp_path / "nope" / "c.png", tmp_path / "nope" / "c.png"),
         "out is a dir": (good, tmp_path / "bare", tmp_path / "bare"),
+        "out is a FIFO": (good, tmp_path / "fifo.png", f"{tmp_path / 'fifo.png'}: a FIFO (named pipe), not an image file"),
         "out not an image": (good, tmp_path / "c.txt", tmp_path / "c.txt"),
     }[case]
+    if case == "out is a FIFO":
+        os.mkfifo(out)  # replaced by the image, a reader of the FIFO would wait for ever
     if case == "config not UTF-8":
         (run / "config.yaml").write_bytes("train:\n  lr: 0.001  # r\xe9sum\xe9\n".encode("latin-1"))
     assert plot_runs_main(str(good), str(run), "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
-    assert not (tmp_path / "c.png").exists()
+    assert not (tmp_path / "c.png").exists() and (tmp_path / "fifo").is_fifo()
 
 
 def test_a_config_that_no_run_wrote_names_the_run_by_its_directory(tmp_path):

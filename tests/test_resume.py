@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,38 @@ def assert_one_wandb_run(out, reference, launches):
             assert losses.setdefault(row["_step"], row["loss"]) == row["loss"]  # a step logged again is identical
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in sorted(losses)] == [r["loss"] for r in read_metrics(reference)]
+
+
+def snapshot(directory):
+    """Every path under `directory` but the lock (each launch takes it): a file's bytes, a link's target (W&B's
+    latest-run), None for a directory."""
+    return {str(p.relative_to(directory)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*")) if p.name != ".lock"}
+
+
+def test_a_finished_run_run_again_starts_no_tracker_and_logs_nothing(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY_LLAMA, "--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=1",
+            "--train.max_steps=2", "--train.warmup_steps=1", "--eval.every=0", "--sample.max_new_tokens=0",
+            "--tracking.backends=[wandb]", "--tracking.wandb_mode=offline", "--tracking.curves=false",
+            f"--output_dir={out}"]
+    first = run_in_process(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(offline_runs(str(out))) == 1
+    before = snapshot(out)
+    again = run_in_process(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"nothing left to do: {out}/checkpoints/step_2 is at step 2" in again.stdout
+    assert snapshot(out) == before  # no new W&B run, nothing logged, nothing rewritten
+    # Killed before final/ was written: run again, it writes final/ (the same weights) and still logs nothing.
+    shutil.rmtree(out / "final")
+    missing = run_in_process(args)
+    assert missing.returncode == 0, missing.stderr[-3000:]
+    assert "; writing the missing final/" in missing.stdout
+    after = snapshot(out)
+    assert after.keys() == before.keys() and after["final/model.safetensors"] == before["final/model.safetensors"]
+    assert {k: v for k, v in after.items() if not k.startswith("final/")} == \
+        {k: v for k, v in before.items() if not k.startswith("final/")}
 
 
 @pytest.mark.slow
