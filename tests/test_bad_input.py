@@ -8,6 +8,8 @@ corrupt and hand-edited checkpoints, a full disk, a data directory that links to
 
 from __future__ import annotations
 
+import builtins
+
 import dataclasses
 import errno
 import json
@@ -626,13 +628,18 @@ def test_a_metrics_row_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
 
 
-def test_a_full_disk_while_writing_config_yaml_is_one_line(tmp_path):
+def test_a_full_disk_while_writing_config_yaml_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml.tmp").symlink_to("/dev/full")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):  # config.yaml's temporary is written to a full disk
+        return real_open("/dev/full" if str(file).endswith(".config.yaml.tmp") else file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", full_disk)
     line = one_error_line(run_in_process([*TINY_RUN, f"--output_dir={out}"]))
+    monkeypatch.undo()
     assert line == f"error: output_dir: cannot write config.yaml in '{out}' (No space left on device)"
-    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+    assert sorted(p.name for p in out.iterdir()) == []  # no config.yaml, metrics.jsonl, temporary or lock
 
 
 def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
