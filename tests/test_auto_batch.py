@@ -150,6 +150,7 @@ def test_a_trial_holds_the_weights_gradients_and_both_adamw_moments_at_once(monk
     assert trials[0].peak - before >= 4 * 4 * checked.parameters, (trials[0].peak - before, checked.parameters)
 
 
+@pytest.mark.slow
 def test_a_candidate_over_the_limit_by_estimate_is_not_run():
     # On CPU nothing raises before the kernel kills: N whose logits alone are over the limit are not tried.
     # Default model: 4,096 tokens in the vocabulary, 128 per sequence, so N sequences' float32 logits and their

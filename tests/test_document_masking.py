@@ -88,6 +88,7 @@ def trained(tmp_path, name, args):
     return out
 
 
+@pytest.mark.slow
 def test_k_times_n_and_resume_hold_with_masking_on(tmp_path, short_documents):
     on = ["--data.document_masking=true"]
     a = trained(tmp_path, "k4n2", [*on, "--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2"])
@@ -120,6 +121,7 @@ def test_masking_needs_packing():
         load_config(None, {"data.document_masking": True, "data.packing": False})
 
 
+@pytest.mark.slow
 def test_token_shards_carry_what_masking_needs(tmp_path, short_documents, monkeypatch, repo):
     # The positions come from the EOS tokens, which shards hold: the same run from shards as from the raw text.
     monkeypatch.chdir(repo)

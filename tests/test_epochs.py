@@ -148,6 +148,7 @@ def test_a_step_straddling_an_epoch_boundary_keeps_the_k_of_its_first_micro_batc
         assert logged[index]["gradient_accumulation_steps"] == k_of(logged[index]["epoch"])
 
 
+@pytest.mark.slow
 def test_raw_text_read_more_than_once_says_so_at_the_end_of_its_first_epoch(corpus, tmp_path):
     per_epoch, k, n = len(corpus["windows"]), 1, 8  # the sequences of one epoch, packed by hand
     steps = math.ceil(2.2 * per_epoch / (k * n))  # into the third epoch

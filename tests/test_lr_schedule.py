@@ -77,6 +77,7 @@ def stopped_at_step_8(output_dir, schedule: list[str]):
     (output_dir / "metrics.jsonl").write_text("".join(lines[:8]))
 
 
+@pytest.mark.slow
 def test_a_wsd_run_resumed_in_its_stable_phase_with_a_larger_max_steps_is_the_longer_run(tmp_path):
     longer = run_in_process([*RUN, *WSD, "--train.max_steps=20", f"--output_dir={tmp_path / 'b'}"])
     assert longer.returncode == 0, longer.stderr[-2000:]

@@ -111,6 +111,7 @@ def assert_same_losses(a, b, rel=2e-6):
     assert [r["loss"] for r in read_metrics(b)] == pytest.approx([r["loss"] for r in read_metrics(a)], rel=rel)
 
 
+@pytest.mark.slow
 def test_k_micro_batches_are_one_big_batch_for_muon_too(tmp_path):
     steps = ["--train.max_steps=6"]
     a = trained(tmp_path, "k4n2", [*steps, "--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2"])
@@ -128,6 +129,7 @@ def test_two_processes_follow_one_with_muon(tmp_path):
     assert_same_losses(one, two)
 
 
+@pytest.mark.slow
 def test_a_resumed_muon_run_is_the_uninterrupted_one_bit_for_bit(tmp_path):
     constant = ["--train.min_lr_ratio=1.0", "--checkpoint.every=2"]
     whole = trained(tmp_path, "whole", [*constant, "--train.max_steps=4"])

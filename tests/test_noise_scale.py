@@ -92,6 +92,7 @@ def test_estimates_match_the_closed_form_of_a_table_model():
 # ---- brute force: a small llama on the bundled corpus, truth from every micro-batch of a pool
 
 
+@pytest.mark.slow
 def test_estimates_match_brute_force_over_a_pool_of_corpus_micro_batches(repo):
     from pretrain.config import DataConfig
     from pretrain.data import load_tokenizer, micro_batch_stream
@@ -205,6 +206,7 @@ def test_one_process_measures_what_a_computation_from_scratch_gives_on_the_same_
 # ---- through the loop: on or off, the same training; stopped and resumed, the same noise scale
 
 
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_logs_the_noise_scale_of_an_uninterrupted_one(tmp_path, monkeypatch, repo):
     args = [*TINY_LLAMA, "--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=3",
             "--train.max_steps=6", "--train.noise_scale=true", "--train.noise_scale_ema=0.5", "--eval.every=0",

@@ -56,6 +56,7 @@ def status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one_and_mfu_is_logged(tmp_path, monkeypatch, capsys, repo):
     monkeypatch.chdir(repo)
     rss_before = status_mib("VmRSS")
