@@ -16,6 +16,7 @@ from pretrain.checkpoint import STATE_FILE, checkpoint_dirs, read_trainer_state
 from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
 from pretrain.errors import ConfigError, RunError, first_line
+from pretrain.folders import make_folders, remove_folders
 from pretrain.models import build_model, model_config_for, plain_name
 
 # What accelerator.save_state writes for the model (the run prepares one), by engine.
@@ -146,21 +147,23 @@ def shape(tensor: torch.Tensor) -> str:
 def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) and the tokenizer into a temporary
     directory beside `out_dir`, renamed to it once complete: a failed export leaves `out_dir` as it was."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent, made = os.path.dirname(os.path.abspath(out_dir)), []
     try:
-        os.makedirs(parent, exist_ok=True)
+        made = make_folders(parent)  # removed again if the export fails
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp", dir=parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private to its owner)
-    except OSError as err:
-        raise RunError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
+    except OSError as err:  # nothing written yet: bad input (a name too long, a folder not writable)
+        remove_folders(made)
+        raise ConfigError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out_dir)
     except BaseException as err:  # a full disk or quota: OSError, or safetensors' own error; or Ctrl-C
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_folders(made)
         if not isinstance(err, Exception):
             raise
         reason = getattr(err, "strerror", None) or first_line(err)

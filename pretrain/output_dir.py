@@ -12,6 +12,8 @@ import yaml
 from pretrain.checkpoint import CHECKPOINTS_DIR
 from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
+from pretrain.folders import make_folders, remove_folders
+from pretrain.sources import may_read_below
 from pretrain.tracking import METRICS_FILE
 
 FINAL_DIR = "final"
@@ -20,18 +22,14 @@ CONFIG_FILE = "config.yaml"
 CURVES_FILE = "curves.png"  # drawn from metrics.jsonl at the end of a run (tracking.curves)
 
 
-def check_output_dir(cfg: Config, resuming: bool) -> None:
-    """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
-    cannot be written."""
+def check_output_dir(cfg: Config, resuming: bool) -> list[str]:
+    """Refuse to overwrite an earlier run, a file the user wrote or the data, and fail now (not after training) if
+    the dir cannot be written. Returns the folders made for it (pretrain.folders), to be removed if the run does
+    not start."""
     previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
                 if os.path.exists(os.path.join(cfg.output_dir, name))
                 and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]
-    out = os.path.realpath(cfg.output_dir)
-    for field, path in (("data.path", cfg.data.path), ("eval.path", cfg.eval.path)):
-        data = os.path.realpath(os.path.expanduser(path)) if path and os.path.isdir(os.path.expanduser(path)) else None
-        if data is not None and (out == data or out.startswith(data + os.sep)):
-            raise ConfigError(f"output_dir: {cfg.output_dir!r} is inside {field} {path!r}; a run's files there would "
-                              "be read as data next time: choose an output_dir outside it")
+    check_apart_from_data(cfg)
     saved = _saved_config(cfg)
     if previous == [METRICS_FILE] and saved == to_yaml(cfg):
         previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing
@@ -42,13 +40,28 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
         raise ConfigError(f"output_dir: {os.path.join(cfg.output_dir, CONFIG_FILE)!r} was not written by a run (it "
                           "has comments or its own layout), and a run writes its resolved config there; keep your "
                           "config outside output_dir, or choose another output_dir")
+    made = []
     try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        made = make_folders(cfg.output_dir)
         probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as err:
+        remove_folders(made)
         raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
+    return made
+
+
+def check_apart_from_data(cfg: Config) -> None:
+    """Refuse an output_dir that holds, or may come to hold, a file that the data or eval data names: the run's
+    own files (metrics.jsonl, final/config.json, ...) would be read as data by the next run on that path."""
+    sources = [("data.path", cfg.data.path)] if not cfg.data.mixture else [
+        (f"data.mixture[{i}].path", source.path) for i, source in enumerate(cfg.data.mixture)]
+    for field, path in sources + [("eval.path", cfg.eval.path)] * (cfg.eval.path is not None):
+        if may_read_below(path, cfg.output_dir):
+            raise ConfigError(f"output_dir: {cfg.output_dir!r} overlaps {field} {path!r}: files a run writes there "
+                              "(metrics.jsonl, final/config.json, ...) could be read as data; choose an output_dir "
+                              "apart from the data")
 
 
 def _saved_config(cfg: Config) -> str | None:

@@ -216,7 +216,9 @@ def write_curves(run_dirs: list[str], out_path: str) -> None:
     try:
         fig.savefig(tmp, format=fmt)
         os.replace(tmp, out_path)
-    except OSError as err:
+    except BaseException as err:  # a full disk, a name too long; or Ctrl-C: no half image left either way
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(err, OSError):
+            raise
         raise ConfigError(f"{out_path}: cannot write it ({err.strerror})") from None

@@ -31,6 +31,7 @@ from pretrain.engines import (describe_engine, enable_activation_checkpointing, 
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
+from pretrain.folders import remove_folders
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
@@ -142,9 +143,13 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
         # would replace what is there.
         own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(
             os.path.join(cfg.output_dir, CHECKPOINTS_DIR))
-        check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
+        made = check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
         if accelerator.is_main_process and lock is None:
-            lock = OutputDirLock(cfg.output_dir, made_dir=not existed)
+            try:
+                lock = OutputDirLock(cfg.output_dir, made_folders=made)
+            except BaseException:
+                remove_folders(made)
+                raise
     except BaseException:
         if lock is not None:
             lock.abandon()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
+from pretrain.folders import make_folders, remove_folders  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
@@ -91,14 +92,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--shard-tokens: must be >= 1, got {args.shard_tokens}")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ConfigError(f"--out: {args.out!r} is a file; give a directory")
-        if os.path.isdir(args.out) and os.listdir(args.out):
-            if not args.overwrite:
-                raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
+        cfg = load_config(*parse_cli(rest))  # a bad config is refused before --out is touched
+        try:
+            made = make_folders(args.out)
+        except OSError as err:
+            raise ConfigError(f"--out: cannot write to {args.out!r} ({err.strerror})") from None
+        remove_shards(args.out)  # an earlier prepare_data.py's (--overwrite)
+        try:
+            prepare(cfg, args.out, args.shard_tokens, args.max_tokens)
+        except BaseException:  # bad data found while reading it, a full disk, Ctrl-C: no half-prepared --out
             remove_shards(args.out)
-        prepare(load_config(*parse_cli(rest)), args.out, args.shard_tokens, args.max_tokens)
+            remove_folders(made)
+            raise
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: --out: cannot write to {args.out!r} ({err.strerror}); nothing of it is left", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(_here))
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from pretrain.folders import make_folders, remove_folders  # noqa: E402
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -66,7 +68,7 @@ def config_texts(argv: list[str]):
         raise ConfigError(f"data.path: {cfg.data.path!r} holds no text to train a tokenizer on")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--files", help="glob of text files to train on (quote it), each file one document")
@@ -74,28 +76,51 @@ def main() -> int:
                                          "(further --data.key=value overrides allowed)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="size of the vocabulary, special tokens included")
     parser.add_argument("--out", required=True, help="directory to save the tokenizer to")
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
     if args.vocab_size < 257:
         print("error: --vocab-size must be at least 257 (256 bytes plus the end-of-text token)", file=sys.stderr)
         return 2
+    if args.files is not None and rest:
+        print(f"error: unexpected arguments {' '.join(rest)}; overrides go with --config", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out: {args.out!r} is a file; give a directory", file=sys.stderr)
+        return 2
+    try:  # before training, which may take long: a --out that cannot be written fails now
+        made = make_folders(args.out)
+    except OSError as err:
+        print(f"error: --out: cannot write to {args.out!r} ({err.strerror})", file=sys.stderr)
+        return 2
+    try:
+        return train_and_save(args, rest)
+    finally:
+        remove_folders(made)  # (only if empty: the tokenizer was not saved)
+
+
+def train_and_save(args: argparse.Namespace, rest: list[str]) -> int:
+    """Train on --files or on a config's data, and save to --out; bad input is one line and exit status 2."""
+    from pretrain.errors import ConfigError
     if args.files is not None:
-        if rest:
-            print(f"error: unexpected arguments {' '.join(rest)}; overrides go with --config", file=sys.stderr)
-            return 2
         files = sorted(glob.glob(args.files, recursive=True))
         if not files:
             print(f"error: --files: {args.files!r} matches no file; give a glob of text files", file=sys.stderr)
             return 2
         tokenizer, what = train_byte_level_bpe(files, args.vocab_size), f"{len(files)} files"
     else:
-        from pretrain.errors import ConfigError
         try:
             tokenizer = train_byte_level_bpe(None, args.vocab_size, config_texts(["--config", args.config, *rest]))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         what = f"the data of {args.config}"
-    tokenizer.save_pretrained(args.out)
+    before = set(os.listdir(args.out))
+    try:
+        tokenizer.save_pretrained(args.out)
+    except OSError as err:  # a full disk: no half-saved tokenizer is left
+        for name in set(os.listdir(args.out)) - before:
+            os.remove(os.path.join(args.out, name))
+        print(f"error: --out: cannot write to {args.out!r} ({err.strerror})", file=sys.stderr)
+        return 1
     print(f"trained on {what}; vocabulary {len(tokenizer)}; saved to {args.out}")
     return 0
 

@@ -162,7 +162,8 @@ def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path)
     with pytest.raises(ConfigError) as caught:
         list(micro_batch_stream(DataConfig(path=str(tmp_path), seq_len=8, shuffle=False, block_chars=10),
                                 tokenizer, micro_batch_size=1, rank=0, world_size=1))
-    assert str(caught.value).startswith(f"data.path: cannot read '{tmp_path}'") and "\n" not in str(caught.value)
+    assert str(caught.value) == (f"data.text_column: 'text' is not a column of '{tmp_path}/b.jsonl' (a file of "
+                                 f"data.path '{tmp_path}'); its columns are: body")
 
 
 def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp_path):
@@ -174,8 +175,9 @@ def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp
                          "--data.block_chars=10", "--data.seq_len=8", "--eval.every=0",
                          f"--output_dir={tmp_path / 'run'}", "--tracking.backends=[]", "--tracking.curves=false"])
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: data.path: cannot read '{tmp_path}'")
-    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+    assert result.stderr == (f"error: data.text_column: 'text' is not a column of '{tmp_path}/b.jsonl' (a file of "
+                             f"data.path '{tmp_path}'); its columns are: body\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_column_that_is_not_text_is_refused(tokenizer, tmp_path):
