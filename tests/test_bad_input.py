@@ -24,11 +24,14 @@ import types
 import typing
 
 import pytest
+import torch
 import transformers
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
+from pretrain import models
+from pretrain.accumulation import AccumulationPlan
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
@@ -113,6 +116,10 @@ CASES = {
     "K < 1": (["--train.gradient_accumulation_steps=0"], {}, "train.gradient_accumulation_steps: must be >= 1"),
     "noise scale at K = 1": (["--train.noise_scale=true", "--train.gradient_accumulation_steps=1"], {},
                              "train.noise_scale: needs K >= 2"),
+    "noise scale at K = 1 from the global batch": (
+        ["--train.noise_scale=true", "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null"], {},
+        "train.noise_scale: needs K >= 2 (each step's first micro-batch is the small batch it compares with the whole "
+        "step), but K is 1; use a train.global_batch_size of 16 (or a larger multiple of 8), or set"),
     "noise scale with sync_each_batch": (["--train.noise_scale=true", "--train.sync_each_batch=true"], {},
                                          "train.noise_scale: needs the first micro-batch's gradient before"),
     "N < 1": (["--train.micro_batch_size=0"], {}, "train.micro_batch_size: must be >= 1"),
@@ -144,7 +151,15 @@ CASES = {
     "unknown decay shape": (["--train.lr_decay_shape=sqrt"], {},
                             "train.lr_decay_shape: 'sqrt' is not one of linear, cosine, 1-sqrt"),
     "WSD decay longer than the run": (["--train.lr_schedule=wsd", "--train.lr_decay_steps=900"], {},
-                                      "train.lr_decay_steps: a decay of 900 steps does not fit after 40 warm-up"),
+                                      "train.lr_decay_steps: 40 warm-up steps and a decay of 900 steps do not fit in "
+                                      "max_steps 800; use lr_decay_steps of at most 760 or max_steps of at least 940"),
+    "WSD warm-up longer than the run": (["--train.lr_schedule=wsd", "--train.warmup_steps=10", "--train.max_steps=4"],
+                                        {}, "train.warmup_steps: 10 warm-up steps and a decay of 1 step "
+                                            "(lr_decay_fraction 0.2 of max_steps) do not fit in max_steps 4; use "
+                                            "warmup_steps of at most 3 or max_steps of at least 12"),
+    "a model without positions": (["--model.max_position_embeddings=0"], {},
+                                  "model.max_position_embeddings: 0 positions hold no sequence; give at least "
+                                  "data.seq_len = 128"),
     "negative lr": (["--train.lr=-1e-3"], {}, "train.lr: must be > 0"),
     "global batch does not divide": (["--train.global_batch_size=20", "--train.gradient_accumulation_steps=null"], {},
                                      "train.global_batch_size: 20"),
@@ -424,6 +439,30 @@ def yaml_number(value) -> str:
     return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan" if value != value else repr(value))
 
 
+@pytest.mark.parametrize("fit", ["3 sequences", "part of one sequence", "3 micro-batches of inputs"])
+def test_memory_refusals_propose_the_largest_value_that_fits(fit, monkeypatch):
+    # Memory as the checks count it (float32 logits and their gradient: 8 bytes per position and vocabulary entry;
+    # a step's int64 inputs and labels: 16 bytes per token), written out here.
+    vocab, seq_len, n = (2 if fit == "3 micro-batches of inputs" else 100), 64, 8  # (inputs outweigh 2 logits)
+    per_sequence, per_batch = 8 * seq_len * vocab, 16 * n * (seq_len + 1)
+    free = {"3 sequences": 3 * per_sequence + 5, "part of one sequence": per_sequence // 2,
+            "3 micro-batches of inputs": n * per_sequence + 3 * per_batch + 5}[fit]
+    monkeypatch.setattr(models, "free_memory", lambda device: free)
+    config = types.SimpleNamespace(vocab_size=vocab)
+
+    def check(n=n, seq_len=seq_len, k=8):
+        models.check_memory_fits(1, config, AccumulationPlan(n, 1, k), seq_len=seq_len, device=torch.device("cpu"))
+    with pytest.raises(ConfigError) as caught:
+        check()
+    key, proposed = str(caught.value).split(":")[0], int(str(caught.value).rsplit("at most ", 1)[1].split()[0])
+    argument = {"train.micro_batch_size": "n", "data.seq_len": "seq_len", "train.gradient_accumulation_steps": "k"}[key]
+    assert key == {"3 sequences": "train.micro_batch_size", "part of one sequence": "data.seq_len",
+                   "3 micro-batches of inputs": "train.gradient_accumulation_steps"}[fit]
+    check(**{argument: proposed})  # what the line proposes fits
+    with pytest.raises(ConfigError):  # and is the largest that does
+        check(**{argument: proposed + 1})
+
+
 # --------------------------------------------------------------------------- runs, checkpoints and files on disk
 
 TINY_RUN = ["--config=configs/embedding_linear.yaml", "--train.max_steps=4", "--checkpoint.every=1",
@@ -499,6 +538,19 @@ def test_auto_resume_refuses_a_changed_training_and_a_finished_run_has_nothing_l
     longer = again(run_copy, "--train.max_steps=6", f"--resume={step_4}")  # on purpose: allowed
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_changed_schedule_that_does_not_fit_is_named_as_a_change_on_resume(run_copy):
+    # The new schedule is also invalid on its own (10 warm-up steps of 4), but the run being continued was made
+    # with another: the keys that changed are what the user needs to see first.
+    before = tree(run_copy)
+    line = one_error_line(again(run_copy, "--train.lr_schedule=wsd", "--train.warmup_steps=10"))
+    assert line.startswith(f"error: resume: auto would continue the run in '{run_copy}', but this config changes "
+                           "train.lr_schedule 'cosine' -> 'wsd'; train.warmup_steps 1 -> 10."), line
+    assert tree(run_copy) == before
+    fresh = one_error_line(again(run_copy.parent / "fresh", "--train.lr_schedule=wsd", "--train.warmup_steps=10"))
+    assert fresh.startswith("error: train.warmup_steps: 10 warm-up steps and a decay of 1 step"), fresh
+    assert not (run_copy.parent / "fresh").exists()
 
 
 def test_a_corrupt_older_checkpoint_moves_nothing(run_copy):

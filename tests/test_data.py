@@ -128,6 +128,22 @@ def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
         next(micro_batch_stream(cfg, tokenizer, micro_batch_size=1, rank=0, world_size=1))
 
 
+def test_data_too_short_for_a_sequence_proposes_the_longest_seq_len_it_holds(tokenizer, tmp_path):
+    texts = ["a short corpus", "of two documents"]
+    tokens = len(expected_stream(tokenizer, texts))  # the reference: tokenized here, EOS after each document
+    path = write_jsonl(tmp_path / "d.jsonl", texts)
+    with pytest.raises(ConfigError) as caught:
+        next(micro_batch_stream(DataConfig(path=path, seq_len=128), tokenizer, micro_batch_size=1, rank=0,
+                                world_size=1))
+    assert str(caught.value).endswith(f"; give more text or a data.seq_len of at most {tokens - 1}")
+    first = next(micro_batch_stream(DataConfig(path=path, seq_len=tokens - 1), tokenizer, micro_batch_size=1, rank=0,
+                                    world_size=1))  # the value proposed works
+    assert first.batch["input_ids"].shape == (1, tokens - 1)
+    with pytest.raises(ConfigError):  # and is the longest that does
+        next(micro_batch_stream(DataConfig(path=path, seq_len=tokens), tokenizer, micro_batch_size=1, rank=0,
+                                world_size=1))
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
 def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path, suffix):
     texts = ["hello there, this is compressed text", "and a second line of it"]
