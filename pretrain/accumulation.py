@@ -86,9 +86,12 @@ def plan_accumulation(cfg: TrainConfig, num_processes: int) -> AccumulationPlan:
         raise ConfigError(f"train.lr_base_batch_size: lr_scaling {cfg.lr_scaling} needs the global batch "
                           "(in sequences) at which train.lr applies")
     if cfg.noise_scale and {k, *(schedule or {}).values()} == {1}:
+        where = "train.gradient_accumulation_schedule" if step_schedule else \
+            "train.gradient_accumulation_epoch_schedule" if epoch_schedule else "train.gradient_accumulation_steps"
+        more = f"use a K >= 2 in {where}" if g is None else (
+            f"use a train.global_batch_size of {2 * n * num_processes} (or a larger multiple of {n * num_processes})")
         raise ConfigError("train.noise_scale: needs K >= 2 (each step's first micro-batch is the small batch it "
-                          "compares with the whole step), but K is 1; raise train.gradient_accumulation_steps or set "
-                          "train.noise_scale: false")
+                          f"compares with the whole step), but K is 1; {more}, or set train.noise_scale: false")
     return AccumulationPlan(n, num_processes, k, tuple(sorted((schedule or {}).items())),
                             "epoch" if epoch_schedule else "step")
 

@@ -31,6 +31,7 @@ from pretrain.data_position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, NON_NEGATIVE, from_mapping
+from pretrain.folders import remove_folders
 from pretrain.models import plain_name
 from pretrain.noise_scale import NoiseScale
 from pretrain.optim import lr_at
@@ -376,8 +377,8 @@ class OutputDirLock:
     never blocks a resume; a run still finishing its last step does.
     """
 
-    def __init__(self, output_dir: str, made_dir: bool = False):
-        self.path, self.made_dir = os.path.join(output_dir, LOCK_FILE), made_dir  # made_dir: this run created it
+    def __init__(self, output_dir: str, made_folders: list[str] = ()):
+        self.path, self.made_folders = os.path.join(output_dir, LOCK_FILE), list(made_folders)  # this run made them
         self.made_file = not os.path.lexists(self.path)
         try:  # never through a link: the pid line would be written into whatever it points at
             self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
@@ -407,11 +408,10 @@ class OutputDirLock:
             self.file.close()
 
     def abandon(self) -> None:
-        """Release the lock of a run that never started, removing the lock file and the output dir if this run
-        made them (the dir only if nothing else is in it)."""
+        """Release the lock of a run that never started, removing the lock file and the folders (the output dir
+        and its parents) if this run made them (each only if nothing else is in it)."""
         self.release()
-        with contextlib.suppress(OSError):
-            if self.made_file:
+        if self.made_file:
+            with contextlib.suppress(OSError):
                 os.remove(self.path)
-            if self.made_dir:
-                os.rmdir(os.path.dirname(self.path))
+        remove_folders(self.made_folders)

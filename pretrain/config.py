@@ -193,18 +193,18 @@ class TrainConfig:
     noise_scale_ema: Annotated[float, Range(0, 1, high_open=True)] = 0.99
     """decay of the two moving averages whose ratio is the noise scale (0.99: about the last 100 steps)"""
 
-    def wsd_decay_steps(self) -> int:
-        """Optimizer steps of WSD's decay at the end of the run: lr_decay_steps, or its fraction of max_steps."""
+    def wsd_decay_steps(self, max_steps: int | None = None) -> int:
+        """Optimizer steps of WSD's decay at the end of the run (of `max_steps`, if given): lr_decay_steps, or its
+        fraction of max_steps."""
         if self.lr_decay_steps is not None:
             return self.lr_decay_steps
-        return max(1, round(self.lr_decay_fraction * self.max_steps))
+        return max(1, round(self.lr_decay_fraction * (max_steps or self.max_steps)))
 
     def __post_init__(self) -> None:
         """The K schedules map starting points to K (a field's type and range are checked as it is read); the
         noise scale needs each first micro-batch's gradient before any sync."""
         for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
             _check_schedule(f"train.{name}", getattr(self, name))
-        _check_lr_schedule(self)
         if self.micro_batch_size == "auto":
             _check_auto_micro_batch(self)
         if self.noise_scale and self.sync_each_batch:
@@ -212,19 +212,67 @@ class TrainConfig:
                               "the processes, and train.sync_each_batch reduces it at once; set one of them false")
 
 
-def _check_lr_schedule(cfg: TrainConfig) -> None:
-    """WSD's decay fits after the warm-up; its keys are not given to a schedule that ignores them."""
+def check_lr_schedule(cfg: TrainConfig) -> None:
+    """WSD's decay fits after the warm-up; its keys are not given to a schedule that ignores them. Called once a
+    resumed run's config has been compared with the run's own (a changed schedule is refused there, by name)."""
     if cfg.lr_schedule != "wsd":
         if cfg.lr_decay_steps is not None:
+            use_wsd = " or use lr_schedule: wsd" if cfg.warmup_steps + cfg.lr_decay_steps <= cfg.max_steps else ""
             raise ConfigError(f"train.lr_decay_steps: only lr_schedule: wsd has a decay phase, this run's is "
-                              f"{cfg.lr_schedule}; set it to null or use lr_schedule: wsd")
+                              f"{cfg.lr_schedule}; set it to null{use_wsd}")
         return
-    decay = cfg.wsd_decay_steps()
-    if decay > cfg.max_steps - cfg.warmup_steps:
-        key = "lr_decay_steps" if cfg.lr_decay_steps is not None else "lr_decay_fraction"
-        raise ConfigError(f"train.{key}: a decay of {decay} steps does not fit after {cfg.warmup_steps} warm-up steps "
-                          f"in max_steps {cfg.max_steps}; use a decay of at most {cfg.max_steps - cfg.warmup_steps} "
-                          "steps, fewer warmup_steps or a larger max_steps")
+    warmup, steps, decay = cfg.warmup_steps, cfg.max_steps, cfg.wsd_decay_steps()
+    if warmup + decay <= steps:
+        return
+    by_fraction = cfg.lr_decay_steps is None
+    ways = [f"warmup_steps of at most {steps - decay}"] if decay <= steps else []
+    if steps - warmup >= 1:
+        ways.append(f"lr_decay_fraction of at most {_rounded_down((steps - warmup) / steps)}" if by_fraction else
+                    f"lr_decay_steps of at most {steps - warmup}")
+    longer = _wsd_steps_needed(cfg)
+    if longer is not None:
+        ways.append(f"max_steps of at least {longer}")
+    raise ConfigError(f"train.{_wsd_key_at_fault(cfg)}: {warmup} warm-up steps and a decay of {decay} "
+                      f"step{'s' * (decay != 1)}"
+                      + (f" (lr_decay_fraction {cfg.lr_decay_fraction:g} of max_steps)" if by_fraction else "")
+                      + f" do not fit in max_steps {steps}; use {', '.join(ways[:-1])}"
+                      + (" or " if len(ways) > 1 else "") + ways[-1])
+
+
+def _wsd_key_at_fault(cfg: TrainConfig) -> str:
+    """The key to name when WSD's warm-up and decay do not fit: a warm-up as long as the run, else the decay's key
+    if the user set it, else whichever of warmup_steps and max_steps is not its default."""
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if cfg.warmup_steps >= cfg.max_steps:
+        return "warmup_steps"
+    if cfg.lr_decay_steps is not None:
+        return "lr_decay_steps"
+    if cfg.lr_decay_fraction != default["lr_decay_fraction"]:
+        return "lr_decay_fraction"
+    return "warmup_steps" if cfg.warmup_steps != default["warmup_steps"] else "max_steps"
+
+
+def _wsd_steps_needed(cfg: TrainConfig) -> int | None:
+    """The fewest max_steps that hold the warm-up and WSD's decay (the decay may be a fraction of them), or None
+    if none can (a decay of all of max_steps after a warm-up)."""
+    def fits(steps: int) -> bool:
+        return cfg.warmup_steps + cfg.wsd_decay_steps(steps) <= steps
+
+    if cfg.lr_decay_steps is not None:
+        return cfg.warmup_steps + cfg.lr_decay_steps
+    if cfg.lr_decay_fraction >= 1:
+        return None
+    low, high = cfg.max_steps, math.ceil((cfg.warmup_steps + 1) / (1 - cfg.lr_decay_fraction)) + 1
+    while high - low > 1:  # fits(high), not fits(low); whether it fits only grows with max_steps
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def _rounded_down(value: float) -> str:
+    """A `value` in (0, 1], rounded down to 3 significant digits: a bound that stays a bound."""
+    digits = 2 - math.floor(math.log10(value))
+    return f"{math.floor(value * 10 ** digits) / 10 ** digits:.{digits}f}".rstrip("0").rstrip(".")
 
 
 def _check_auto_micro_batch(cfg: TrainConfig) -> None:

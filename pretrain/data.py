@@ -180,10 +180,10 @@ def text_sequences(blocks: Iterator[TokenBlock], cfg: DataConfig, *, start: Text
     carry, taken, emitted_this_epoch = np.asarray(start.carry, np.int64), start.taken, start.taken > 0
     for block in blocks:
         if block.tokens is None:  # end of an epoch: the packing tail is dropped, the next epoch starts clean
-            if not emitted_this_epoch:
+            if not emitted_this_epoch:  # (packed, the epoch's tokens are all in the carry)
+                shorter = f" or a data.seq_len of at most {len(carry) - 1}" if cfg.packing and len(carry) > 1 else ""
                 raise ConfigError(f"{source} holds no sequence of data.seq_len + 1 = {seq_len + 1} tokens (in epoch "
-                                  f"{block.epoch}, after skipping empty documents); give more text or a smaller "
-                                  "data.seq_len")
+                                  f"{block.epoch}, after skipping empty documents); give more text{shorter}")
             carry, emitted_this_epoch = np.zeros(0, np.int64), False
             continue
         stats.documents += block.documents

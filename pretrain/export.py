@@ -15,6 +15,7 @@ from pretrain.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dirs, listi
 from pretrain.config import ModelConfig
 from pretrain.data import load_tokenizer
 from pretrain.errors import ConfigError, RunError, first_line
+from pretrain.folders import make_folders, remove_folders
 from pretrain.models import build_model, model_config_for, plain_name
 from pretrain.paths import kind_of
 
@@ -157,13 +158,20 @@ def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], sourc
 def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) and the tokenizer into `.<out_dir>.tmp`
     beside `out_dir`, renamed to it once complete: a failed export leaves `out_dir` as it was, and a killed one
-    leaves only that temporary, which the next export to `out_dir` removes."""
+    leaves only that temporary, which the next export to `out_dir` removes. Folders made on the way to it are
+    removed again if it fails."""
     def fill(tmp: str) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        made = make_folders(os.path.dirname(os.path.abspath(out_dir)))
+    except OSError as err:  # nothing written yet: bad input (a name too long, a folder not writable)
+        raise ConfigError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
+    try:
         write_folder(out_dir, fill)
-    except Exception as err:  # a full disk or quota: OSError, or safetensors' own error
+    except BaseException as err:  # a full disk or quota: OSError, or safetensors' own error; or Ctrl-C
+        remove_folders(made)
+        if not isinstance(err, Exception):
+            raise
         reason = getattr(err, "strerror", None) or first_line(err)
         raise RunError(f"out_dir: cannot write {out_dir!r} ({reason}); it is as it was") from None

@@ -217,22 +217,30 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
         raise ConfigError(f"model: {parameters:,} parameters need at least {state / 2**30:,.1f} GiB for the weights, "
                           f"gradients and AdamW moments, but {free / 2**30:,.1f} GiB is free on {device.type}; "
                           "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
-    needed = logits_bytes(micro_batch_size, seq_len, model_config.vocab_size)
-    if free is not None and needed > free:
-        if micro_batch_size == 1:
-            raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least {needed / 2**30:,.1f} "
-                              f"GiB for its logits and their gradient alone, but {free / 2**30:,.1f} GiB is free on "
-                              f"{device.type}; use a smaller data.seq_len (or a smaller vocabulary)")
-        fitting = max(1, micro_batch_size * free // needed)
+    if free is None:
+        return
+    vocab_size, needed = model_config.vocab_size, logits_bytes(micro_batch_size, seq_len, model_config.vocab_size)
+    fitting = free // logits_bytes(1, seq_len, vocab_size)  # sequences whose logits fit
+    if needed > free and fitting == 0:  # not even one sequence: shorter ones, N of them (or one)
+        shorter, alone = free // logits_bytes(micro_batch_size, 1, vocab_size), free // logits_bytes(1, 1, vocab_size)
+        raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least "
+                          f"{logits_bytes(1, seq_len, vocab_size) / 2**30:,.1f} GiB for its logits and their gradient "
+                          f"alone, but {free / 2**30:,.1f} GiB is free on {device.type}; "
+                          + (f"use at most {shorter} (or a smaller vocabulary)" if shorter else
+                             f"use at most {alone} with train.micro_batch_size: 1" if alone else
+                             f"a vocabulary of {vocab_size} tokens is too large for it"))
+    if needed > free:
         raise ConfigError(f"train.micro_batch_size: {micro_batch_size} sequences of {seq_len} tokens need at least "
                           f"{needed / 2**30:,.1f} GiB for the logits and their gradient alone, but {free / 2**30:,.1f} "
-                          f"GiB is free on {device.type}; use fewer than {fitting} (and a larger "
+                          f"GiB is free on {device.type}; use at most {fitting} (and a larger "
                           "gradient_accumulation_steps for the same global batch)")
-    largest_k = max([plan.base_k, *(k for _, k in plan.schedule)])
-    if free is not None and 16 * largest_k * micro_batch_size * (seq_len + 1) > free:
+    largest_k, step_bytes = max([plan.base_k, *(k for _, k in plan.schedule)]), 16 * micro_batch_size * (seq_len + 1)
+    if largest_k * step_bytes > free:
         raise ConfigError(f"train.gradient_accumulation_steps: a step of K={largest_k} micro-batches of "
                           f"{micro_batch_size} x {seq_len + 1} tokens is read before its first forward pass and does "
-                          f"not fit in the {free / 2**30:,.1f} GiB free; use a smaller K (or a K schedule's K)")
+                          f"not fit in the {free / 2**30:,.1f} GiB free; "
+                          + (f"use K (and a K schedule's K) of at most {free // step_bytes}" if free >= step_bytes else
+                             "use a smaller train.micro_batch_size"))
 
 
 def optimizer_state_bytes(parameters: int, num_processes: int = 1) -> int:

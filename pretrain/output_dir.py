@@ -14,7 +14,9 @@ from pretrain.atomic import remove_leftovers, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR
 from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
+from pretrain.folders import make_folders, remove_folders
 from pretrain.paths import kind_of
+from pretrain.sources import may_read_below
 from pretrain.tracking import METRICS_FILE
 
 FINAL_DIR = "final"
@@ -24,9 +26,10 @@ CURVES_FILE = "curves.png"  # drawn from metrics.jsonl at the end of a run (trac
 MODEL_CARD = "README.md"  # in final/
 
 
-def check_output_dir(cfg: Config, resuming: bool) -> None:
-    """Refuse to overwrite an earlier run or a file the user wrote, and fail now (not after training) if the dir
-    cannot be written."""
+def check_output_dir(cfg: Config, resuming: bool) -> list[str]:
+    """Refuse to overwrite an earlier run, a file the user wrote or the data, and fail now (not after training) if
+    the dir cannot be written. Returns the folders made for it (pretrain.folders), to be removed if the run does
+    not start."""
     kind = kind_of(cfg.output_dir)
     if kind not in (None, "a directory"):
         raise ConfigError(f"output_dir: {cfg.output_dir!r} is {kind}, not a directory; give a directory (missing "
@@ -34,12 +37,7 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
     previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
                 if os.path.exists(os.path.join(cfg.output_dir, name))
                 and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]
-    out = os.path.realpath(cfg.output_dir)
-    for field, path in (("data.path", cfg.data.path), ("eval.path", cfg.eval.path)):
-        data = os.path.realpath(os.path.expanduser(path)) if path and os.path.isdir(os.path.expanduser(path)) else None
-        if data is not None and (out == data or out.startswith(data + os.sep)):
-            raise ConfigError(f"output_dir: {cfg.output_dir!r} is inside {field} {path!r}; a run's files there would "
-                              "be read as data next time: choose an output_dir outside it")
+    check_apart_from_data(cfg)
     saved = _saved_config(cfg)
     if previous == [METRICS_FILE] and saved == to_yaml(cfg):
         previous = []  # the same run, stopped before its first checkpoint: starting it again loses nothing
@@ -50,11 +48,26 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
         raise ConfigError(f"output_dir: {os.path.join(cfg.output_dir, CONFIG_FILE)!r} was not written by a run (it "
                           "has comments or its own layout), and a run writes its resolved config there; keep your "
                           "config outside output_dir, or choose another output_dir")
+    made = []
     try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        made = make_folders(cfg.output_dir)
         tempfile.TemporaryFile(dir=cfg.output_dir).close()  # nameless where the OS allows: a kill leaves nothing
     except OSError as err:
+        remove_folders(made)
         raise ConfigError(f"output_dir: cannot write to {cfg.output_dir!r} ({err.strerror})") from None
+    return made
+
+
+def check_apart_from_data(cfg: Config) -> None:
+    """Refuse an output_dir that holds, or may come to hold, a file that the data or eval data names: the run's
+    own files (metrics.jsonl, final/config.json, ...) would be read as data by the next run on that path."""
+    sources = [("data.path", cfg.data.path)] if not cfg.data.mixture else [
+        (f"data.mixture[{i}].path", source.path) for i, source in enumerate(cfg.data.mixture)]
+    for field, path in sources + [("eval.path", cfg.eval.path)] * (cfg.eval.path is not None):
+        if may_read_below(path, cfg.output_dir):
+            raise ConfigError(f"output_dir: {cfg.output_dir!r} overlaps {field} {path!r}: files a run writes there "
+                              "(metrics.jsonl, final/config.json, ...) could be read as data; choose an output_dir "
+                              "apart from the data")
 
 
 def _saved_config(cfg: Config) -> str | None:

@@ -22,7 +22,7 @@ from pretrain.accumulation import AccumulationPlan, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
                                  load_trainer_state, newest_loadable, resume_path, set_aside_newer, settings_of,
                                  use_older)
-from pretrain.config import Config, to_dict, to_yaml
+from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
 from pretrain.data import DataStats, MicroBatch, load_tokenizer, micro_batch_stream
 from pretrain.distributed import agree, from_main_process
@@ -31,6 +31,7 @@ from pretrain.engines import (describe_engine, enable_activation_checkpointing, 
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
+from pretrain.folders import remove_folders
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
@@ -108,6 +109,9 @@ def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
     if cfg.train.optimizer == "muon":
         check_block_matrices(model_config)
     limit = max_positions(model_config)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"model.max_position_embeddings: {limit} positions hold no sequence; give at least "
+                          f"data.seq_len = {cfg.data.seq_len}")
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
@@ -128,6 +132,7 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
     try:
         resume_from = resume_path(cfg)
         state = load_trainer_state(resume_from, cfg) if resume_from else TrainerState(settings=settings_of(cfg))
+        check_lr_schedule(cfg.train)  # after resume's own check, which names a changed schedule's keys
         state.wandb_run_id = state.wandb_run_id or new_run_id(cfg)
         state.config = to_dict(cfg)  # what the checkpoints of this run will record
         # The data is opened (and checked) now; with workers, they start reading while the model is built.
@@ -142,9 +147,13 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
         # would replace what is there.
         own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(
             os.path.join(cfg.output_dir, CHECKPOINTS_DIR))
-        check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
+        made = check_output_dir(cfg, resuming=own)  # last: bad input above leaves no empty dir behind
         if accelerator.is_main_process and lock is None:
-            lock = OutputDirLock(cfg.output_dir, made_dir=not existed)
+            try:
+                lock = OutputDirLock(cfg.output_dir, made_folders=made)
+            except BaseException:
+                remove_folders(made)
+                raise
     except BaseException:
         if lock is not None:
             lock.abandon()

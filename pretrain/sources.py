@@ -45,31 +45,41 @@ class Source:
         self.config, self.field = config, field
         self.files = local_files(config.path, field)
         self.builder = None if self.files is None else _builder_for(self.files, field)
-        try:
-            raw = self._load_raw(self.files)
-            # The first row as an Arrow table: its column names, without decoding text that may be invalid UTF-8.
-            first = next(iter(raw.with_format("arrow").iter(batch_size=1)), None)
-        except ConfigError:
-            raise
-        except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
-            first = None
-        except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
-            raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
+        raw, first = self._first_row(self.files, repr(config.path))
         if first is None or first.num_rows == 0:
             raise ConfigError(f"{field}: {config.path!r} holds no documents; give a non-empty dataset")
-        column_field = field.replace("path", "text_column")
-        if self.column not in first.column_names:
-            raise ConfigError(f"{column_field}: {self.column!r} is not a column of {config.path!r}; "
-                              f"its columns are: {', '.join(first.column_names)}")
-        kind = first.schema.field(self.column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-                or pa.types.is_large_binary(kind)):
-            raise ConfigError(f"{column_field}: column {self.column!r} of {config.path!r} holds {kind}, not text; "
-                              "name a column of strings")
+        self._check_column(first, repr(config.path))
         try:
             self.dataset = self._with_text_column(raw)
         except Exception as err:  # a .json file holding one array, not one object a line
             raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
+
+    def _first_row(self, files: list[str] | None,
+                   name: str) -> tuple[datasets.IterableDataset | None, pa.Table | None]:
+        """`files` (None: the Hub dataset) opened, and their first row as an Arrow table (its column names,
+        without decoding text that may be invalid UTF-8); `name` says what they are in a message."""
+        raw = None
+        try:
+            raw = self._load_raw(files)
+            return raw, next(iter(raw.with_format("arrow").iter(batch_size=1)), None)
+        except ConfigError:
+            raise
+        except StopIteration:  # some builders raise it (instead of yielding nothing) on an empty file
+            return raw, None
+        except Exception as err:  # datasets raises many kinds: missing Hub repo, no network, unreadable file
+            raise ConfigError(f"{self.field}: cannot read {name} ({first_line(err)})") from None
+
+    def _check_column(self, first: pa.Table, name: str) -> None:
+        """The text column is among the columns of `first`, and holds text."""
+        column_field = "data.text_column" if self.field == "eval.path" else self.field.replace("path", "text_column")
+        if self.column not in first.column_names:
+            raise ConfigError(f"{column_field}: {self.column!r} is not a column of {name}; "
+                              f"its columns are: {', '.join(first.column_names)}")
+        kind = first.schema.field(self.column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            raise ConfigError(f"{column_field}: column {self.column!r} of {name} holds {kind}, not text; "
+                              "name a column of strings")
 
     @property
     def column(self) -> str:
@@ -106,7 +116,16 @@ class Source:
         return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
     def read_error(self, err: Exception) -> ConfigError:
-        """A failure met while streaming (a later file without the column, a corrupt file), as one line."""
+        """A failure met while streaming, as one line that names the file at fault where one is (a later file
+        without the text column, or one that cannot be read), else the source."""
+        for file in self.files if self.files is not None and len(self.files) > 1 else []:
+            name = f"{file!r} (a file of {self.field} {self.config.path!r})"
+            try:
+                _, first = self._first_row([file], name)
+                if first is not None and first.num_rows:  # (an empty file is no error: it holds no documents)
+                    self._check_column(first, name)
+            except ConfigError as found:
+                return found
         return ConfigError(f"{self.field}: cannot read {self.config.path!r} ({first_line(err)})")
 
 
@@ -187,6 +206,56 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
     if expanded.startswith((".", "/")) or _suffix(expanded) in BUILDERS or (first_part and os.path.isdir(first_part)):
         raise ConfigError(f"{field}: {path!r} does not exist; give a file, directory, glob or Hub dataset name")
     return None
+
+
+def may_read_below(path: str, directory: str) -> bool:
+    """Whether `path` (a file, directory or glob, as data.path takes it) names a file that is, or may come to be,
+    below `directory`: however either is written (`~`, relative parts, links, `**`)."""
+    expanded = os.path.expanduser(path)
+    if glob.has_magic(expanded):
+        parts = expanded.split(os.sep)
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root, pattern = os.sep.join(parts[:fixed]) or ("/" if expanded.startswith(os.sep) else "."), parts[fixed:]
+    elif os.path.isdir(expanded):
+        root, pattern = expanded, ["**"]  # every file below it
+    else:  # one file (below `directory` or not), or not a local path
+        return os.path.isfile(expanded) and _is_below(os.path.realpath(expanded), os.path.realpath(directory))
+    return _reaches(root, [], pattern, os.path.realpath(directory), frozenset())
+
+
+def _reaches(folder: str, below: list[str], pattern: list[str], target: str, ancestors: frozenset[str]) -> bool:
+    """Whether a file below `target` could match the glob `pattern` (its parts) as reached through `folder` (whose
+    parts relative to the glob's root are `below`), or through the folders under it, links followed as reading does."""
+    real = os.path.realpath(folder)
+    if real in ancestors:  # a link back up: walked already
+        return False
+    if real == target or _is_below(real, target):  # the data's folder is inside `target`
+        return _may_match_below(pattern, below)
+    if _is_below(target, real):  # `target` is inside this folder
+        if _may_match_below(pattern, below + os.path.relpath(target, real).split(os.sep)):
+            return True
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError:
+        return False
+    return any(_may_match_below(pattern, below + [name]) and
+               _reaches(os.path.join(folder, name), below + [name], pattern, target, ancestors | {real})
+               for name in names)
+
+
+def _may_match_below(pattern: list[str], folder: list[str]) -> bool:
+    """Whether some file below the folder `folder` (parts relative to the glob's root) could match `pattern`."""
+    if not pattern:
+        return False
+    if "**" in pattern[0]:  # any number of folders
+        return True
+    if not folder:  # a name that the rest of the pattern matches can be made here
+        return True
+    return re.fullmatch(_pattern_regex(pattern[0]), folder[0]) is not None and _may_match_below(pattern[1:], folder[1:])
+
+
+def _is_below(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _walk(directory: str) -> Iterator[str]:

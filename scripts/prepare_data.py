@@ -26,6 +26,7 @@ from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
+from pretrain.folders import make_folders, remove_folders  # noqa: E402
 from pretrain.paths import kind_of  # noqa: E402
 from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
 
@@ -96,14 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out: {args.out!r} is {kind_of(args.out)}, not a directory; give a directory")
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ConfigError(f"--out: {args.out!r} is not empty; choose another directory or pass --overwrite")
-        cfg = load_config(*parse_cli(rest))
+        cfg = load_config(*parse_cli(rest))  # a bad config is refused before --out is touched
 
         def fill(tmp: str) -> None:
             prepare(cfg, tmp, args.out, args.shard_tokens, args.max_tokens)
             if os.path.isdir(args.out):
                 remove_shards(args.out)  # only now: a run that fails keeps the earlier shards
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        write_folder(args.out, fill, merge=True, last=INDEX_FILE)  # the index last: read only once all is there
+        try:
+            made = make_folders(os.path.dirname(os.path.abspath(args.out)))
+        except OSError as err:
+            raise ConfigError(f"--out: cannot write to {args.out!r} ({err.strerror})") from None
+        try:
+            write_folder(args.out, fill, merge=True, last=INDEX_FILE)  # the index last: read only once all is there
+        except BaseException:  # bad data found while reading it, a full disk, Ctrl-C: --out as it was
+            remove_folders(made)
+            raise
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(_here))
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pretrain.atomic import write_folder
+from pretrain.atomic import write_folder  # noqa: E402
+from pretrain.folders import make_folders, remove_folders  # noqa: E402
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -81,20 +82,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.vocab_size < 257:
         print("error: --vocab-size must be at least 257 (256 bytes plus the end-of-text token)", file=sys.stderr)
         return 2
+    if args.files is not None and rest:
+        print(f"error: unexpected arguments {' '.join(rest)}; overrides go with --config", file=sys.stderr)
+        return 2
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"error: --out: {args.out!r} is a file; give a directory", file=sys.stderr)
         return 2
+    try:  # before training, which may take long: a --out that cannot be written fails now
+        made = make_folders(args.out)
+    except OSError as err:
+        print(f"error: --out: cannot write to {args.out!r} ({err.strerror})", file=sys.stderr)
+        return 2
+    try:
+        return train_and_save(args, rest)
+    finally:
+        remove_folders(made)  # (only if empty: the tokenizer was not saved)
+
+
+def train_and_save(args: argparse.Namespace, rest: list[str]) -> int:
+    """Train on --files or on a config's data, and save to --out; bad input is one line and exit status 2."""
+    from pretrain.errors import ConfigError
     if args.files is not None:
-        if rest:
-            print(f"error: unexpected arguments {' '.join(rest)}; overrides go with --config", file=sys.stderr)
-            return 2
         files = sorted(glob.glob(args.files, recursive=True))
         if not files:
             print(f"error: --files: {args.files!r} matches no file; give a glob of text files", file=sys.stderr)
             return 2
         tokenizer, what = train_byte_level_bpe(files, args.vocab_size), f"{len(files)} files"
     else:
-        from pretrain.errors import ConfigError
         try:
             tokenizer = train_byte_level_bpe(None, args.vocab_size, config_texts(["--config", args.config, *rest]))
         except ConfigError as err:
@@ -103,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         what = f"the data of {args.config}"
     try:  # into `.<out>.tmp`, whose files then replace their namesakes in out: a failed or killed save leaves out
         # as it was, and the next save removes what a killed one left
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         write_folder(args.out, tokenizer.save_pretrained, merge=True)
     except OSError as err:
         print(f"error: --out: cannot write {args.out!r} ({err.strerror}); it is as it was", file=sys.stderr)

@@ -12,6 +12,7 @@ import builtins
 
 import dataclasses
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -33,13 +34,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
+from pretrain import models
+from pretrain.accumulation import AccumulationPlan
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
 from pretrain.data_position import START
-from pretrain.errors import RunError, first_line
+from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import Range
-from pretrain.sources import local_files
+from pretrain.sources import local_files, may_read_below
 from pretrain.tracking import MetricsLogger
 
 
@@ -85,6 +88,17 @@ def files(tmp_path):
     with socket.socket(socket.AF_UNIX) as unix_socket:
         unix_socket.bind(str(tmp_path / "socket"))  # the socket file stays after close
     (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
+    # A corpus, reached through a link and linking out of itself: an output_dir must stay apart from it
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    hamlet = (REPO / "data" / "shakespeare" / "hamlet.txt").read_text()[:40_000]
+    (tmp_path / "corpus" / "sub" / "a.jsonl").write_text("".join(json.dumps({"text": hamlet[i:i + 2000]}) + "\n"
+                                                                 for i in range(0, len(hamlet), 2000)))
+    (tmp_path / "corpus_link").symlink_to(tmp_path / "corpus")
+    (tmp_path / "columns").mkdir()  # a.jsonl holds text, b.jsonl (a run's metrics.jsonl, say) other columns
+    shutil.copy(tmp_path / "corpus" / "sub" / "a.jsonl", tmp_path / "columns" / "a.jsonl")
+    (tmp_path / "columns" / "b.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "corpus" / "sub" / "to_outside").symlink_to(tmp_path / "outside")
     for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
                         "state_shard_position": {"data_position": {"sequences": 64}},
                         "state_carry_past_vocab": {"data_position": {**START.to_json(), "carry": [99999]}},
@@ -109,6 +123,10 @@ CASES = {
     "K < 1": (["--train.gradient_accumulation_steps=0"], {}, "train.gradient_accumulation_steps: must be >= 1"),
     "noise scale at K = 1": (["--train.noise_scale=true", "--train.gradient_accumulation_steps=1"], {},
                              "train.noise_scale: needs K >= 2"),
+    "noise scale at K = 1 from the global batch": (
+        ["--train.noise_scale=true", "--train.global_batch_size=8", "--train.gradient_accumulation_steps=null"], {},
+        "train.noise_scale: needs K >= 2 (each step's first micro-batch is the small batch it compares with the whole "
+        "step), but K is 1; use a train.global_batch_size of 16 (or a larger multiple of 8), or set"),
     "noise scale with sync_each_batch": (["--train.noise_scale=true", "--train.sync_each_batch=true"], {},
                                          "train.noise_scale: needs the first micro-batch's gradient before"),
     "N < 1": (["--train.micro_batch_size=0"], {}, "train.micro_batch_size: must be >= 1"),
@@ -140,7 +158,15 @@ CASES = {
     "unknown decay shape": (["--train.lr_decay_shape=sqrt"], {},
                             "train.lr_decay_shape: 'sqrt' is not one of linear, cosine, 1-sqrt"),
     "WSD decay longer than the run": (["--train.lr_schedule=wsd", "--train.lr_decay_steps=900"], {},
-                                      "train.lr_decay_steps: a decay of 900 steps does not fit after 40 warm-up"),
+                                      "train.lr_decay_steps: 40 warm-up steps and a decay of 900 steps do not fit in "
+                                      "max_steps 800; use lr_decay_steps of at most 760 or max_steps of at least 940"),
+    "WSD warm-up longer than the run": (["--train.lr_schedule=wsd", "--train.warmup_steps=10", "--train.max_steps=4"],
+                                        {}, "train.warmup_steps: 10 warm-up steps and a decay of 1 step "
+                                            "(lr_decay_fraction 0.2 of max_steps) do not fit in max_steps 4; use "
+                                            "warmup_steps of at most 3 or max_steps of at least 12"),
+    "a model without positions": (["--model.max_position_embeddings=0"], {},
+                                  "model.max_position_embeddings: 0 positions hold no sequence; give at least "
+                                  "data.seq_len = 128"),
     "negative lr": (["--train.lr=-1e-3"], {}, "train.lr: must be > 0"),
     "global batch does not divide": (["--train.global_batch_size=20", "--train.gradient_accumulation_steps=null"], {},
                                      "train.global_batch_size: 20"),
@@ -158,6 +184,9 @@ CASES = {
     "missing text column": (["--data.path={tmp}/other_column.jsonl"], {},
                             "data.text_column: 'text' is not a column of '{tmp}/other_column.jsonl'; its columns are: "
                             "content"),
+    "a later data file without the text column": (["--data.path={tmp}/columns"], {},
+                                                  "data.text_column: 'text' is not a column of '{tmp}/columns/b.jsonl' "
+                                                  "(a file of data.path '{tmp}/columns'); its columns are: step, loss"),
     "missing tokenizer": (["--data.tokenizer={tmp}/no_tokenizer"], {}, "data.tokenizer: cannot load"),
     "mixture weight 0": (["--data.mixture=[{path: data/shakespeare, weight: 0}]"], {},
                          "data.mixture[0].weight: must be > 0"),
@@ -174,6 +203,11 @@ CASES = {
     "an earlier run in output_dir": (["--output_dir={tmp}/earlier"], {}, "output_dir: '{tmp}/earlier' already holds"),
     "output_dir in use": (["--output_dir={tmp}/busy"], {}, "output_dir: '{tmp}/busy' is in use by a run"),
     "output_dir not writable": (["--output_dir=/proc/version/run"], {}, "output_dir: cannot write to"),
+    # The folders made on the way are removed again: `run` is checked to be gone
+    "output_dir whose name is too long, under missing folders": (["--output_dir={tmp}/run/a/" + "x" * 300], {},
+                                                                  "output_dir: cannot write to '{tmp}/run/a/xxx"),
+    "output_dir longer than a path may be": (["--output_dir={tmp}/run/" + "/".join(["y" * 250] * 20)], {},
+                                             "output_dir: cannot write to '{tmp}/run/yyy"),
     "launcher K disagrees": ([], {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
                              "train.gradient_accumulation_steps: the template's K is 2 but the launcher asks for 4"),
     "launcher precision disagrees": ([], {"ACCELERATE_MIXED_PRECISION": "bf16"},
@@ -262,7 +296,34 @@ CASES = {
     "empty data path": (["--data.path="], {}, "data.path: must not be empty"),
     "empty output_dir": (["--output_dir="], {}, "output_dir: must not be empty"),
     "output_dir inside the data": (["--output_dir=data/shakespeare/run"], {},
-                                   "output_dir: 'data/shakespeare/run' is inside data.path 'data/shakespeare'"),
+                                   "output_dir: 'data/shakespeare/run' overlaps data.path 'data/shakespeare': files a "
+                                   "run writes there (metrics.jsonl, final/config.json, ...) could be read as data; "
+                                   "choose an output_dir apart from the data"),
+    # An output_dir whose files the data could read, however the paths are written (one step if not refused)
+    "output_dir that a data glob reaches": (
+        ["--data.path={tmp}/corpus/**/*.jsonl", "--output_dir={tmp}/corpus/run", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/corpus/run' overlaps data.path '{tmp}/corpus/**/*.jsonl': files a run writes there"),
+    "output_dir in the data, reached through a link": (
+        ["--data.path={tmp}/corpus_link", "--output_dir={tmp}/corpus/sub/run", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/corpus/sub/run' overlaps data.path"),
+    "output_dir that a link in the data leads to": (
+        ["--data.path={tmp}/corpus", "--output_dir={tmp}/outside/run", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/outside/run' overlaps data.path"),
+    "output_dir that a relative data glob reaches": (
+        ["--data.path={rel}/corpus/*/*.jsonl", "--output_dir={tmp}/corpus/run", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/corpus/run' overlaps data.path '{rel}/"),
+    "output_dir that a data glob under ~ reaches": (
+        ["--data.path=~/corpus/sub/*.jsonl", "--output_dir={tmp}/corpus/sub", "--train.max_steps=1"],
+        {"HOME": "{tmp}"}, "output_dir: '{tmp}/corpus/sub' overlaps data.path '~/corpus/sub/*.jsonl'"),
+    "output_dir that a mixture's source reaches": (
+        ["--data.mixture=[{path: data/shakespeare}, {path: '{tmp}/corpus/**'}]", "--output_dir={tmp}/corpus/run",
+         "--train.max_steps=1"], {}, "output_dir: '{tmp}/corpus/run' overlaps data.mixture[1].path"),
+    "output_dir in the eval data": (
+        ["--eval.path={tmp}/corpus", "--output_dir={tmp}/corpus/sub/run", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/corpus/sub/run' overlaps eval.path '{tmp}/corpus'"),
+    "output_dir holding the data": (
+        ["--data.path={tmp}/corpus/sub/a.jsonl", "--output_dir={tmp}/corpus", "--train.max_steps=1"], {},
+        "output_dir: '{tmp}/corpus' overlaps data.path '{tmp}/corpus/sub/a.jsonl'"),
     "lock file that links to a user's file": (["--output_dir={tmp}/linked"], {},
                                               "output_dir: cannot use '{tmp}/linked/.lock' as the run's lock file"),
     "another run's checkpoint into a dir holding a run": (
@@ -313,10 +374,13 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
     args, env, expected = CASES[case]
     files(tmp_path)
     monkeypatch.chdir(REPO)
+
+    def filled(text):  # {tmp}: this test's folder; {rel}: the same, relative to the repository
+        return text.replace("{tmp}", str(tmp_path)).replace("{rel}", os.path.relpath(tmp_path, REPO))
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, filled(value))
     fresh_accelerate_state()
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [filled(a) for a in args]
     if not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={tmp_path / 'run'}")
     if not any(a.startswith("--tracking.backends") for a in args):
@@ -328,6 +392,7 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
         if type(handler) is logging.StreamHandler:  # the libraries' own (not pytest's capture handlers)
             monkeypatch.setattr(handler, "stream", fd2)
     lock = OutputDirLock(str(tmp_path / "busy")) if case == "output_dir in use" else None
+    before = sorted(tmp_path.rglob("*"))
     try:
         status = main(args)
     finally:
@@ -335,9 +400,10 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path, capfd, monkeypa
             lock.release()
     out, err = capfd.readouterr()  # at the file descriptors: what a library writes to fd 2 itself counts too
     assert status == 2
-    assert err.splitlines() == [err.strip()] and err.startswith("error: " + expected.replace("{tmp}", str(tmp_path)))
+    assert err.splitlines() == [err.strip()] and err.startswith("error: " + filled(expected))
     assert "Traceback" not in err and "model:" not in out  # no model was built
     assert not (tmp_path / "run").exists()  # nothing left behind: no new output_dir, no lock file in an old one
+    assert sorted(tmp_path.rglob("*")) == before
     assert [p for p in tmp_path.rglob(".lock") if p.parent.name not in ("busy", "linked")] == []
     assert (tmp_path / "earlier" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing overwritten
     assert (tmp_path / "precious.txt").read_text() == "mine\n" and not (REPO / "data" / "shakespeare" / "run").exists()
@@ -407,6 +473,30 @@ def test_every_numeric_key_refuses_values_out_of_its_range(key, tmp_path, capsys
 
 def yaml_number(value) -> str:
     return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan" if value != value else repr(value))
+
+
+@pytest.mark.parametrize("fit", ["3 sequences", "part of one sequence", "3 micro-batches of inputs"])
+def test_memory_refusals_propose_the_largest_value_that_fits(fit, monkeypatch):
+    # Memory as the checks count it (float32 logits and their gradient: 8 bytes per position and vocabulary entry;
+    # a step's int64 inputs and labels: 16 bytes per token), written out here.
+    vocab, seq_len, n = (2 if fit == "3 micro-batches of inputs" else 100), 64, 8  # (inputs outweigh 2 logits)
+    per_sequence, per_batch = 8 * seq_len * vocab, 16 * n * (seq_len + 1)
+    free = {"3 sequences": 3 * per_sequence + 5, "part of one sequence": per_sequence // 2,
+            "3 micro-batches of inputs": n * per_sequence + 3 * per_batch + 5}[fit]
+    monkeypatch.setattr(models, "free_memory", lambda device: free)
+    config = types.SimpleNamespace(vocab_size=vocab)
+
+    def check(n=n, seq_len=seq_len, k=8):
+        models.check_memory_fits(1, config, AccumulationPlan(n, 1, k), seq_len=seq_len, device=torch.device("cpu"))
+    with pytest.raises(ConfigError) as caught:
+        check()
+    key, proposed = str(caught.value).split(":")[0], int(str(caught.value).rsplit("at most ", 1)[1].split()[0])
+    argument = {"train.micro_batch_size": "n", "data.seq_len": "seq_len", "train.gradient_accumulation_steps": "k"}[key]
+    assert key == {"3 sequences": "train.micro_batch_size", "part of one sequence": "data.seq_len",
+                   "3 micro-batches of inputs": "train.gradient_accumulation_steps"}[fit]
+    check(**{argument: proposed})  # what the line proposes fits
+    with pytest.raises(ConfigError):  # and is the largest that does
+        check(**{argument: proposed + 1})
 
 
 # --------------------------------------------------------------------------- runs, checkpoints and files on disk
@@ -484,6 +574,19 @@ def test_auto_resume_refuses_a_changed_training_and_a_finished_run_has_nothing_l
     longer = again(run_copy, "--train.max_steps=6", f"--resume={step_4}")  # on purpose: allowed
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_changed_schedule_that_does_not_fit_is_named_as_a_change_on_resume(run_copy):
+    # The new schedule is also invalid on its own (10 warm-up steps of 4), but the run being continued was made
+    # with another: the keys that changed are what the user needs to see first.
+    before = tree(run_copy)
+    line = one_error_line(again(run_copy, "--train.lr_schedule=wsd", "--train.warmup_steps=10"))
+    assert line.startswith(f"error: resume: auto would continue the run in '{run_copy}', but this config changes "
+                           "train.lr_schedule 'cosine' -> 'wsd'; train.warmup_steps 1 -> 10."), line
+    assert tree(run_copy) == before
+    fresh = one_error_line(again(run_copy.parent / "fresh", "--train.lr_schedule=wsd", "--train.warmup_steps=10"))
+    assert fresh.startswith("error: train.warmup_steps: 10 warm-up steps and a decay of 1 step"), fresh
+    assert not (run_copy.parent / "fresh").exists()
 
 
 def test_a_corrupt_older_checkpoint_moves_nothing(run_copy):
@@ -659,6 +762,42 @@ def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
     assert "data: 2 documents read" in result.stdout  # one epoch of two files, not dozens of copies
 
 
+# (data path, output_dir) in a tree of d/sub/a.jsonl, d/b.txt, link -> d and d/sub/out -> o
+OVERLAPS = [("d/**/*.jsonl", "d/run"), ("d/*.jsonl", "d/run"), ("d/*/*.jsonl", "d/run"), ("d/sub/*.jsonl", "d/run"),
+            ("d", "d/run"), ("d", "o/run"), ("link", "d/run"), ("link/sub/*.jsonl", "d/sub"),
+            ("d/sub/a.jsonl", "d"), ("d/sub/a.jsonl", "o"), ("d/*.txt", "d/run"), ("d/**", "o/x"),
+            ("d/sub/*/*.json", "o"), ("d/sub/*.jsonl", "o"), ("d/s[u]b/*/*.safetensors", "o/deeper"),
+            ("d/s[u]b/*/*/*.safetensors", "o/deeper"),
+            ("~/d/*/*.yaml", "d/run"), ("d/*/run/*.png", "d/x/run"), ("o/../d/*/*.jsonl", "d/sub/../run"),
+            ("d/sub", "d"), ("d/sub/*.jsonl", "d"), ("someone/hub_dataset", "d/run")]
+# Any file an output_dir may hold: a run's (metrics.jsonl, final/config.json, ...), a tracker's, a user's
+RUN_FILES = [folder + name for folder in ("", "final/", "checkpoints/step_1/", "a/b/c/")
+             for name in ("x.jsonl", "x.json", "x.txt", "x.yaml", "x.png", "x.safetensors", "x.parquet")]
+
+
+@pytest.mark.parametrize("data, out", OVERLAPS)
+def test_an_output_dir_is_refused_exactly_when_data_would_read_its_files(data, out, tmp_path, monkeypatch):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "d" / "b.txt").write_text("x")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    (tmp_path / "d" / "sub" / "out").symlink_to(tmp_path / "o")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    refused = may_read_below(data, out)  # asked before the run writes anything
+    for name in RUN_FILES:  # then files there, and whether reading the data takes any of them
+        (tmp_path / out / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / name).write_text("x")
+    try:
+        read = local_files(data) or []
+    except ConfigError:  # a glob that matches nothing
+        read = []
+    written = {os.path.realpath(tmp_path / out / name) for name in RUN_FILES} | {
+        os.path.realpath(path) for path in (tmp_path / out).rglob("*")}
+    assert refused == any(os.path.realpath(path) in written for path in read)
+
+
 @pytest.mark.slow
 def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_third_exits():
     script = ("import os, signal, time\n"
@@ -686,3 +825,43 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
     out, err = run.communicate(timeout=LAUNCH_TIMEOUT)
     assert run.returncode == 128 + signal.SIGINT, err[-2000:]
     assert err.splitlines()[-1] == "interrupted (SIGINT) while starting; nothing was trained" and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- every command's output path
+
+def script_main(name):
+    """scripts/NAME.py's main, loaded as the script is (its exit status; stdout/stderr as the script's)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+TOO_LONG = "x" * 300  # one name past the filesystem's 255 bytes
+
+
+@pytest.mark.parametrize("command", ["prepare_data", "prepare_data, bad data found while writing",
+                                     "train_tokenizer", "train_tokenizer, bad data found while training",
+                                     "export_checkpoint", "plot_runs"])
+def test_a_command_that_fails_removes_the_folders_it_made(command, finished_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the run's tokenizer is data/tokenizer, relative to the repository
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"line {i} of a corpus"}) + "\n"
+                                                   for i in range(50)))
+    (tmp_path / "no_text.jsonl").write_text('{"body": "x"}\n')
+    before = sorted(tmp_path.iterdir())
+    out = str(tmp_path / "missing" / "a" / TOO_LONG)
+    argv = {"prepare_data": ["--out", out],
+            "prepare_data, bad data found while writing": [  # nothing is held out: found after the training part
+                "--out", str(tmp_path / "missing" / "b"), f"--data.path={tmp_path}/corpus.jsonl",
+                "--eval.holdout_fraction=1e-9", "--eval.path=null"],
+            "train_tokenizer": ["--files", "data/shakespeare/*.txt", "--out", out],
+            "train_tokenizer, bad data found while training": [
+                "--config", "configs/default.yaml", f"--data.path={tmp_path}/no_text.jsonl",
+                "--out", str(tmp_path / "missing" / "b")],
+            "export_checkpoint": [str(finished_run / "checkpoints" / "step_4"), out],
+            "plot_runs": [str(finished_run), "-o", f"{tmp_path}/missing/curves.png"]}[command]
+    status = script_main(command.split(",")[0])(argv)
+    err = capsys.readouterr().err  # (after progress bars, for those that got as far as tokenizing)
+    assert status == 2 and [line for line in err.splitlines() if line.startswith("error: ")] == [
+        err.strip().splitlines()[-1]] and "Traceback" not in err, err
+    assert sorted(tmp_path.iterdir()) == before  # no `missing/`, nor anything in it

@@ -128,6 +128,22 @@ def test_all_empty_documents_is_a_clear_error(tokenizer, tmp_path):
         next(micro_batch_stream(cfg, tokenizer, micro_batch_size=1, rank=0, world_size=1))
 
 
+def test_data_too_short_for_a_sequence_proposes_the_longest_seq_len_it_holds(tokenizer, tmp_path):
+    texts = ["a short corpus", "of two documents"]
+    tokens = len(expected_stream(tokenizer, texts))  # the reference: tokenized here, EOS after each document
+    path = write_jsonl(tmp_path / "d.jsonl", texts)
+    with pytest.raises(ConfigError) as caught:
+        next(micro_batch_stream(DataConfig(path=path, seq_len=128), tokenizer, micro_batch_size=1, rank=0,
+                                world_size=1))
+    assert str(caught.value).endswith(f"; give more text or a data.seq_len of at most {tokens - 1}")
+    first = next(micro_batch_stream(DataConfig(path=path, seq_len=tokens - 1), tokenizer, micro_batch_size=1, rank=0,
+                                    world_size=1))  # the value proposed works
+    assert first.batch["input_ids"].shape == (1, tokens - 1)
+    with pytest.raises(ConfigError):  # and is the longest that does
+        next(micro_batch_stream(DataConfig(path=path, seq_len=tokens), tokenizer, micro_batch_size=1, rank=0,
+                                world_size=1))
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
 def test_compressed_jsonl_reads_like_plain(tokenizer, tmp_path, suffix):
     texts = ["hello there, this is compressed text", "and a second line of it"]
@@ -162,7 +178,8 @@ def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path)
     with pytest.raises(ConfigError) as caught:
         list(micro_batch_stream(DataConfig(path=str(tmp_path), seq_len=8, shuffle=False, block_chars=10),
                                 tokenizer, micro_batch_size=1, rank=0, world_size=1))
-    assert str(caught.value).startswith(f"data.path: cannot read '{tmp_path}'") and "\n" not in str(caught.value)
+    assert str(caught.value) == (f"data.text_column: 'text' is not a column of '{tmp_path}/b.jsonl' (a file of "
+                                 f"data.path '{tmp_path}'); its columns are: body")
 
 
 @pytest.mark.slow
@@ -175,8 +192,9 @@ def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp
                          "--data.block_chars=10", "--data.seq_len=8", "--eval.every=0",
                          f"--output_dir={tmp_path / 'run'}", "--tracking.backends=[]", "--tracking.curves=false"])
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: data.path: cannot read '{tmp_path}'")
-    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+    assert result.stderr == (f"error: data.text_column: 'text' is not a column of '{tmp_path}/b.jsonl' (a file of "
+                             f"data.path '{tmp_path}'); its columns are: body\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_column_that_is_not_text_is_refused(tokenizer, tmp_path):

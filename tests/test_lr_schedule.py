@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+import re
 import shutil
 
 import pytest
@@ -10,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import QUIET, TINY_LLAMA, read_metrics, run_in_process
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, check_lr_schedule
 from pretrain.errors import ConfigError
+from pretrain.fields import from_mapping
 from pretrain.optim import lr_at
 
 # The share of the way from lr down to lr x min_lr_ratio left at a fraction x of the decay, from the WSD papers
@@ -50,15 +53,71 @@ def test_constant_holds_lr_after_warmup():
 
 @pytest.mark.parametrize("options, message", [
     ({"lr_schedule": "wsd", "lr_decay_steps": 30, "warmup_steps": 40, "max_steps": 60},
-     r"^train\.lr_decay_steps: a decay of 30 steps does not fit after 40 warm-up steps in max_steps 60; use a decay "
-     r"of at most 20 steps"),
+     r"^train\.lr_decay_steps: 40 warm-up steps and a decay of 30 steps do not fit in max_steps 60; use warmup_steps "
+     r"of at most 30, lr_decay_steps of at most 20 or max_steps of at least 70$"),
     ({"lr_schedule": "wsd", "lr_decay_fraction": 0.5, "warmup_steps": 40, "max_steps": 60},
-     r"^train\.lr_decay_fraction: a decay of 30 steps does not fit"),
-    ({"lr_schedule": "cosine", "lr_decay_steps": 10}, r"^train\.lr_decay_steps: only lr_schedule: wsd has a decay"),
+     r"^train\.lr_decay_fraction: 40 warm-up steps and a decay of 30 steps \(lr_decay_fraction 0\.5 of max_steps\) do "
+     r"not fit in max_steps 60; use warmup_steps of at most 30, lr_decay_fraction of at most 0\.333 or max_steps of at "
+     r"least 80$"),
+    ({"lr_schedule": "wsd", "max_steps": 45},  # the user shortened the run: the defaults' warm-up does not fit
+     r"^train\.max_steps: 40 warm-up steps and a decay of 9 steps"),
+    ({"lr_schedule": "wsd", "warmup_steps": 10, "max_steps": 4},  # issue 21: not the fraction, nor -6 steps
+     r"^train\.warmup_steps: 10 warm-up steps and a decay of 1 step \(lr_decay_fraction 0\.2 of max_steps\) do not "
+     r"fit in max_steps 4; use warmup_steps of at most 3 or max_steps of at least 12$"),
+    ({"lr_schedule": "wsd", "warmup_steps": 10, "max_steps": 4, "lr_decay_steps": 1},  # the shortest decay: not it
+     r"^train\.warmup_steps: 10 warm-up steps and a decay of 1 step do not fit in max_steps 4; use warmup_steps of "
+     r"at most 3 or max_steps of at least 11$"),
+    ({"lr_schedule": "cosine", "lr_decay_steps": 10}, r"^train\.lr_decay_steps: only lr_schedule: wsd has a decay .*; "
+                                                      r"set it to null or use lr_schedule: wsd$"),
+    ({"lr_schedule": "cosine", "lr_decay_steps": 900}, r"^train\.lr_decay_steps: only lr_schedule: wsd has a decay .*; "
+                                                       r"set it to null$"),  # under wsd 900 would not fit either
 ])
 def test_a_decay_that_does_not_fit_or_belongs_to_no_wsd_is_refused(options, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**options)
+        check_lr_schedule(TrainConfig(**options))
+
+
+def fits(**options) -> bool:
+    """Whether WSD's warm-up and decay fit: written out here, from the decay's definition (steps or a fraction).
+    Values out of their key's range are refused by from_mapping (ConfigError)."""
+    cfg = from_mapping(TrainConfig, {"lr_schedule": "wsd", **options}, prefix="train.")
+    decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else max(1, round(cfg.lr_decay_fraction * cfg.max_steps))
+    return cfg.warmup_steps + decay <= cfg.max_steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_value_a_refusal_proposes_is_valid_and_the_bound(seed):
+    # Random warm-ups, decays and run lengths, many of them refused: each value the line proposes must be valid
+    # on its own (the other keys as they were), and an integer bound must be the bound (one past it fails).
+    rng = random.Random(seed)
+    refused = 0
+    for _ in range(300):
+        steps = rng.choice([1, 2, 3, 5, 10, 45, 60, 800, 10**6])
+        options = {"max_steps": steps, "warmup_steps": rng.choice([0, 1, 3, 10, 40, steps - 1, steps, 2 * steps])}
+        if rng.random() < 0.5:
+            options["lr_decay_steps"] = rng.choice([1, 2, 20, steps, steps + 5])
+        else:
+            options["lr_decay_fraction"] = rng.choice([1e-6, 0.1, 0.2, 0.5, 0.9, 0.999, 1.0])
+        options["warmup_steps"] = max(0, options["warmup_steps"])
+        try:
+            check_lr_schedule(TrainConfig(lr_schedule="wsd", **options))
+            assert fits(**options)
+            continue
+        except ConfigError as err:
+            line = str(err)
+        refused += 1
+        assert not fits(**options)
+        key = line.split(":")[0].removeprefix("train.")
+        assert key in ("warmup_steps", "lr_decay_steps", "lr_decay_fraction", "max_steps")
+        proposals = re.findall(r"(\w+) of at (most|least) (-?[0-9.]+)", line.split("; use ")[1])
+        assert proposals, line
+        for name, side, value in proposals:
+            number = float(value) if name == "lr_decay_fraction" else int(value)
+            assert fits(**{**options, name: number}), (line, name, number)
+            past = number + 1 if side == "most" else number - 1  # (max_steps 0 is no run at all)
+            if name != "lr_decay_fraction" and (past >= 1 or name == "warmup_steps"):
+                assert not fits(**{**options, name: past}), (line, name)
+    assert refused > 50
 
 
 RUN = [*TINY_LLAMA, *QUIET, "--eval.every=0", "--checkpoint.every=4", "--train.warmup_steps=2",
