@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare(cfg, tmp, args.out, args.shard_tokens, args.max_tokens)
             if os.path.isdir(args.out):
                 remove_shards(args.out)  # only now: a run that fails keeps the earlier shards
-        try:
-            made = make_folders(os.path.dirname(os.path.abspath(args.out)))
+        try:  # --out itself too: a name that cannot be made is bad input, found before the corpus is read
+            made = make_folders(args.out)
         except OSError as err:
             raise ConfigError(f"--out: cannot write to {args.out!r} ({err.strerror})") from None
         try:
