@@ -103,6 +103,7 @@ def sgd_with_momentum(model, cfg, device):
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9)  # lr 0: the loop must set it
 
 
+@pytest.mark.slow
 def test_another_optimizer_is_driven_by_the_loop_and_resumes_with_its_state(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain.setup, "build_optimizer", sgd_with_momentum)  # where the loop's setup calls it
     constant_lr = [*SMALL, "--train.lr=0.05", "--train.min_lr_ratio=1.0", "--checkpoint.every=2"]

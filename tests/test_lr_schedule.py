@@ -153,6 +153,7 @@ def test_a_wsd_run_resumed_in_its_stable_phase_with_a_larger_max_steps_is_the_lo
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_b)
 
 
+@pytest.mark.slow
 def test_a_cosine_run_or_a_decayed_wsd_run_is_refused_a_larger_max_steps(tmp_path):
     # A cosine's past rates depend on max_steps; so do those of a WSD run whose decay has begun (its step 12).
     stopped_at_step_8(tmp_path / "cosine", COSINE)

@@ -29,6 +29,7 @@ def run(tmp_path, name, config=None, **overrides):
     return read_metrics(out)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_each_block_and_keeps_the_trajectory(tmp_path, monkeypatch, capsys, repo):
     monkeypatch.chdir(repo)
     calls = {"n": 0}
