@@ -163,9 +163,13 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_
     def fill(tmp: str) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    try:  # out_dir itself too, empty: a name that cannot be made is bad input, found before anything is written
-        made = make_folders(out_dir)
+    made: list[str] = []
+    try:  # the folders on the way and the temporary's name: what cannot be made there is bad input, found now
+        made = make_folders(os.path.dirname(os.path.abspath(out_dir)))
+        os.mkdir(temporary(out_dir))
+        os.rmdir(temporary(out_dir))
     except OSError as err:  # a name too long, a folder not writable
+        remove_folders(made)
         raise ConfigError(f"out_dir: cannot write {out_dir!r} ({err.strerror})") from None
     try:
         write_folder(out_dir, fill)
