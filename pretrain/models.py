@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from pretrain.accumulation import IGNORE_INDEX, AccumulationPlan
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
+from pretrain.loss import loss_bytes
 
 
 class EmbeddingLinearConfig(PretrainedConfig):
@@ -206,26 +207,26 @@ def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedCon
 
 
 def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: AccumulationPlan, *, seq_len: int,
-                      device: torch.device) -> None:
+                      device: torch.device, loss: str = "full") -> None:
     """Refuse what cannot fit in the memory free on the device before allocating it (it could only fail after a
     long wait, with the machine swapping or an OOM): the float32 weights, gradients and two AdamW moments (shared
-    out by P processes at best), a micro-batch's logits and their gradient (float32, N x seq_len x vocab), and the
-    K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
+    out by P processes at best), the least a micro-batch's train.loss `loss` needs (pretrain.loss.loss_bytes), and
+    the K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
     free, micro_batch_size = free_memory(device), plan.micro_batch_size
     state = optimizer_state_bytes(parameters, plan.num_processes)
     if free is not None and state > free:
         raise ConfigError(f"model: {parameters:,} parameters need at least {state / 2**30:,.1f} GiB for the weights, "
                           f"gradients and AdamW moments, but {free / 2**30:,.1f} GiB is free on {device.type}; "
                           "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
-    needed = logits_bytes(micro_batch_size, seq_len, model_config.vocab_size)
+    needed = loss_bytes(loss, micro_batch_size, seq_len, model_config)
     if free is not None and needed > free:
         if micro_batch_size == 1:
             raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least {needed / 2**30:,.1f} "
-                              f"GiB for its logits and their gradient alone, but {free / 2**30:,.1f} GiB is free on "
+                              f"GiB for its {loss} loss alone, but {free / 2**30:,.1f} GiB is free on "
                               f"{device.type}; use a smaller data.seq_len (or a smaller vocabulary)")
         fitting = max(1, micro_batch_size * free // needed)
         raise ConfigError(f"train.micro_batch_size: {micro_batch_size} sequences of {seq_len} tokens need at least "
-                          f"{needed / 2**30:,.1f} GiB for the logits and their gradient alone, but {free / 2**30:,.1f} "
+                          f"{needed / 2**30:,.1f} GiB for the {loss} loss alone, but {free / 2**30:,.1f} "
                           f"GiB is free on {device.type}; use fewer than {fitting} (and a larger "
                           "gradient_accumulation_steps for the same global batch)")
     largest_k = max([plan.base_k, *(k for _, k in plan.schedule)])
@@ -238,11 +239,6 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
 def optimizer_state_bytes(parameters: int, num_processes: int = 1) -> int:
     """The float32 weights, gradients and two AdamW moments of a model, shared out by P processes at best."""
     return 16 * parameters // num_processes
-
-
-def logits_bytes(micro_batch_size: int, seq_len: int, vocab_size: int) -> int:
-    """A micro-batch's float32 logits and their gradient."""
-    return 8 * micro_batch_size * seq_len * vocab_size
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -133,7 +133,8 @@ def loop(run: Run) -> signal.Signals | None:
         lr = lr_at(state.updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
         set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
-                                max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
+                                max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale,
+                                loss=cfg.train.loss)
         state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result)
         # ---- record the step: its metrics row, with the noise scale when measured and the eval loss when due
         speed = throughput(global_tokens, time.perf_counter() - started, num_processes=accelerator.num_processes,
@@ -176,7 +177,8 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
     cfg, step = run.cfg, row["step"]
     last = step == cfg.train.max_steps
     if run.eval_batches is not None and (step % cfg.eval.every == 0 or last):
-        row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches)
+        row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches,
+                                                            cfg.train.loss)
         say(describe_eval(row))
     run.metrics.log(row)
     run.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
