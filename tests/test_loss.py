@@ -52,7 +52,7 @@ def loss_and_gradients(model: torch.nn.Module, loss: str) -> tuple[torch.Tensor,
 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["float64", "float32"])
-@pytest.mark.parametrize("model_type, tied", FAMILIES, ids=[f"{t}-{'tied' if tie else 'untied'}" for t, tie in FAMILIES])
+@pytest.mark.parametrize("model_type, tied", FAMILIES, ids=[f"{t}-{('un', '')[tie]}tied" for t, tie in FAMILIES])
 def test_chunked_gives_the_summed_loss_and_every_gradient_of_the_full_loss(model_type, tied, dtype, rel):
     model = tiny_model(model_type, tied, dtype)
     full_loss, full_grads = loss_and_gradients(model, "full")
