@@ -73,6 +73,27 @@ def test_chunked_gives_the_summed_loss_and_every_gradient_of_the_full_loss(model
         torch.testing.assert_close(chunked_grads[name], grad, rtol=rel, atol=rel * grad.abs().max().item(), msg=name)
 
 
+def test_the_output_layers_weight_is_needed_only_inside_its_own_forward():
+    # As under ZeRO-3: the weight is whole only from the layer's forward pre-hook to its forward hook (and again
+    # for backward). A loss computed from it anywhere else would meet an empty tensor.
+    model = tiny_model("llama", False, torch.float64)
+    full_loss, full_grads = loss_and_gradients(model, "full")
+    use_chunked_loss(model)
+    head = model.get_output_embeddings()
+    whole, empty = head.weight.data, torch.empty(0, dtype=torch.float64)
+    head.register_forward_pre_hook(lambda layer, args: setattr(layer.weight, "data", whole))
+    head.register_forward_hook(lambda layer, args, output: setattr(layer.weight, "data", empty))
+    head.weight.data = empty
+    model.zero_grad()
+    summed = summed_loss(model, micro_batch(), "chunked")
+    assert head.weight.numel() == 0
+    head.weight.data = whole  # gathered again for backward
+    summed.backward()
+    assert float(summed.detach()) == pytest.approx(float(full_loss), rel=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full_grads[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_an_output_layer_with_a_bias_gets_its_gradient():
     model = tiny_model("embedding_linear", False, torch.float64)
     torch.manual_seed(1)
