@@ -44,13 +44,9 @@ class ChunkedLossHead(nn.Linear):
         # over 256 tokens, measured) and rounds the backward scale K x P / T to bf16.
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         bias = None if self.bias is None else self.bias.to(dtype)
-        # Under torch.compile the op keeps its precomputed gradients (it would force this itself, with a warning).
-        options = nn.LinearCrossEntropyOptions(batch_chunk_size=CHUNK_TOKENS,
-                                               allow_retain_graph=torch.compiler.is_compiling())
-        with torch.autocast(hidden.device.type, enabled=False):
-            return F.linear_cross_entropy(hidden.flatten(0, -2).to(dtype), self.weight.to(dtype), targets.flatten(),
-                                          linear_bias=bias, reduction="sum", ignore_index=IGNORE_INDEX,
-                                          options=options)
+        options = nn.LinearCrossEntropyOptions(batch_chunk_size=CHUNK_TOKENS)  # (not before torch 2.13)
+        return F.linear_cross_entropy(hidden.flatten(0, -2).to(dtype), self.weight.to(dtype), targets.flatten(),
+                                      linear_bias=bias, reduction="sum", ignore_index=IGNORE_INDEX, options=options)
 
 
 def _forward(self: nn.Module, *args, targets: torch.Tensor | None = None, **inputs) -> CausalLMOutput:

@@ -231,3 +231,18 @@ def test_a_resumed_chunked_run_is_bit_identical_to_the_uninterrupted_one(tmp_pat
     assert [(r["loss"], r["grad_norm"]) for r in rows] == [(r["loss"], r["grad_norm"]) for r in reference[3:]]
     final = "final/model.safetensors"
     assert (resumed / final).read_bytes() == (whole / final).read_bytes()
+
+
+@pytest.mark.slow  # two compilations: 30-60 s on 2 CPU cores
+def test_chunked_under_compile_and_document_masking_follows_the_full_loss(tmp_path, recwarn):
+    steps = ["--train.max_steps=4", "--train.compile=true", "--data.document_masking=true",
+             "--train.micro_batch_size=4", "--train.gradient_accumulation_steps=2", "--eval.every=2",
+             "--eval.sequences=8"]
+    chunked = run_in_process([*COMMON, *steps, f"--output_dir={tmp_path / 'chunked'}"])
+    full = run_in_process([*COMMON, *steps, "--train.loss=full", f"--output_dir={tmp_path / 'full'}"])
+    assert chunked.returncode == full.returncode == 0, chunked.stderr[-3000:] + full.stderr[-3000:]
+    # No warning of torch's that it forces allow_retain_graph under compile: the template asks for it.
+    assert not [w for w in recwarn if "linear_cross_entropy" in str(w.message)]
+    assert_same_trajectory(tmp_path / "full", tmp_path / "chunked", atol=1e-4)
+    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / run) if "eval_loss" in r] for run in ("full", "chunked")]
+    assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
