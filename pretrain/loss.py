@@ -54,7 +54,7 @@ def _forward(self: nn.Module, *args, targets: torch.Tensor | None = None, **inpu
     if targets is None:
         return type(self).forward(self, *args, **inputs)
     base, input_ids = self.base_model, inputs.pop("input_ids", args[0] if args else None)
-    if base is self:  # embedding_linear has no base model: it predicts from the input embedding
+    if base is self:  # embedding_linear (use_chunked_loss refuses others): it predicts from the input embedding
         hidden = self.get_input_embeddings()(input_ids)
     else:
         hidden = base(input_ids=input_ids, **inputs).last_hidden_state
@@ -64,10 +64,14 @@ def _forward(self: nn.Module, *args, targets: torch.Tensor | None = None, **inpu
 def use_chunked_loss(model: nn.Module, check: bool = True) -> None:
     """Make `model(..., targets=labels)` return the chunked summed loss (before Accelerate wraps the model); with
     `check`, first try it on the model's own weights."""
-    head = model.get_output_embeddings()
+    head, model_type = model.get_output_embeddings(), model.config.model_type
     if type(head) is not nn.Linear:
-        raise ConfigError(f"train.loss: chunked needs an output layer that is a plain linear layer, and this "
-                          f"{model.config.model_type} model's is a {type(head).__name__}; use train.loss: full")
+        what = "has none" if head is None else f"is a {type(head).__name__}"
+        raise ConfigError(f"train.loss: chunked needs an output layer (get_output_embeddings) that is a plain linear "
+                          f"layer, and this {model_type} model's {what}; use train.loss: full")
+    if model.base_model is model and model_type != "embedding_linear":
+        raise ConfigError(f"train.loss: chunked takes the final hidden states from the model's base model "
+                          f"(base_model_prefix), and this {model_type} model has none; use train.loss: full")
     chunked = ChunkedLossHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     chunked.weight, chunked.bias = head.weight, head.bias  # the same parameters: a tied weight stays tied
     model.set_output_embeddings(chunked)

@@ -137,8 +137,23 @@ def test_an_output_layer_that_is_not_a_plain_linear_layer_is_refused():
 
     model = tiny_model("embedding_linear", False, torch.float32)
     model.set_output_embeddings(Tempered(16, VOCAB, bias=False))
-    with pytest.raises(ConfigError, match=r"^train\.loss: chunked needs an output layer that is a plain linear layer, "
-                                          r"and this embedding_linear model's is a Tempered; use train\.loss: full$"):
+    with pytest.raises(ConfigError, match=r"^train\.loss: chunked needs an output layer \(get_output_embeddings\) that "
+                                          r"is a plain linear layer, and this embedding_linear model's is a Tempered; "
+                                          r"use train\.loss: full$"):
+        use_chunked_loss(model, check=False)
+    model.set_output_embeddings(None)
+    with pytest.raises(ConfigError, match=r"and this embedding_linear model's has none; use train\.loss: full$"):
+        use_chunked_loss(model, check=False)
+
+
+def test_a_model_without_a_base_model_is_refused_unless_it_is_embedding_linear():
+    # The hidden states come from the base model (llama: model.model); only embedding_linear predicts from the
+    # input embedding itself.
+    model = tiny_model("llama", False, torch.float32)
+    model.base_model_prefix = "none_here"  # as a model of one's own might be: no base model to find
+    with pytest.raises(ConfigError, match=r"^train\.loss: chunked takes the final hidden states from the model's "
+                                          r"base model \(base_model_prefix\), and this llama model has none; use "
+                                          r"train\.loss: full$"):
         use_chunked_loss(model, check=False)
 
 
