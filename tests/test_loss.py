@@ -168,6 +168,28 @@ def test_a_torch_without_linear_cross_entropy_refuses_the_key(monkeypatch):
     assert load_config(None, {"train.loss": "full"}).train.loss == "full"
 
 
+GRANITE = ["--model.type=granite", "--model.hidden_size=32", "--model.num_hidden_layers=1",
+           "--model.num_attention_heads=2", "--model.num_key_value_heads=2", "--model.intermediate_size=64",
+           "--model.max_position_embeddings=64", "--model.logits_scaling=4.0"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--train.loss=chunky"], "train.loss: 'chunky' is not one of full, chunked"),
+    (["--train.loss=chunked", "--torch-without-it"], "train.loss: chunked needs torch.nn.functional.linear_cross_"),
+    (["--train.loss=chunked", *GRANITE], "train.loss: chunked computes the logits as hidden states x output weight, "
+                                         "and a granite model does more to them"),
+], ids=["not-a-choice", "old-torch", "logits-scaled"])
+def test_bad_input_through_the_entry_point_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, args, expected):
+    if "--torch-without-it" in args:
+        monkeypatch.delattr(F, "linear_cross_entropy")
+        args = [a for a in args if a != "--torch-without-it"]
+    out = tmp_path / "run"
+    result = run_in_process([*args, "--data.seq_len=32", "--tracking.backends=[]", f"--output_dir={out}"])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"error: {expected}")
+    assert not out.exists()
+
+
 def peak_of_a_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss: str) -> int:
     """Bytes the forward and backward of `batch` add to this process's resident peak (VmHWM, as auto_batch)."""
     auto_batch.reset_peak(torch.device("cpu"))
