@@ -22,8 +22,8 @@ from pretrain.document_masking import model_inputs
 from pretrain.errors import ConfigError
 
 # Tokens per chunk: the loss then holds one chunk's float32 logits (206 MB at a 50k vocabulary) whatever N is.
-# Measured on CPU (hidden 128, vocabulary 50,304, 4,096 tokens): torch's own chunking ("aspect_ratio": 2-row
-# chunks here) is 28x slower than the full loss; 1,024 tokens are 1.4x faster than it, at 1/8 of its peak.
+# Measured on CPU (hidden 128, vocabulary 50,304): torch's own chunking (2-token chunks here, for 1,024 tokens) is
+# 28x slower than the full loss; 1,024-token chunks of 4,096 tokens are 1.4x faster than it, at 1/8 of its peak.
 CHUNK_TOKENS = 1024
 
 
