@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one command (no network: the bundled corpus and tokenizer), printing one table:
-#   bash benchmarks/gpu_check.sh            # from the repository root; about 6 minutes on one H100 (estimated: not run on a GPU yet)
+#   bash benchmarks/gpu_check.sh    # from the repository root; about 6 minutes on one H100 (an estimate: not run yet)
 #
 #  1. the llama-125m shape (configs/llama-125m.yaml with --model.vocab_size=50304 and the bundled tokenizer) in bf16
 #     with torch.compile: tokens/s, MFU and peak allocated memory, train.loss full against chunked;
