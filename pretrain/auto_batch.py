@@ -25,13 +25,13 @@ from accelerate.utils import DistributedType
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from transformers import PretrainedConfig
 
-from pretrain.accumulation import summed_token_loss
 from pretrain.checkpoint import read_trainer_state, resume_path
 from pretrain.config import Config
 from pretrain.distributed import agree, max_over_processes
 from pretrain.engines import enable_activation_checkpointing
 from pretrain.errors import ConfigError
-from pretrain.models import build_model, free_memory, logits_bytes, optimizer_state_bytes
+from pretrain.loss import loss_bytes, summed_loss, use_chunked_loss
+from pretrain.models import build_model, free_memory, optimizer_state_bytes
 from pretrain.optim import build_optimizer
 
 GB = 10**9  # train.memory_limit_gb counts decimal gigabytes, as GPU makers do
@@ -147,7 +147,7 @@ def try_candidates(cfg: Config, accelerator: Accelerator, model_config: Pretrain
     to_try = candidates(cfg.train.global_batch_size, accelerator.num_processes, noise_scale=cfg.train.noise_scale)
     trials = []
     for index, n in enumerate(to_try):
-        least = optimizer_state_bytes(parameters) + logits_bytes(n, seq_len, model_config.vocab_size)
+        least = optimizer_state_bytes(parameters) + loss_bytes(cfg.train.loss, n, seq_len, model_config)
         if budget is None or least <= budget:
             return trials + run_trials(cfg, accelerator, model_config, to_try[index:], limit)
         trials.append(Trial(n, None, limit, estimate=least))
@@ -157,20 +157,20 @@ def try_candidates(cfg: Config, accelerator: Accelerator, model_config: Pretrain
 def run_trials(cfg: Config, accelerator: Accelerator, model_config: PretrainedConfig, to_try: list[int],
                limit: int | None) -> list[Trial]:
     """Run the candidates `to_try` (largest first) until one fits, on a scratch model; the trials made."""
-    device, seq_len = accelerator.device, cfg.data.seq_len
+    device, seq_len, loss = accelerator.device, cfg.data.seq_len, cfg.train.loss
     model = optimizer = buckets = None
     trials = []
     try:
-        model = scratch_model(model_config, device)
+        model = scratch_model(model_config, device, loss)
         enable_activation_checkpointing(accelerator, model, cfg)
         optimizer = build_optimizer(model, cfg.train, device)
         # Under DDP each process also holds buckets: a copy of the gradients, in which they are reduced.
         ddp = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.NO
         buckets = torch.zeros(sum(p.numel() for p in model.parameters()) if ddp else 0, device=device)
-        if training_step(model, optimizer, accelerator, 1, seq_len) is None:
+        if training_step(model, optimizer, accelerator, 1, seq_len, loss) is None:
             return [Trial(to_try[-1], None, limit)]  # now gradients and optimizer state are held, as in a step
         for n in to_try:
-            trials.append(Trial(n, training_step(model, optimizer, accelerator, n, seq_len), limit))
+            trials.append(Trial(n, training_step(model, optimizer, accelerator, n, seq_len, loss), limit))
             if trials[-1].fits:
                 break
     except RuntimeError as err:  # out of memory before the first step: the model, its state or the buckets
@@ -183,8 +183,9 @@ def run_trials(cfg: Config, accelerator: Accelerator, model_config: PretrainedCo
     return trials
 
 
-def scratch_model(model_config: PretrainedConfig, device: torch.device) -> torch.nn.Module:
-    """The run's model with every weight zero: built without initialising (no random numbers drawn)."""
+def scratch_model(model_config: PretrainedConfig, device: torch.device, loss: str) -> torch.nn.Module:
+    """The run's model with every weight zero, computing train.loss `loss`: built without initialising (no random
+    numbers drawn)."""
     with torch.device("meta"):
         model = build_model(model_config)
     model.to_empty(device=device)
@@ -192,19 +193,21 @@ def scratch_model(model_config: PretrainedConfig, device: torch.device) -> torch
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             tensor.zero_()
     model.tie_weights()
+    if loss == "chunked":
+        use_chunked_loss(model, check=False)  # zero weights: the run tries it on its own
     return model.train()
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator, n: int,
-                  seq_len: int) -> int | None:
+                  seq_len: int, loss: str) -> int | None:
     """Forward, backward and step on N sequences; the peak memory in bytes, or None when it ran out."""
     reset_peak(accelerator.device)
     try:
         input_ids = torch.zeros((n, seq_len), dtype=torch.long, device=accelerator.device)
         with accelerator.autocast():
-            loss = summed_token_loss(model(input_ids=input_ids).logits, input_ids)
-        loss.backward()
-        del loss
+            summed = summed_loss(model, {"input_ids": input_ids, "labels": input_ids}, loss)
+        summed.backward()
+        del summed
         optimizer.step()
     except RuntimeError as err:
         if not should_reduce_batch_size(err):

@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
+import torch
+import torch.nn.functional as F
 import yaml
 
 from pretrain.errors import ConfigError, one_line
@@ -172,6 +174,10 @@ class TrainConfig:
     """torch's fused AdamW kernel where the device has one (CPU, CUDA); false: for-each"""
     activation_checkpointing: bool = False
     """recompute each block in backward: less activation memory, about 30% more compute"""
+    loss: Literal["full", "chunked"] = "full"
+    """full: cross-entropy of the micro-batch's logits; chunked: torch's linear cross-entropy from the final hidden
+    states and the output layer's weight, a chunk of tokens at a time (no N x seq_len x vocabulary logits, so a
+    larger N fits; torch >= 2.13)"""
     sync_each_batch: bool = False
     """reduce gradients after every micro-batch, not only the K-th: more traffic, but no unsharded gradient
     held between micro-batches (FSDP's memory trade-off)"""
@@ -207,6 +213,9 @@ class TrainConfig:
             _check_schedule(f"train.{name}", getattr(self, name))
         if self.micro_batch_size == "auto":
             _check_auto_micro_batch(self)
+        if self.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
+            raise ConfigError(f"train.loss: chunked needs torch.nn.functional.linear_cross_entropy (torch >= 2.13), "
+                              f"and this torch is {torch.__version__}; set train.loss: full or upgrade torch")
         if self.noise_scale and self.sync_each_batch:
             raise ConfigError("train.noise_scale: needs the first micro-batch's gradient before it is reduced over "
                               "the processes, and train.sync_each_batch reduces it at once; set one of them false")

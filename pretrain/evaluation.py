@@ -11,11 +11,11 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from pretrain.accumulation import count_target_tokens, null_micro_batch, summed_token_loss
+from pretrain.accumulation import count_target_tokens, null_micro_batch
 from pretrain.config import Config
 from pretrain.data import micro_batch_stream
-from pretrain.document_masking import model_inputs
 from pretrain.errors import ConfigError
+from pretrain.loss import summed_loss
 from pretrain.token_shards import is_token_shards
 
 
@@ -62,9 +62,9 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module,
-             batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """(mean loss per target token over all processes' eval sequences, its perplexity)."""
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+             loss: str = "full") -> tuple[float, float]:
+    """(mean loss per target token over all processes' eval sequences, its perplexity); `loss` is train.loss."""
     # The unwrapped model: processes may hold different numbers of batches, and DDP's forward would sync.
     module = accelerator.unwrap_model(model)
     was_training = module.training
@@ -73,8 +73,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module,
     for batch in batches:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.autocast():
-            logits = module(**model_inputs(batch)).logits
-        totals[0] += summed_token_loss(logits, batch["labels"]).double()
+            totals[0] += summed_loss(module, batch, loss).double()
         totals[1] += count_target_tokens([batch])
     module.train(was_training)
     loss_sum, tokens = (float(x) for x in accelerator.reduce(totals, "sum"))

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from pretrain.accumulation import IGNORE_INDEX, AccumulationPlan
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
+from pretrain.loss import loss_bytes
 
 
 class EmbeddingLinearConfig(PretrainedConfig):
@@ -206,11 +207,11 @@ def check_activation_checkpointing(cfg: ModelConfig, model_config: PretrainedCon
 
 
 def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: AccumulationPlan, *, seq_len: int,
-                      device: torch.device) -> None:
+                      device: torch.device, loss: str = "full") -> None:
     """Refuse what cannot fit in the memory free on the device before allocating it (it could only fail after a
     long wait, with the machine swapping or an OOM): the float32 weights, gradients and two AdamW moments (shared
-    out by P processes at best), a micro-batch's logits and their gradient (float32, N x seq_len x vocab), and the
-    K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
+    out by P processes at best), the least a micro-batch's train.loss `loss` needs (pretrain.loss.loss_bytes), and
+    the K micro-batches of a step, which are read before the first forward pass (int64 inputs and labels)."""
     free, micro_batch_size = free_memory(device), plan.micro_batch_size
     state = optimizer_state_bytes(parameters, plan.num_processes)
     if free is not None and state > free:
@@ -219,19 +220,22 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
                           "choose a smaller model (model.hidden_size, model.num_hidden_layers, model.vocab_size)")
     if free is None:
         return
-    vocab_size, needed = model_config.vocab_size, logits_bytes(micro_batch_size, seq_len, model_config.vocab_size)
-    fitting = free // logits_bytes(1, seq_len, vocab_size)  # sequences whose logits fit
+    what = "logits and their gradient" if loss == "full" else f"{loss} loss"
+    fixed = loss_bytes(loss, 0, seq_len, model_config)  # what does not grow with the tokens (chunked: the weight's)
+    per_token = loss_bytes(loss, 1, 1, model_config) - loss_bytes(loss, 1, 0, model_config)
+    tokens_fit = max(0, free - fixed) // per_token  # the most tokens a micro-batch may hold
+    needed, fitting = loss_bytes(loss, micro_batch_size, seq_len, model_config), tokens_fit // seq_len
     if needed > free and fitting == 0:  # not even one sequence: shorter ones, N of them (or one)
-        shorter, alone = free // logits_bytes(micro_batch_size, 1, vocab_size), free // logits_bytes(1, 1, vocab_size)
+        shorter, alone = tokens_fit // micro_batch_size, tokens_fit
         raise ConfigError(f"data.seq_len: one sequence of {seq_len} tokens needs at least "
-                          f"{logits_bytes(1, seq_len, vocab_size) / 2**30:,.1f} GiB for its logits and their gradient "
+                          f"{loss_bytes(loss, 1, seq_len, model_config) / 2**30:,.1f} GiB for its {what} "
                           f"alone, but {free / 2**30:,.1f} GiB is free on {device.type}; "
                           + (f"use at most {shorter} (or a smaller vocabulary)" if shorter else
                              f"use at most {alone} with train.micro_batch_size: 1" if alone else
-                             f"a vocabulary of {vocab_size} tokens is too large for it"))
+                             f"a vocabulary of {model_config.vocab_size} tokens is too large for it"))
     if needed > free:
         raise ConfigError(f"train.micro_batch_size: {micro_batch_size} sequences of {seq_len} tokens need at least "
-                          f"{needed / 2**30:,.1f} GiB for the logits and their gradient alone, but {free / 2**30:,.1f} "
+                          f"{needed / 2**30:,.1f} GiB for the {what} alone, but {free / 2**30:,.1f} "
                           f"GiB is free on {device.type}; use at most {fitting} (and a larger "
                           "gradient_accumulation_steps for the same global batch)")
     largest_k, step_bytes = max([plan.base_k, *(k for _, k in plan.schedule)]), 16 * micro_batch_size * (seq_len + 1)
@@ -246,11 +250,6 @@ def check_memory_fits(parameters: int, model_config: PretrainedConfig, plan: Acc
 def optimizer_state_bytes(parameters: int, num_processes: int = 1) -> int:
     """The float32 weights, gradients and two AdamW moments of a model, shared out by P processes at best."""
     return 16 * parameters // num_processes
-
-
-def logits_bytes(micro_batch_size: int, seq_len: int, vocab_size: int) -> int:
-    """A micro-batch's float32 logits and their gradient."""
-    return 8 * micro_batch_size * seq_len * vocab_size
 
 
 def free_memory(device: torch.device) -> int | None:

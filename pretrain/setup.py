@@ -32,6 +32,7 @@ from pretrain.engines import (describe_engine, enable_activation_checkpointing, 
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
 from pretrain.folders import remove_folders
+from pretrain.loss import use_chunked_loss
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
@@ -124,7 +125,8 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
     fit_engine_to_config(accelerator, cfg, plan)  # the launcher's K; DeepSpeed's own K, batch and clipping
     model = check_model(cfg, accelerator)
     tokenizer, model_config = model.tokenizer, model.config
-    check_memory_fits(model.parameters, model_config, plan, seq_len=cfg.data.seq_len, device=accelerator.device)
+    check_memory_fits(model.parameters, model_config, plan, seq_len=cfg.data.seq_len, device=accelerator.device,
+                      loss=cfg.train.loss)
     # The main process locks an existing output_dir before deciding where to start from, so that a run still
     # finishing there cannot add a checkpoint meanwhile. (A new output_dir is made and locked at the end.)
     existed = os.path.isdir(cfg.output_dir)
@@ -177,6 +179,9 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
         model = build_model(inputs.model_config)
     if cfg.data.document_masking and accelerator.distributed_type != DistributedType.DEEPSPEED:  # ZeRO-3: no weights
         agree(accelerator, lambda: check_model_honours_it(model, cfg.model.type, inputs.tokenizer.eos_token_id))
+    if cfg.train.loss == "chunked":  # tried on the weights, as above
+        on_weights = accelerator.distributed_type != DistributedType.DEEPSPEED
+        agree(accelerator, lambda: use_chunked_loss(model, check=on_weights))
     enable_activation_checkpointing(accelerator, model, cfg)
     flops = flops_per_token(model, inputs.model_config, cfg.data.seq_len)
     parameters = parameter_count(model)  # before sharding

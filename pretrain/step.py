@@ -8,11 +8,11 @@ from typing import NamedTuple
 import torch
 from accelerate import Accelerator
 
-from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch, summed_token_loss
+from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch
 from pretrain.data import MicroBatchReader
-from pretrain.document_masking import model_inputs
 from pretrain.distributed import sum_over_processes
 from pretrain.engines import loss_divisor, steps_inside_backward
+from pretrain.loss import summed_loss
 from pretrain.noise_scale import small_batch_sq_norm
 from pretrain.errors import RunError
 
@@ -27,12 +27,12 @@ class StepResult(NamedTuple):
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict[str, torch.Tensor]], *, global_tokens: int, max_grad_norm: float,
-                   measure_small_batch: bool = False) -> StepResult:
+                   measure_small_batch: bool = False, loss: str = "full") -> StepResult:
     """One optimizer step over K micro-batches holding `global_tokens` target tokens on all processes.
 
     A non-finite loss or gradient norm skips the update, so a bad batch never reaches the weights. With
     `measure_small_batch` and K >= 2, the gradient norm of this process's first micro-batch is measured on the
-    way, for the noise scale (pretrain.noise_scale).
+    way, for the noise scale (pretrain.noise_scale). `loss` is train.loss (pretrain.loss).
     """
     k = len(micro_batches)
     accelerator.gradient_accumulation_steps = k
@@ -42,11 +42,10 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     for index, micro_batch in enumerate(micro_batches):
         # accumulate(): no gradient all-reduce on the first K-1 micro-batches, one on the K-th.
         with accelerator.accumulate(model):
-            logits = model(**model_inputs(micro_batch)).logits
-            micro_loss = summed_token_loss(logits, micro_batch["labels"])
+            micro_loss = summed_loss(model, micro_batch, loss)
             accelerator.backward(micro_loss * scale)  # under DeepSpeed, the K-th also clips and steps
         micro_losses.append(micro_loss.detach())
-        del logits, micro_loss  # hold one micro-batch's activations at a time, not two
+        del micro_loss  # hold one micro-batch's activations at a time, not two
         if accelerator.sync_gradients != (index == k - 1):
             raise RuntimeError(f"gradients synced at micro-batch {index + 1} of {k}; only the last may sync")
         if index == 0 and k > 1 and measure_small_batch:  # its gradient is still local and alone in .grad

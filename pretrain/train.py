@@ -146,7 +146,8 @@ def loop(run: Run) -> signal.Signals | None:
         lr = lr_at(state.updates, cfg.train) * lr_scale(cfg.train, plan.global_batch(k))
         set_lr(run.optimizer, lr, cfg.train)
         result = optimizer_step(accelerator, run.model, run.optimizer, micro_batches, global_tokens=global_tokens,
-                                max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale)
+                                max_grad_norm=cfg.train.max_grad_norm, measure_small_batch=cfg.train.noise_scale,
+                                loss=cfg.train.loss)
         before = state.data_position
         state.advance(step, k=k, tokens=global_tokens, data_position=run.reader.position, result=result,
                       seconds=time.perf_counter() - clock)
@@ -194,7 +195,8 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
     cfg, step = run.cfg, row["step"]
     last = step == cfg.train.max_steps
     if run.eval_batches is not None and (step % cfg.eval.every == 0 or last):
-        row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches)
+        row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches,
+                                                            cfg.train.loss)
         say(describe_eval(row))
     run.metrics.log(row)
     run.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
