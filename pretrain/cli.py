@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, RunError) as err:  # bad input (nothing was trained); a run that cannot go on
             print(f"error: {err}", file=sys.stderr)
             return err.exit_status
-        except (Stopped, StoppedWhileStarting) as err:  # SIGTERM/SIGINT: the step finished and saved; or start-up
-            print(str(err), file=sys.stderr)  # undone
+        except (Stopped, StoppedWhileStarting) as err:  # SIGTERM/SIGINT: the step saved, or start-up undone
+            print(str(err), file=sys.stderr)
             return err.exit_status
     return 0
 

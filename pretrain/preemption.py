@@ -23,8 +23,9 @@ _STOPPING = multiprocessing.Value("b", 0, lock=False)
 
 
 class StopRequest:
-    """Installed for the whole run (`with StopRequest() as stop_request:`). Until the loop takes over, the first signal raises StoppedWhileStarting where
-    start-up is (later ones are the same request); then `agreed()` tells every process whether any was signalled."""
+    """Installed for the whole run (`with StopRequest() as stop_request:`). Until the loop takes over, the first
+    signal raises StoppedWhileStarting where start-up is (later ones are the same request); from then on
+    `agreed()` tells every process whether any of them was signalled."""
 
     def __init__(self):
         self.signal: signal.Signals | None = None
