@@ -380,23 +380,32 @@ class OutputDirLock:
     def __init__(self, output_dir: str, made_folders: list[str] = ()):
         self.path, self.made_folders = os.path.join(output_dir, LOCK_FILE), list(made_folders)  # this run made them
         self.made_file = not os.path.lexists(self.path)
+        self.written_over = None  # the line of the run that held it last, put back if this one never starts
         try:  # never through a link: the pid line would be written into whatever it points at
             self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
         except OSError as err:
             raise ConfigError(f"output_dir: cannot use {self.path!r} as the run's lock file ({err.strerror}); it "
                               "must be a plain file: move what is there, or choose another output_dir") from None
         try:
+            self._lock(output_dir)
+        except BaseException:  # held by another run; or a signal meanwhile: no lock file of this run is left
+            self.abandon()
+            raise
+
+    def _lock(self, output_dir: str) -> None:
+        try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held by a live process
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
-            self.file.close()
             raise ConfigError(f"output_dir: {output_dir!r} is in use by a run that is still going ({holder}); "
                               "wait for it to exit, or choose another output_dir") from None
         except OSError as err:  # a filesystem without locks (some NFS or Lustre setups)
             say(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run uses this output_dir",
                 warning=True)
         with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk must not stop the run
+            self.file.seek(0)
+            self.written_over = self.file.read()
             self.file.seek(0)
             self.file.truncate()
             self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -408,8 +417,14 @@ class OutputDirLock:
             self.file.close()
 
     def abandon(self) -> None:
-        """Release the lock of a run that never started, removing the lock file and the folders (the output dir
-        and its parents) if this run made them (each only if nothing else is in it)."""
+        """Release the lock of a run that never started: the lock file and the folders (the output dir and its
+        parents) removed if this run made them (each only if nothing else is in it), else the file as it was."""
+        with contextlib.suppress(OSError):
+            if not self.made_file and self.written_over is not None and not self.file.closed:
+                self.file.seek(0)
+                self.file.truncate()
+                self.file.write(self.written_over)
+                self.file.flush()
         self.release()
         if self.made_file:
             with contextlib.suppress(OSError):

@@ -2,18 +2,19 @@
 
 Bad input ends the run with one line on stderr that names the key, and exit status 2; a run that
 cannot go on (a failed save, too many non-finite steps) with one line and status 1; a run stopped
-by SIGTERM or SIGINT, after saving a checkpoint, with 128 + the signal's number (130 for a Ctrl-C while starting).
+by SIGTERM or SIGINT with 128 + the signal's number: after saving a checkpoint, or before the first step with
+nothing left behind.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 
 from pretrain.config import load_config, parse_cli
-from pretrain.errors import ConfigError, ReportedElsewhere, RunError, Stopped
+from pretrain.errors import ConfigError, ReportedElsewhere, RunError, Stopped, StoppedWhileStarting
+from pretrain.preemption import StopRequest
 from pretrain.train import train
 
 USAGE = """usage: accelerate launch scripts/pretrain.py [--config FILE] [--section.key=value ...]
@@ -30,19 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE)
         return 0
-    try:
-        train(load_config(*parse_cli(argv)), command=command_line(argv))
-    except ReportedElsewhere as err:  # another process failed its checks and printed why
-        return err.exit_status
-    except (ConfigError, RunError) as err:  # bad input (nothing was trained); a run that cannot go on
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
-    except Stopped as err:  # SIGTERM/SIGINT: the current step was finished and saved
-        print(str(err), file=sys.stderr)
-        return err.exit_status
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was trained
-        print("interrupted (SIGINT) while starting; nothing was trained", file=sys.stderr)
-        return 128 + signal.SIGINT
+    # Taken for the whole command, and given back only once its end is said: a signal passed on late (by a
+    # launcher) then finds a stop already under way, not a handler that would say it again.
+    with StopRequest() as stop_request:
+        try:
+            train(load_config(*parse_cli(argv)), command=command_line(argv), stop_request=stop_request)
+        except ReportedElsewhere as err:  # another process failed its checks and printed why
+            return err.exit_status
+        except (ConfigError, RunError) as err:  # bad input (nothing was trained); a run that cannot go on
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_status
+        except (Stopped, StoppedWhileStarting) as err:  # SIGTERM/SIGINT: the step saved, or start-up undone
+            print(str(err), file=sys.stderr)
+            return err.exit_status
     return 0
 
 

@@ -158,7 +158,9 @@ class TextBlocks(torch.utils.data.IterableDataset):
             except Exception as err:
                 if len(self.opened) == 1:
                     raise self.opened[0].read_error(err) from None
-                raise ConfigError(f"data.mixture: cannot read one of the sources ({first_line(err)})") from None
+                found = next(filter(None, (source.file_at_fault() for source in self.opened)), None)
+                raise found or ConfigError(f"data.mixture: cannot read one of the sources ({first_line(err)})") \
+                    from None
             yield table
 
     def _tokenize(self, epoch: int, block: int, texts: list[str]) -> TokenBlock:

@@ -28,8 +28,13 @@ def agree(accelerator: Accelerator, check: Callable[[], T], undo: Callable[[T], 
         result, error = check(), None
     except ConfigError as err:
         result, error = None, err
-    failed, main_failed = sum_over_processes(accelerator, [error is not None,
-                                                           error is not None and accelerator.is_main_process])
+    try:
+        failed, main_failed = sum_over_processes(accelerator, [error is not None,
+                                                               error is not None and accelerator.is_main_process])
+    except BaseException:  # a signal while waiting for the others (StoppedWhileStarting): release what passed
+        if error is None and undo is not None:
+            undo(result)
+        raise
     if failed:
         if error is None and undo is not None:
             undo(result)

@@ -35,6 +35,15 @@ class Stopped(Exception):
         self.exit_status = 128 + int(signal_number)
 
 
+class StoppedWhileStarting(BaseException):
+    """A SIGTERM or SIGINT before the loop took over: raised wherever start-up was, so that what it made is removed
+    on the way out. A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for an error."""
+
+    def __init__(self, signal_name: str, signal_number: int):
+        super().__init__(f"stopped by {signal_name} while starting; nothing was trained or written")
+        self.exit_status = 128 + int(signal_number)
+
+
 def first_line(err: Exception) -> str:
     """The first line of an error from a library, for a one-line message (a long one cut to its first sentence);
     the whole message when that line is a heading for the lines below ("Error(s) in loading state_dict for X:")."""

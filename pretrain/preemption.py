@@ -1,4 +1,4 @@
-"""Preemption: the first SIGTERM or SIGINT asks the loop to stop after the current optimizer step; a second exits now."""
+"""Preemption: a SIGTERM or SIGINT stops start-up at once, or the loop after its current optimizer step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from accelerate import Accelerator
 
 from pretrain.distributed import max_over_processes
+from pretrain.errors import StoppedWhileStarting
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # One request often arrives twice within milliseconds: a scheduler signals the process group and every process,
@@ -23,14 +24,22 @@ _STOPPING = multiprocessing.Value("b", 0, lock=False)
 
 
 class StopRequest:
-    """Installed for the length of a run; `agreed()` tells every process whether any of them was signalled."""
+    """Installed for the whole run (`with StopRequest() as stop_request:`). Until the loop takes over, the first
+    signal raises StoppedWhileStarting where start-up is (later ones are the same request); from then on
+    `agreed()` tells every process whether any of them was signalled."""
 
     def __init__(self):
         self.signal: signal.Signals | None = None
+        self.starting = True
         self._since = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
+        if self.starting:
+            if self.signal is None:  # (a second one, from the launcher or a scheduler, must not cut the clean-up)
+                self.signal = signal.Signals(signum)
+                raise StoppedWhileStarting(self.signal.name, self.signal)
+            return
         _STOPPING.value = 1
         if self.signal is not None:
             if time.monotonic() - self._since < DUPLICATE_WINDOW_S:
@@ -45,13 +54,27 @@ class StopRequest:
         _say(f"received {self.signal.name}: finishing this optimizer step, then saving a checkpoint "
              "(send it again to exit at once)")
 
+    def loop_takes_over(self) -> None:
+        """Start-up is over: from now on a signal finishes the current optimizer step and saves it. A signal that
+        start-up met but did not stop for (a library took it for an error of its own) stops it here."""
+        if self.signal is not None:
+            raise StoppedWhileStarting(self.signal.name, self.signal)
+        self.starting = False
+
+    def stopped_while_starting(self) -> StoppedWhileStarting | None:
+        """The stop, as StoppedWhileStarting, if a signal came before the loop took over."""
+        return StoppedWhileStarting(self.signal.name, self.signal) if self.starting and self.signal else None
+
     def agreed(self, accelerator: Accelerator) -> signal.Signals | None:
         """The signal if any process got one (all processes must stop at the same step), else None."""
         number = max_over_processes(accelerator, self.signal.value if self.signal is not None else 0)
         return signal.Signals(number) if number else None
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *error) -> None:
+        for sig, handler in self._previous.items():  # the handlers as they were
             signal.signal(sig, handler)
 
 

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pretrain import auto_batch
 from pretrain.accumulation import AccumulationPlan, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
-                                 load_trainer_state, newest_loadable, resume_path, set_aside_newer, settings_of,
+                                 load_trainer_state, newest_loadable, resume_path, settings_of,
                                  use_older)
 from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
@@ -37,7 +37,7 @@ from pretrain.models import (build_model, check_activation_checkpointing, check_
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
 from pretrain.optim import build_optimizer
-from pretrain.output_dir import check_output_dir, prepare_output_dir
+from pretrain.output_dir import check_output_dir
 from pretrain.throughput import flops_per_token, peak_flops
 from pretrain.trackers import new_run_id
 
@@ -164,8 +164,8 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
 
 
 def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
-    """Build and prepare the model and optimizer, load the checkpoint to resume, and only once all of that has
-    worked touch the output dir (the resolved config.yaml, checkpoints set aside or replaced)."""
+    """Build and prepare the model and optimizer, and load the checkpoint to resume (output_dir is written to only
+    after the first step: pretrain.train.commit)."""
     accelerator.gradient_accumulation_steps = inputs.plan.first_k  # set again at every step (K may follow a schedule)
     main_resumes_from = from_main_process(accelerator, inputs.resume_from)  # every process must continue from it
     agree(accelerator, lambda: check_same_checkpoint(inputs.resume_from, main_resumes_from))
@@ -192,13 +192,12 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
     agree(accelerator, lambda: check_free_space(cfg, parameters))
     if inputs.resume_from is not None:
         agree(accelerator, lambda: resume(accelerator, model, cfg, inputs.resume_from, inputs.state))
-    agree(accelerator, lambda: prepare_output_dir(cfg, fresh=inputs.resume_from is None)
-          if accelerator.is_main_process else None)
     return Built(model, optimizer, flops, peak_flops(accelerator.device, cfg.train.peak_flops_per_device), parameters)
 
 
 def resume(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, path: str, state: TrainerState) -> None:
-    """Load checkpoint `path` into the prepared objects; only then set aside the newer checkpoints it replaces."""
+    """Load checkpoint `path` into the prepared objects (the newer checkpoints it replaces are set aside by the
+    run's first write, pretrain.train.commit)."""
     try:
         load_checkpoint(accelerator, model, path)  # model, optimizer, scaler and RNG states
     except ConfigError as err:
@@ -207,11 +206,6 @@ def resume(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, path: 
             raise
         intact = newest_loadable(accelerator, model, older[:older.index(path)])
         raise ConfigError(f"{err}; {use_older(intact)}") from None
-    if accelerator.is_main_process:
-        newer = set_aside_newer(cfg.output_dir, state.step)
-        if newer:
-            say(f"resuming from step {state.step}: moved the newer checkpoints "
-                f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
     say(f"resuming from {path}: {state.step} optimizer steps done, {state.tokens:,} tokens")
 
 

@@ -116,8 +116,13 @@ class Source:
         return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
     def read_error(self, err: Exception) -> ConfigError:
-        """A failure met while streaming, as one line that names the file at fault where one is (a later file
-        without the text column, or one that cannot be read), else the source."""
+        """A failure met while streaming, as one line: the file at fault where one is found, else the source."""
+        return self.file_at_fault() or ConfigError(f"{self.field}: cannot read {self.config.path!r} "
+                                                   f"({first_line(err)})")
+
+    def file_at_fault(self) -> ConfigError | None:
+        """What is wrong with the first of several files that cannot be read or lacks the text column (a run's
+        metrics.jsonl matched by a glob, say), naming it and its columns; None if each file's first row is fine."""
         for file in self.files if self.files is not None and len(self.files) > 1 else []:
             name = f"{file!r} (a file of {self.field} {self.config.path!r})"
             try:
@@ -126,7 +131,7 @@ class Source:
                     self._check_column(first, name)
             except ConfigError as found:
                 return found
-        return ConfigError(f"{self.field}: cannot read {self.config.path!r} ({first_line(err)})")
+        return None
 
 
 def epoch_texts(opened: list[Source], weights: list[float], seed: int, epoch: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -17,17 +18,17 @@ from transformers import PreTrainedTokenizerBase
 from pretrain import noise_scale
 from pretrain.accumulation import AccumulationPlan, lr_scale
 from pretrain.atomic import copy_file, make_readable, write_text
-from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint
+from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint, set_aside_newer
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.data_passes import first_epoch_warning, shards_warning
 from pretrain.data import DataStats, MicroBatchReader
 from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
-from pretrain.errors import RunError, Stopped, first_line
+from pretrain.errors import RunError, Stopped, StoppedWhileStarting, first_line
 from pretrain.evaluation import evaluate
 from pretrain.optim import lr_at, set_lr
-from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final
+from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final, prepare_output_dir
 from pretrain.preemption import StopRequest
 from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
@@ -37,14 +38,15 @@ from pretrain.models import plain_name
 from pretrain.tracking import METRICS_FILE, MetricsLogger, describe_eval, describe_step, read_rows, step_row
 
 
-def train(cfg: Config, command: str = "") -> None:
+def train(cfg: Config, command: str = "", stop_request: StopRequest | None = None) -> None:
     """Run the whole job that `cfg` describes (`command`: the command line, for the model card). Bad input raises
-    ConfigError before any model is built."""
-    run = setup(cfg, command)
-    main_process = run.accelerator.is_main_process
-    with run:  # every way out releases the metrics file, the signal handlers, the process group and the lock
-        stopped_by = loop(run)
-        finish(run, stopped_by)
+    ConfigError before any model is built; a SIGTERM or SIGINT before the first step, StoppedWhileStarting.
+    `stop_request`: the caller's, taken before it read the config (else one is taken here)."""
+    with contextlib.nullcontext(stop_request) if stop_request else StopRequest() as stop_request:
+        with setup(cfg, command, stop_request) as run:  # every way out releases what the run holds
+            main_process = run.accelerator.is_main_process
+            stopped_by = loop(run)
+            finish(run, stopped_by)
     if cfg.hub.repo_id and main_process:  # after the last collective: an upload may outlast the process group's timeout
         push_to_hub(cfg, os.path.join(cfg.output_dir, FINAL_DIR))
 
@@ -61,7 +63,6 @@ class Run:
     state: TrainerState  # step, tokens, data position, ...: what a checkpoint saves beside the weights
     reader: MicroBatchReader
     eval_batches: list[dict[str, torch.Tensor]] | None
-    metrics: MetricsLogger
     progress: tqdm  # the loop's steps
     stop_request: StopRequest
     lock: OutputDirLock | None
@@ -70,8 +71,12 @@ class Run:
     peak_flops: float | None
     nothing_left: bool  # resumed from a finished run whose final/ is complete
     card_only: bool  # resumed from a finished run whose final/ lacks its model card or curves.png
+    resumed_from: str | None  # the checkpoint this launch continues, if any
+    resumed_at: int | None  # and its step
     parameters: int
     command: str  # that started this launch, for the model card
+    metrics: MetricsLogger | None = None  # made with the first row
+    committed: bool = False  # whether output_dir was written to (commit)
     noise_said_at: int = 0  # the step after which the noise-scale line was last printed (finish prints it once more
     # only when it has changed since)
 
@@ -80,33 +85,50 @@ class Run:
 
     def __exit__(self, error_type, error, traceback) -> None:
         self.progress.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if error_type is None:  # every process is here: free DDP before the process group goes (or gloo can hang)
             self.accelerator.wait_for_everyone()
         self.model = self.optimizer = None
         self.accelerator.free_memory()
         self.accelerator.end_training()  # finishes the trackers, destroys the process group
-        self.stop_request.restore()  # only now: a signal during the last checkpoint or final/ must not cut them short
-        if self.lock is not None:
-            self.lock.release()
+        if self.lock is not None:  # a run that wrote nothing (it failed in its first step) leaves nothing either
+            self.lock.release() if self.committed else self.lock.abandon()
 
 
-def setup(cfg: Config, command: str = "") -> Run:
-    """Check the input on every process (all stop if one fails), build the model, load the checkpoint to resume."""
-    accelerator = build_accelerator(cfg)
-    cfg = settle_micro_batch(cfg, accelerator)
-    inputs = agree(accelerator, lambda: check_inputs(cfg, accelerator), undo=Inputs.abandon)
+def setup(cfg: Config, command: str, stop_request: StopRequest) -> Run:
+    """Check the input on every process (all stop if one fails), build the model, load the checkpoint to resume.
+    Nothing in output_dir but its lock is touched before the first step (commit); a signal meanwhile stops start-up
+    where it is (StoppedWhileStarting), and the lock and the folders made for it are removed."""
+    inputs = None
     try:
+        accelerator = build_accelerator(cfg)
+        cfg = settle_micro_batch(cfg, accelerator)
+        inputs = agree(accelerator, lambda: check_inputs(cfg, accelerator), undo=Inputs.abandon)
         built = build(accelerator, cfg, inputs)
         state = inputs.state
         resumed = inputs.resume_from is not None
         done = resumed and state.step >= cfg.train.max_steps  # a finished run run again: it trains no step
-        metrics = MetricsLogger(accelerator, cfg, state.wandb_run_id, resumed_at=state.step if resumed else None,
-                                trains=not done)
-    except BaseException:
-        inputs.abandon()
+        lacking = missing_from_final(cfg) if done else []
+        run = Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
+                  tokenizer=inputs.tokenizer, state=state,
+                  reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
+                  eval_batches=inputs.eval_batches,
+                  progress=progress_bar(state, cfg.train.max_steps, accelerator.is_main_process),
+                  stop_request=stop_request, lock=inputs.lock, stats=inputs.stats,
+                  flops_per_token=built.flops_per_token, peak_flops=built.peak_flops,
+                  nothing_left=done and not lacking,
+                  card_only=done and bool(lacking) and lacking != [f"{FINAL_DIR}/"],
+                  resumed_from=inputs.resume_from, resumed_at=state.step if resumed else None,
+                  parameters=built.parameters, command=command)
+        stop_request.loop_takes_over()
+    except BaseException as err:
+        if inputs is not None:
+            inputs.abandon()
+        stopped = stop_request.stopped_while_starting()
+        if stopped is not None and not isinstance(err, StoppedWhileStarting):  # a library's error made of the stop
+            raise stopped from None
         raise
-    lacking = missing_from_final(cfg) if done else []
     if done:
         say(f"nothing left to do: {inputs.resume_from} is at step {state.step} and train.max_steps is "
             f"{cfg.train.max_steps}" + (f"; writing the missing {' and '.join(lacking)}" if lacking else ""))
@@ -114,15 +136,27 @@ def setup(cfg: Config, command: str = "") -> Run:
         state.start_launch()
         if repeats := shards_warning(cfg, inputs.plan):
             say(repeats, warning=True)
-    return Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
-               tokenizer=inputs.tokenizer, state=state,
-               reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
-               eval_batches=inputs.eval_batches, metrics=metrics,
-               progress=progress_bar(state, cfg.train.max_steps, accelerator.is_main_process),
-               stop_request=StopRequest(), lock=inputs.lock, stats=inputs.stats, flops_per_token=built.flops_per_token,
-               peak_flops=built.peak_flops, nothing_left=done and not lacking,
-               card_only=done and bool(lacking) and lacking != [f"{FINAL_DIR}/"], parameters=built.parameters,
-               command=command)
+    return run
+
+
+def commit(run: Run) -> None:
+    """The run's first writes to output_dir, once its first step is done (resumed with no step left, before final/):
+    newer checkpoints set aside, what a killed save left removed (with overwrite, an earlier run's checkpoints too),
+    config.yaml written. Until then a stop leaves output_dir as it was."""
+    if run.committed:
+        return
+    cfg, accelerator = run.cfg, run.accelerator
+
+    def on_main_process() -> None:
+        if not accelerator.is_main_process:
+            return
+        newer = set_aside_newer(cfg.output_dir, run.resumed_at) if run.resumed_at is not None else []
+        if newer:
+            say(f"resuming from step {run.resumed_at}: moved the newer checkpoints "
+                f"{', '.join(os.path.basename(p) for p in newer)} to checkpoints/superseded/")
+        prepare_output_dir(cfg, fresh=run.resumed_from is None)
+    agree(accelerator, on_main_process)
+    run.committed = True
 
 
 def loop(run: Run) -> signal.Signals | None:
@@ -198,6 +232,9 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
         row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches,
                                                             cfg.train.loss)
         say(describe_eval(row))
+    if run.metrics is None:  # the first row: output_dir is written to from here on
+        commit(run)
+        run.metrics = MetricsLogger(run.accelerator, cfg, run.state.wandb_run_id, resumed_at=run.resumed_at)
     run.metrics.log(row)
     run.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
     if step % cfg.train.log_every == 0 or last or row["skipped"]:
@@ -232,6 +269,7 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
     if stopped_by:
         raise Stopped(stopped_by, f"stopped by {stopped_by.name} after optimizer step {state.step}; the checkpoint "
                                   f"is in {checkpoint_dir}. Run the same command again to resume.")
+    commit(run)  # (done in the loop, unless no step was left to take)
     if not os.path.isdir(checkpoint_dir):  # not saved in the loop
         say(f"checkpoint: {checkpoint(run)}")
     if run.nothing_left:

@@ -182,6 +182,19 @@ def test_a_later_file_without_the_column_is_one_clear_error(tokenizer, tmp_path)
                                  f"data.path '{tmp_path}'); its columns are: body")
 
 
+def test_a_later_file_without_the_column_in_a_mixture_names_its_source(tokenizer, tmp_path):
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "first.jsonl", ["first source " * 50])
+    write_jsonl(tmp_path / "other" / "a.jsonl", ["fine text " * 50])
+    write_jsonl(tmp_path / "other" / "b.jsonl", ["no text column here"], column="body")
+    mixture = [SourceConfig(path=str(tmp_path / "first.jsonl")), SourceConfig(path=str(tmp_path / "other"))]
+    with pytest.raises(ConfigError) as caught:
+        list(micro_batch_stream(DataConfig(mixture=mixture, seq_len=8, shuffle=False, block_chars=10, repeat=False),
+                                tokenizer, micro_batch_size=1, rank=0, world_size=1))
+    assert str(caught.value) == (f"data.mixture[1].text_column: 'text' is not a column of '{tmp_path}/other/b.jsonl' "
+                                 f"(a file of data.mixture[1].path '{tmp_path}/other'); its columns are: body")
+
+
 @pytest.mark.slow
 def test_a_later_file_without_the_column_read_by_a_worker_is_one_clear_error(tmp_path):
     # Through the script: a DataLoader whose worker raised takes torch 5 s per worker to shut down when
