@@ -28,6 +28,14 @@ QUIET = ["--sample.max_new_tokens=8", "--train.log_every=1000"]
 # A launched process's own time limit: generous, because a loaded machine stretches a run 3x and more (a fixed
 # 180-240 s once came close). A real hang still fails, by pytest-timeout's limit in pyproject.toml.
 LAUNCH_TIMEOUT = 600
+# Every run a test starts uses one torch thread (train.cpu_threads: 1) unless the test sets it: on 2 cores shared
+# with other work, the default's two threads wait on each other at every operation (docs/performance.md), and one
+# count everywhere keeps the in-process references and the launched runs they are compared with on the same sums.
+ONE_THREAD = "--train.cpu_threads=1"
+
+
+def one_thread(args: list[str]) -> list[str]:
+    return list(args) if any(arg.startswith("--train.cpu_threads") for arg in args) else [*args, ONE_THREAD]
 
 
 def clean_env() -> dict[str, str]:
@@ -53,7 +61,7 @@ def accelerate_launch_command(args: list[str], num_processes: int = 1, launcher_
     if num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "1"
     cmd = [str(ACCELERATE), "launch", *launcher_args, *launch, "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]
+           "--dynamo_backend", "no", str(script), *(one_thread(args) if script in (SCRIPT, SLOW_SAVE) else args)]
     return cmd, env
 
 
@@ -75,7 +83,7 @@ def start_accelerate_launch(args: list[str], log: Path, script: Path = SCRIPT, *
 
 def run_script(args: list[str], timeout: int = LAUNCH_TIMEOUT, **env: str) -> subprocess.CompletedProcess:
     """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env={**clean_env(), **env},
+    return subprocess.run([sys.executable, str(SCRIPT), *one_thread(args)], cwd=REPO, env={**clean_env(), **env},
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -94,7 +102,7 @@ def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
     try:
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = main(args)
+            status = main(one_thread(args))
     finally:
         os.chdir(cwd)
     return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
