@@ -169,7 +169,7 @@ def loop(run: Run) -> signal.Signals | None:
         epoch = run.reader.next_epoch()  # of this process's next micro-batch (-1: the data has run out)
         if plan.keyed_by == "epoch":  # K follows the epoch of the global stream's next window, which rank 0 reads
             epoch = from_main_process(accelerator, epoch)
-        k = plan.k_at(step - 1, epoch)
+        k = plan.k_at(step - 1, epoch, state.tokens)
         taken = take_micro_batches(run.reader, accelerator, k, micro_batch_size=plan.micro_batch_size,
                                    seq_len=cfg.data.seq_len, incomplete=cfg.train.incomplete_last_step)
         if taken is None:
