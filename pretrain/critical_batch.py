@@ -30,6 +30,7 @@ from pretrain.tracking import METRICS_FILE, read_rows
 
 BRANCHES_DIR = "branches"
 LOG_FILE = "log.txt"  # a branch's printed lines
+EVAL_POINTS = 16  # evals of the smallest branch, for its noise band
 
 
 @dataclass
@@ -116,8 +117,9 @@ def plan_branches(source: Source, batches: list[int], tokens: int, processes: in
 def branch_config(source: Source, branch: Branch, out: str, overrides: dict, lr_scaling: str | None,
                   smallest: bool) -> Config:
     """The run's config resumed from the checkpoint at the branch's K, writing only into `out`: lr scaled by
-    `lr_scaling` (None: the run's rule) from the run's base batch (or its batch at the checkpoint); eval every step on
-    the smallest branch (for its noise band), else at its last step only; no checkpoints, trackers or sample."""
+    `lr_scaling` (None: the run's rule) from the run's base batch (or its batch at the checkpoint); eval on the
+    smallest branch at about EVAL_POINTS steps (for its noise band), else at its last step only; no checkpoints,
+    trackers or sample."""
     raw = copy.deepcopy(source.config)
     train = raw["train"]
     train.update(gradient_accumulation_steps=branch.k, global_batch_size=None, gradient_accumulation_schedule=None,
@@ -125,7 +127,10 @@ def branch_config(source: Source, branch: Branch, out: str, overrides: dict, lr_
     if lr_scaling is not None:
         train["lr_scaling"] = lr_scaling
     train["lr_base_batch_size"] = train.get("lr_base_batch_size") or source.run_batch
-    raw["eval"]["every"] = 1 if smallest else source.state.step + branch.steps
+    end = source.state.step + branch.steps
+    # Eval costs more than a small batch's step: the smallest at about 16 points (a divisor of its last step, so
+    # the last is one), the others at their last step only.
+    raw["eval"]["every"] = math.gcd(end, max(1, branch.steps // EVAL_POINTS)) if smallest else end
     raw.update(output_dir=os.path.join(out, BRANCHES_DIR, f"batch_{branch.batch}"), resume=source.path,
                overwrite=False, hub={"repo_id": None, "private": True})
     raw["tracking"].update(backends=[], curves=False)
@@ -139,20 +144,21 @@ def branch_config(source: Source, branch: Branch, out: str, overrides: dict, lr_
     return from_mapping(Config, raw, prefix="")
 
 
-def run_branch(cfg: Config, branch: Branch, main_process: bool) -> list[dict]:
-    """Train the branch through the real loop for its steps from the checkpoint; its metrics rows."""
+def run_branch(cfg: Config, branch: Branch, main_process: bool, first: bool, last: bool) -> list[dict]:
+    """Train the branch through the real loop for its steps from the checkpoint; its metrics rows. The branches
+    share one process group: made by the `first`, destroyed by the `last`."""
     from pretrain.train import loop, setup  # the training stack: imported when a branch runs
-    # Each branch builds its own Accelerator, as a new launch would: forget the last one's (its process group
-    # was destroyed as it ended).
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    if first:  # Accelerate's state as in a new process (a caller may have run something before)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     log = io.StringIO()  # the run's own lines (its config, each step) go to the branch's log.txt, not the table's
     try:
         with contextlib.redirect_stdout(log), StopRequest() as stop_request:
             with setup(cfg, "", stop_request) as run:
+                run.ends_training = last
                 run.progress.close()
-                first = run.state.step + 1
-                run.progress = tqdm(range(first, first + branch.steps), desc=f"batch {branch.batch}", unit="step",
+                start = run.state.step + 1
+                run.progress = tqdm(range(start, start + branch.steps), desc=f"batch {branch.batch}", unit="step",
                                     leave=False, disable=not main_process)
                 stopped_by = loop(run)
     finally:
@@ -164,8 +170,8 @@ def run_branch(cfg: Config, branch: Branch, main_process: bool) -> list[dict]:
 
 
 def noise_band(eval_losses: list[float]) -> float:
-    """The step-to-step noise of an eval loss: the spread of its differences between steps (which removes a
-    steady trend) over sqrt(2), as each difference holds the noise of two steps; nan with fewer than 3."""
+    """The noise of an eval loss from one eval to the next: the spread of its differences (which removes a steady
+    trend) over sqrt(2), as each difference holds the noise of two evals; nan with fewer than 3."""
     if len(eval_losses) < 3:
         return math.nan
     return statistics.stdev(b - a for a, b in zip(eval_losses, eval_losses[1:])) / math.sqrt(2)
@@ -244,7 +250,7 @@ def table(result: dict) -> str:
     for b in result["branches"]:
         lines.append(f"{b['batch']:>7} {b['k']:>4} {b['steps']:>6} {b['eval_loss']:>10.4f} {b['difference']:>+11.4f} "
                      f"{b['relative']:>+9.2%}")
-    lines.append(f"noise band (the smallest batch's step-to-step eval noise): +-{band:.4f}")
+    lines.append(f"noise band (the smallest batch's eval-to-eval noise): +-{band:.4f}")
     noise = result["noise_scale_tokens"]
     lines.append(f"critical batch (within {result['tolerance']:.2%} of the smallest batch's loss): "
                  f"{result['critical_batch']} sequences = {result['critical_batch'] * seq_len:,} tokens; the run's "

@@ -79,6 +79,7 @@ class Run:
     committed: bool = False  # whether output_dir was written to (commit)
     noise_said_at: int = 0  # the step after which the noise-scale line was last printed (finish prints it once more
     # only when it has changed since)
+    ends_training: bool = True  # leaving the run destroys the process group (false: a caller runs more in it)
 
     def __enter__(self) -> Run:
         return self
@@ -91,7 +92,8 @@ class Run:
             self.accelerator.wait_for_everyone()
         self.model = self.optimizer = None
         self.accelerator.free_memory()
-        self.accelerator.end_training()  # finishes the trackers, destroys the process group
+        if self.ends_training:
+            self.accelerator.end_training()  # finishes the trackers, destroys the process group
         if self.lock is not None:  # a run that wrote nothing (it failed in its first step) leaves nothing either
             self.lock.release() if self.committed else self.lock.abandon()
 

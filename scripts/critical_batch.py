@@ -106,7 +106,8 @@ def measure(args: argparse.Namespace, overrides: dict) -> None:
     with tqdm(branches, desc="branches", unit="branch", disable=not main_process) as progress:
         for index, branch in enumerate(progress):
             cfg = cbs.branch_config(source, branch, out, overrides, args.lr_scaling, smallest=index == 0)
-            curves[branch.batch] = cbs.run_branch(cfg, branch, main_process)
+            curves[branch.batch] = cbs.run_branch(cfg, branch, main_process, first=index == 0,
+                                                  last=index == len(branches) - 1)
     result = cbs.summarize(source, branches, curves, args.tokens, args.tolerance)
     say(cbs.table(result))
     if main_process:
