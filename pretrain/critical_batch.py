@@ -62,8 +62,9 @@ def read_source(path: str) -> Source:
     """The checkpoint at `path` with its run's config and the row the run logged at its step."""
     kind = kind_of(path)
     if kind != "a directory" or not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ConfigError(f"CHECKPOINT: {path!r} is " + (f"{kind}, " if kind else "not there, ") * (
-            kind != "a directory") + f"not a checkpoint (no {STATE_FILE}); give a run's {CHECKPOINTS_DIR}/step_<N>")
+        what = "" if kind == "a directory" else "not there, " if kind is None else f"{kind}, "
+        raise ConfigError(f"CHECKPOINT: {path!r} is {what}not a checkpoint (no {STATE_FILE}); give a run's "
+                          f"{CHECKPOINTS_DIR}/step_<N>")
     try:
         state = read_trainer_state(path)
     except ConfigError as err:

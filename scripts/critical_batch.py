@@ -89,11 +89,11 @@ def checked(args: argparse.Namespace, overrides: dict) -> tuple:
     cbs.check_overrides(overrides)
     source = cbs.read_source(args.checkpoint)
     branches = cbs.plan_branches(source, batches, args.tokens, int(os.environ.get("WORLD_SIZE", "1")))
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
+    run_dir = os.path.dirname(os.path.dirname(os.path.realpath(args.checkpoint)))
     out = args.out or os.path.join("critical_batch", f"{os.path.basename(run_dir)}-step{source.state.step}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out: {out!r} exists and is not an empty folder; give a new one")
-    if os.path.commonpath([os.path.abspath(out), run_dir]) == run_dir:
+    if os.path.commonpath([os.path.realpath(out), run_dir]) == run_dir:
         raise ConfigError(f"--out: {out!r} is inside the run's folder {run_dir!r}, which branches never write to; "
                           "give a folder outside it")
     return source, branches, out

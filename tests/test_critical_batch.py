@@ -88,6 +88,11 @@ def test_the_recommended_warmup_follows_each_checkpoints_critical_batch_and_neve
     (["{missing}", "--batch-sizes", "4,8", "--tokens", "512"],
      "error: CHECKPOINT: '{missing}' is not there, not a checkpoint (no trainer_state.json); give a run's "
      "checkpoints/step_<N>"),
+    (["{run}/metrics.jsonl", "--batch-sizes", "4,8", "--tokens", "512"],
+     "error: CHECKPOINT: '{run}/metrics.jsonl' is a file, not a checkpoint (no trainer_state.json); give a run's "
+     "checkpoints/step_<N>"),
+    (["{broken}", "--batch-sizes", "4,8", "--tokens", "512"],
+     "error: CHECKPOINT: cannot read {broken}/trainer_state.json (Expecting value: line 1 column 1 (char 0))"),
     (["{run}", "--batch-sizes", "4,8", "--tokens", "512"],
      "error: CHECKPOINT: '{run}' is not a checkpoint (no trainer_state.json); give a run's checkpoints/step_<N>"),
     (["{ckpt}", "--batch-sizes", "4,5", "--tokens", "512"],
@@ -114,7 +119,10 @@ def test_the_recommended_warmup_follows_each_checkpoints_critical_batch_and_neve
      "error: --tolerance: -1.0 must be a number >= 0 (a relative loss, e.g. 0.01)"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(run, tmp_path, capsys, args, line):
-    names = {"missing": str(tmp_path / "nothing"), "run": str(run), "ckpt": str(run / "checkpoints/step_4")}
+    names = {"missing": str(tmp_path / "nothing"), "run": str(run), "ckpt": str(run / "checkpoints/step_4"),
+             "broken": str(tmp_path / "broken")}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/trainer_state.json").write_text("")
     out = tmp_path / "out"
     argv = [a.format(**names) for a in args] + ([] if "--out" in args else ["--out", str(out)])
     before = snapshot(run)
