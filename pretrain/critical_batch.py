@@ -226,7 +226,8 @@ def check_overrides(overrides: dict) -> None:
 def summarize(source: Source, branches: list[Branch], rows: dict[int, list[dict]], tokens: int,
               tolerance: float) -> dict:
     """The measurement as saved in JSON: each branch's eval loss at T against the smallest batch's, the noise band,
-    the critical batch, the run's noise scale at the checkpoint, and each branch's train loss against tokens."""
+    the critical batch, the run's noise scale at the checkpoint, each branch's train loss against tokens and the
+    smallest branch's eval losses."""
     start = source.state.tokens
     losses = {b.batch: rows[b.batch][-1]["eval_loss"] for b in branches}
     smallest = losses[branches[0].batch]
@@ -239,7 +240,9 @@ def summarize(source: Source, branches: list[Branch], rows: dict[int, list[dict]
                           "difference": losses[b.batch] - smallest,
                           "relative": (losses[b.batch] - smallest) / smallest} for b in branches],
             "curves": {str(b.batch): [[row["tokens"] - start, row["loss"]] for row in rows[b.batch]]
-                       for b in branches}}
+                       for b in branches},
+            "smallest_eval": [[row["tokens"] - start, row["eval_loss"]] for row in rows[branches[0].batch]
+                              if "eval_loss" in row]}
 
 
 def table(result: dict) -> str:
@@ -273,7 +276,10 @@ def write_results(result: dict, json_path: str, picture_path: str) -> None:
         line, = ax.plot([t for t, _ in points], [loss for _, loss in points], lw=0.8, alpha=0.6,
                         label=f"batch {b['batch']}: train loss")
         ax.plot([result["tokens"]], [b["eval_loss"]], "o", color=line.get_color())
+    smallest = result["smallest_eval"]
+    ax.plot([t for t, _ in smallest], [loss for _, loss in smallest], "k.--", lw=0.8,
+            label=f"batch {result['branches'][0]['batch']}: eval loss (its noise band)")
     ax.set(xlabel=f"tokens since step {result['step']}", ylabel="loss (dots: eval loss at the end)",
            title=f"branches from step {result['step']}: critical batch {result['critical_batch']}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left")
     write_file(picture_path, lambda f: fig.savefig(f, format="png"))
