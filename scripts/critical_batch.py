@@ -12,7 +12,6 @@ the run's own folder). Any --section.key=value after the options is given to eve
 """
 
 import argparse
-import json
 import os
 import sys
 
