@@ -1,6 +1,6 @@
 """Measure the critical batch from a checkpoint: one short branch per global batch, the same tokens each.
 
-    python scripts/critical_batch.py runs/default/checkpoints/step_300 --batch-sizes 16,32,64,128 --tokens 262144
+    python scripts/critical_batch.py runs/cbs-default/checkpoints/step_300 --batch-sizes 8,16,32,64 --tokens 65536
     accelerate launch scripts/critical_batch.py CHECKPOINT --batch-sizes ... --tokens T   # on P processes
     python scripts/critical_batch.py --warmup-from a/critical_batch.json b/critical_batch.json
 
