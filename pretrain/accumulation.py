@@ -29,24 +29,28 @@ IGNORE_INDEX = -100  # label value of a position that is not a target (padding, 
 
 @dataclass(frozen=True)
 class AccumulationPlan:
-    """K for every optimizer step: a constant, or a schedule keyed by completed optimizer steps or by epoch."""
+    """K for every optimizer step: a constant, or a schedule keyed by completed optimizer steps, by epoch or by
+    tokens trained on (train.batch_warmup)."""
 
     micro_batch_size: int  # N
     num_processes: int  # P
     base_k: int  # K before the first schedule key, or always when there is no schedule
     schedule: tuple[tuple[int, int], ...] = ()  # ((start, K), ...) increasing starts
-    keyed_by: str = "step"  # "step": starts count completed optimizer steps; "epoch": starts are epochs from 0
+    # "step": starts count completed optimizer steps; "epoch": starts are epochs from 0; "tokens": starts count the
+    # target tokens of the completed steps
+    keyed_by: str = "step"
 
-    def k_at(self, completed_steps: int, epoch: int) -> int:
-        """K of the optimizer step that follows `completed_steps` steps, begun in `epoch`."""
-        position = completed_steps if self.keyed_by == "step" else epoch
+    def k_at(self, completed_steps: int, epoch: int, tokens: int = 0) -> int:
+        """K of the optimizer step that follows `completed_steps` steps holding `tokens` target tokens, begun in
+        `epoch`."""
+        position = {"step": completed_steps, "epoch": epoch, "tokens": tokens}[self.keyed_by]
         index = bisect.bisect_right([start for start, _ in self.schedule], position) - 1
         return self.schedule[index][1] if index >= 0 else self.base_k
 
     @property
     def first_k(self) -> int:
         """K of the first optimizer step."""
-        return self.k_at(0, 0)
+        return self.k_at(0, 0, 0)
 
     def global_batch(self, k: int) -> int:
         """Sequences per optimizer step: P x K x N."""
@@ -70,9 +74,12 @@ def plan_accumulation(cfg: TrainConfig, num_processes: int) -> AccumulationPlan:
                               "(--train.gradient_accumulation_steps=null) or make them agree")
         k = k_from_g
     step_schedule, epoch_schedule = cfg.gradient_accumulation_schedule, cfg.gradient_accumulation_epoch_schedule
-    if step_schedule and epoch_schedule:
-        raise ConfigError("train.gradient_accumulation_epoch_schedule: give it or "
-                          "train.gradient_accumulation_schedule, not both")
+    given = [f"train.{name}" for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule",
+                                          "batch_warmup") if getattr(cfg, name)]
+    if len(given) > 1:
+        raise ConfigError(f"{given[-1]}: give it or {given[0]}, not both")
+    if cfg.batch_warmup:
+        return _batch_warmup_plan(cfg, num_processes, k)
     schedule = step_schedule or epoch_schedule
     if schedule and g is not None:
         raise ConfigError("train.global_batch_size: a K schedule changes the global batch; "
@@ -82,18 +89,43 @@ def plan_accumulation(cfg: TrainConfig, num_processes: int) -> AccumulationPlan:
             raise ConfigError("train.gradient_accumulation_steps: null needs train.global_batch_size or a K "
                               "schedule starting at 0")
         k = schedule[0]
+    plan = AccumulationPlan(n, num_processes, k, tuple(sorted((schedule or {}).items())),
+                            "epoch" if epoch_schedule else "step")
+    where = "train.gradient_accumulation_schedule" if step_schedule else \
+        "train.gradient_accumulation_epoch_schedule" if epoch_schedule else "train.gradient_accumulation_steps"
+    more = f"use a K >= 2 in {where}" if g is None else (
+        f"use a train.global_batch_size of {2 * n * num_processes} (or a larger multiple of {n * num_processes})")
+    _check_plan(cfg, plan, more)
+    return plan
+
+
+def _batch_warmup_plan(cfg: TrainConfig, num_processes: int, k: int | None) -> AccumulationPlan:
+    """The plan of train.batch_warmup: each global batch G of the warm-up becomes K = G / (N x P), keyed by tokens;
+    before its first key, the K of gradient_accumulation_steps or global_batch_size (`k`)."""
+    n, per_k = cfg.micro_batch_size, cfg.micro_batch_size * num_processes
+    for start, g in cfg.batch_warmup.items():
+        if g % per_k:
+            raise ConfigError(f"train.batch_warmup: the global batch {g} at {start} tokens is not a multiple of "
+                              f"micro_batch_size x processes = {n} x {num_processes} = {per_k}; use a multiple of "
+                              f"{per_k} (G = P x K x N)")
+    if k is None and min(cfg.batch_warmup) != 0:
+        raise ConfigError("train.batch_warmup: its first key is not 0, so the batch before it needs "
+                          "train.gradient_accumulation_steps or train.global_batch_size; give one, or start at 0")
+    schedule = tuple((start, g // per_k) for start, g in sorted(cfg.batch_warmup.items()))
+    base_k = k if schedule[0][0] > 0 else schedule[0][1]  # (a warm-up from 0 never uses K)
+    plan = AccumulationPlan(n, num_processes, base_k, schedule, "tokens")
+    _check_plan(cfg, plan, f"use global batches of at least {2 * per_k} in train.batch_warmup")
+    return plan
+
+
+def _check_plan(cfg: TrainConfig, plan: AccumulationPlan, more: str) -> None:
+    """What the lr scaling and the noise scale need of the plan; `more`: how to get a K >= 2."""
     if cfg.lr_scaling != "none" and cfg.lr_base_batch_size is None:
         raise ConfigError(f"train.lr_base_batch_size: lr_scaling {cfg.lr_scaling} needs the global batch "
                           "(in sequences) at which train.lr applies")
-    if cfg.noise_scale and {k, *(schedule or {}).values()} == {1}:
-        where = "train.gradient_accumulation_schedule" if step_schedule else \
-            "train.gradient_accumulation_epoch_schedule" if epoch_schedule else "train.gradient_accumulation_steps"
-        more = f"use a K >= 2 in {where}" if g is None else (
-            f"use a train.global_batch_size of {2 * n * num_processes} (or a larger multiple of {n * num_processes})")
+    if cfg.noise_scale and {plan.base_k, *(k for _, k in plan.schedule)} == {1}:
         raise ConfigError("train.noise_scale: needs K >= 2 (each step's first micro-batch is the small batch it "
                           f"compares with the whole step), but K is 1; {more}, or set train.noise_scale: false")
-    return AccumulationPlan(n, num_processes, k, tuple(sorted((schedule or {}).items())),
-                            "epoch" if epoch_schedule else "step")
 
 
 def lr_scale(cfg: TrainConfig, global_batch: int) -> float:

@@ -119,6 +119,9 @@ class TrainConfig:
     """K by completed optimizer steps, e.g. {0: 8, 1000: 4}"""
     gradient_accumulation_epoch_schedule: dict[int, int] | None = None
     """K by epoch from 0, e.g. {0: 8, 4: 4, 8: 1}; a step keeps the K of the epoch it starts in"""
+    batch_warmup: dict[int, int] | None = None
+    """global batch G (sequences) by tokens trained on, e.g. {0: 4, 100000: 8, 400000: 16}: K = G / (N x P) from
+    the step that starts with that many tokens done; before the first key, K or global_batch_size"""
     incomplete_last_step: Literal["drop", "step"] = "drop"
     """data ends mid-step (repeat: false): drop the step, or step: token-exact on the rest"""
     max_steps: Annotated[int, AT_LEAST_1] = 800
@@ -211,6 +214,8 @@ class TrainConfig:
         noise scale needs each first micro-batch's gradient before any sync."""
         for name in ("gradient_accumulation_schedule", "gradient_accumulation_epoch_schedule"):
             _check_schedule(f"train.{name}", getattr(self, name))
+        _check_schedule("train.batch_warmup", self.batch_warmup, value="global batch",
+                        example="{0: 4, 100000: 8, 400000: 16}")
         if self.micro_batch_size == "auto":
             _check_auto_micro_batch(self)
         if self.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
@@ -289,9 +294,9 @@ def _check_auto_micro_batch(cfg: TrainConfig) -> None:
     if cfg.global_batch_size is None:
         raise ConfigError("train.micro_batch_size: auto needs train.global_batch_size, the global batch (in "
                           "sequences) that it splits into K x N per process")
-    if cfg.gradient_accumulation_schedule or cfg.gradient_accumulation_epoch_schedule:
-        raise ConfigError("train.micro_batch_size: auto keeps the global batch fixed, which a K schedule changes; "
-                          "give N by hand with the schedule, or drop the schedule")
+    if cfg.gradient_accumulation_schedule or cfg.gradient_accumulation_epoch_schedule or cfg.batch_warmup:
+        raise ConfigError("train.micro_batch_size: auto keeps the global batch fixed, which a K schedule or "
+                          "batch_warmup changes; give N by hand with the schedule, or drop the schedule")
     if cfg.gradient_accumulation_steps is not None:
         raise ConfigError(f"train.gradient_accumulation_steps: {cfg.gradient_accumulation_steps}, but "
                           "micro_batch_size: auto chooses K = global_batch_size / (N x processes); set it to null")
@@ -504,21 +509,30 @@ def flat_dict(cfg: Config | dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_schedule(dotted: str, schedule: dict | None) -> None:
-    """A K schedule maps integer starting points (>= 0, increasing) to integer K >= 1."""
+def _check_schedule(dotted: str, schedule: dict | None, value: str = "K", example: str = "{0: 8, 1000: 4}") -> None:
+    """A schedule maps integer starting points (>= 0, increasing) to integers >= 1 (K, or a global batch)."""
     if schedule is None:
         return
-    hint = "; write a space after each colon, as in {0: 8, 1000: 4} (YAML reads 3:2 as one number)"
+    hint = f"; write a space after each colon, as in {example} (YAML reads 3:2 as one number)"
     if not schedule:
-        raise ConfigError(f"{dotted}: empty; give a mapping such as {{0: 8, 1000: 4}} or null")
+        raise ConfigError(f"{dotted}: empty; give a mapping such as {example} or null")
     keys = list(schedule)
-    for key, value in schedule.items():
+    for key, size in schedule.items():
+        if isinstance(key, (str, float)) and _is_number(key):  # YAML 1.1 reads 2e6 as text, 2.0e+6 as a float
+            hint = f"; write it in full digits, {key} as {float(key):.0f}"
         if not isinstance(key, int) or isinstance(key, bool) or key < 0:
             raise ConfigError(f"{dotted}: key {key!r} must be an integer >= 0{hint}")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{dotted}: K {value!r} at {key} must be an integer >= 1{hint}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"{dotted}: {value} {size!r} at {key} must be an integer >= 1{hint}")
     if keys != sorted(keys) or len(set(keys)) != len(keys):
         raise ConfigError(f"{dotted}: keys {keys} must be in increasing order")
+
+
+def _is_number(text: str | float) -> bool:
+    try:
+        return math.isfinite(float(text)) and float(text) >= 0
+    except ValueError:
+        return False
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -13,14 +13,15 @@ from pretrain.data_position import DataPosition
 from pretrain.token_shards import TokenShards, is_token_shards
 
 
-def sequences_read(plan: AccumulationPlan, steps: int, per_epoch: int) -> int:
+def sequences_read(plan: AccumulationPlan, steps: int, per_epoch: int, seq_len: int) -> int:
     """Sequences that `steps` optimizer steps read from the start: P x K x N each, K by its schedule (an
-    epoch-keyed one from the epoch of the step's first sequence, with `per_epoch` sequences to an epoch)."""
+    epoch-keyed one from the epoch of the step's first sequence, with `per_epoch` sequences to an epoch; a
+    token-keyed one from seq_len target tokens a sequence, as packed data has)."""
     if not plan.schedule:
         return steps * plan.global_batch(plan.base_k)
     total = 0
     for step in range(steps):
-        total += plan.global_batch(plan.k_at(step, total // per_epoch))
+        total += plan.global_batch(plan.k_at(step, total // per_epoch, total * seq_len))
     return total
 
 
@@ -30,7 +31,7 @@ def shards_warning(cfg: Config, plan: AccumulationPlan) -> str | None:
         return None
     shards = TokenShards(cfg.data.path)
     per_epoch = (shards.total - 1) // cfg.data.seq_len  # windows of seq_len + 1 tokens overlapping by one
-    needed = sequences_read(plan, cfg.train.max_steps, per_epoch)
+    needed = sequences_read(plan, cfg.train.max_steps, per_epoch, cfg.data.seq_len)
     if needed <= per_epoch:
         return None
     return (f"warning: data: {cfg.data.path!r} holds {per_epoch:,} sequences of {cfg.data.seq_len} tokens "
@@ -47,7 +48,7 @@ def first_epoch_warning(cfg: Config, plan: AccumulationPlan, before: DataPositio
         return None
     # Epoch 0 ended within this step: it holds from before.sequences to after.sequences - 1 of them; take the middle.
     per_epoch = max(1, round((before.sequences + after.sequences - 1) / 2))
-    needed = sequences_read(plan, cfg.train.max_steps, per_epoch)
+    needed = sequences_read(plan, cfg.train.max_steps, per_epoch, cfg.data.seq_len)
     source = "data.mixture" if cfg.data.mixture else f"data.path {cfg.data.path!r}"
     return (f"warning: data: the first epoch of {source} ended in step {step:,}, after about {per_epoch:,} "
             f"sequences of {cfg.data.seq_len} tokens, and train.max_steps={cfg.train.max_steps:,} steps read "

@@ -229,7 +229,10 @@ def describe_global_batch(plan: AccumulationPlan, seq_len: int) -> str:
     line = (f"global batch: {plan.num_processes} {processes} x K={k} micro-batches x N={plan.micro_batch_size} "
             f"sequences = {plan.global_batch(k)} sequences = {plan.global_batch(k) * seq_len} tokens per optimizer "
             "step")
-    if plan.schedule:
+    if plan.keyed_by == "tokens":
+        line += "; batch warm-up by tokens trained on: " + ", ".join(
+            f"from {start:,}: K={kk} (G={plan.global_batch(kk)})" for start, kk in plan.schedule)
+    elif plan.schedule:
         unit = "optimizer steps" if plan.keyed_by == "step" else "epoch"
         line += f"; K schedule by {unit}: " + ", ".join(f"from {start}: K={kk}" for start, kk in plan.schedule)
     return line

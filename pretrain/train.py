@@ -79,6 +79,7 @@ class Run:
     committed: bool = False  # whether output_dir was written to (commit)
     noise_said_at: int = 0  # the step after which the noise-scale line was last printed (finish prints it once more
     # only when it has changed since)
+    ends_training: bool = True  # leaving the run destroys the process group (false: a caller runs more in it)
 
     def __enter__(self) -> Run:
         return self
@@ -91,7 +92,8 @@ class Run:
             self.accelerator.wait_for_everyone()
         self.model = self.optimizer = None
         self.accelerator.free_memory()
-        self.accelerator.end_training()  # finishes the trackers, destroys the process group
+        if self.ends_training:
+            self.accelerator.end_training()  # finishes the trackers, destroys the process group
         if self.lock is not None:  # a run that wrote nothing (it failed in its first step) leaves nothing either
             self.lock.release() if self.committed else self.lock.abandon()
 
@@ -169,7 +171,7 @@ def loop(run: Run) -> signal.Signals | None:
         epoch = run.reader.next_epoch()  # of this process's next micro-batch (-1: the data has run out)
         if plan.keyed_by == "epoch":  # K follows the epoch of the global stream's next window, which rank 0 reads
             epoch = from_main_process(accelerator, epoch)
-        k = plan.k_at(step - 1, epoch)
+        k = plan.k_at(step - 1, epoch, state.tokens)
         taken = take_micro_batches(run.reader, accelerator, k, micro_batch_size=plan.micro_batch_size,
                                    seq_len=cfg.data.seq_len, incomplete=cfg.train.incomplete_last_step)
         if taken is None:
