@@ -67,20 +67,33 @@ def test_resume_can_name_a_checkpoint(tmp_path):
     assert resume_path(load_config(None, {"output_dir": str(tmp_path), "resume": "none", "overwrite": True})) is None
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
+def _half_weights(directory, *args, **kwargs):
+    open(os.path.join(directory, "model.safetensors"), "w").write("half")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _half_state(obj, file, *args, **kwargs):
+    file.write('{"step": 4, "da')
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# The disk fills while the engine writes the weights, or while the trainer state (what makes a checkpoint complete)
+# is written last: either way step_4 must not appear, and step_2 must still load.
+@pytest.mark.parametrize("fails", ["weights", "trainer state"])
+def test_a_failed_save_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch, fails):
     model, optimizer = prepared(accelerator)
     cfg = config(tmp_path)
     save_checkpoint(accelerator, cfg, TrainerState(step=2, settings=settings_of(cfg)))
-
-    def full_disk(directory):
-        open(os.path.join(directory, "model.safetensors"), "w").write("half")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(accelerator, "save_state", full_disk)
+    if fails == "weights":
+        monkeypatch.setattr(accelerator, "save_state", _half_weights)
+    else:
+        monkeypatch.setattr(json, "dump", _half_state)
     with pytest.raises(RunError, match=r"^checkpoint: cannot write .*step_4' \(No space left on device\); "
                                        r"the previous checkpoint .*step_2 is intact"):
         save_checkpoint(accelerator, cfg, TrainerState(step=4, settings=settings_of(cfg)))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2"]  # the half-written save is gone
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2"]  # the half-written save is gone, tmp and all
+    assert resume_path(config(tmp_path)) == str(tmp_path / "checkpoints" / "step_2")
     load_checkpoint(accelerator, model, str(tmp_path / "checkpoints" / "step_2"))  # and the previous one still loads
 
 
