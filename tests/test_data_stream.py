@@ -102,6 +102,8 @@ def test_resume_continues_with_exactly_the_next_sequences(corpus, tokenizer, kin
     assert [window(mb.batch, r) for mb in resumed for r in range(N)] == \
            [window(mb.batch, r) for mb in uninterrupted[stop_after:] for r in range(N)]
     assert [mb.epoch for mb in resumed] == [mb.epoch for mb in uninterrupted[stop_after:]]
+    # and the positions its own checkpoints would store (sequences read included: the epoch count, the end line)
+    assert [mb.position for mb in resumed] == [mb.position for mb in uninterrupted[stop_after:]]
     assert resumed[0].epoch == (1 if stop == "next epoch" else 0)
 
 
