@@ -147,7 +147,7 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
                                      start=state.data_position, stats=stats,
                                      documents="training" if holdout else "all", holdout_fraction=holdout)
         eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
-        tasks = load_tasks(cfg, tokenizer)
+        tasks = load_tasks(cfg.eval, cfg.data.seq_len, tokenizer)
         # Resuming continues the run in output_dir only from one of its own checkpoints; one of another run's
         # would replace what is there.
         own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(

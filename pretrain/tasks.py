@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from pretrain.config import Config
+from pretrain.config import EvalConfig
 from pretrain.errors import ConfigError
 
 SHUFFLE_SEED = 0  # the items kept under eval.task_items: the same in every eval, every run and every process
@@ -161,18 +161,19 @@ def checked(where: str, context: Any, choices: Any, answer: Any) -> tuple[str, l
     return context, choices, answer
 
 
-def load_task(spec: str, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Task:
-    """The task `spec` names: its items checked, the first eval.task_items after a seeded shuffle kept, tokenized."""
+def load_task(spec: str, task_items: int, seq_len: int, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The task `spec` names: its items checked, the first `task_items` (0: all) after a seeded shuffle kept,
+    tokenized."""
     name, raw = adapted_items(spec)
     items = [(where, checked(where, *item)) for where, item in raw]
     if not items:
         raise ConfigError(f"eval.tasks: {spec} holds no items; give {VALID}")
     random.Random(SHUFFLE_SEED).shuffle(items)
-    items = items[:cfg.eval.task_items or len(items)]
+    items = items[:task_items or len(items)]
     if len({len(choices) == 1 for _, (_, choices, _) in items}) > 1:
         raise ConfigError(f"eval.tasks: {spec} mixes items of one choice (cloze) with multiple-choice items; make "
                           "it one kind")
-    return Task(name, [tokenized(where, item, tokenizer, cfg.data.seq_len) for where, item in items])
+    return Task(name, [tokenized(where, item, tokenizer, seq_len) for where, item in items])
 
 
 def tokenized(where: str, item: tuple[str, list[str], int], tokenizer: PreTrainedTokenizerBase,
@@ -188,12 +189,12 @@ def tokenized(where: str, item: tuple[str, list[str], int], tokenizer: PreTraine
                 [len(choice.encode("utf-8")) for choice in choices], answer)
 
 
-def load_tasks(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Task]:
-    """Every task of eval.tasks, or ConfigError naming eval.tasks."""
-    if cfg.eval.tasks and cfg.eval.every == 0:
+def load_tasks(cfg: EvalConfig, seq_len: int, tokenizer: PreTrainedTokenizerBase) -> list[Task]:
+    """Every task of eval.tasks (`cfg`), for inputs of at most `seq_len` tokens; or ConfigError naming eval.tasks."""
+    if cfg.tasks and cfg.every == 0:
         raise ConfigError("eval.tasks: tasks are scored at each eval, and eval.every is 0; set eval.every > 0 or "
                           "eval.tasks: []")
-    tasks = [load_task(spec, cfg, tokenizer) for spec in cfg.eval.tasks]
+    tasks = [load_task(spec, cfg.task_items, seq_len, tokenizer) for spec in cfg.tasks]
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise ConfigError(f"eval.tasks: two tasks are named {max(names, key=names.count)!r}; list each task once")

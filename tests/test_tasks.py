@@ -3,13 +3,18 @@ adapters on files in the Hub's columns, and bad task input."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import math
+import subprocess
 
 import pytest
 import torch
 
-from conftest import QUIET, REPO, TINY_LLAMA, fresh_accelerate_state, read_metrics, run_in_process
+from conftest import (QUIET, REPO, TINY_LLAMA, fresh_accelerate_state, read_metrics, run_accelerate_launch,
+                      run_in_process)
 from pretrain.config import load_config
 from pretrain.data import load_tokenizer
 from pretrain.task_scoring import evaluate_tasks, rows_of, score_batch, task_sums
@@ -93,8 +98,7 @@ def test_accuracy_length_normalisation_and_bits_per_byte_against_hand_computed_v
                 "teeth. \"No need to change. We won't be that long.\" Shane gripped her arm and started leading her to "
                 "the", [" dock"], 0)])
 def test_hub_adapters_read_the_hubs_columns(tokenizer, name, context, choices, answer):
-    cfg = load_config(REPO / "configs/default.yaml", {"eval.task_items": 0})
-    task = load_task(f"{name}={FIXTURES / (name + '.jsonl')}", cfg, tokenizer)
+    task = load_task(f"{name}={FIXTURES / (name + '.jsonl')}", 0, 128, tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     wanted = Item(encode(context), [encode(c) for c in choices], [len(c.encode()) for c in choices], answer)
     assert task.name == name and len(task.items) == 2 and wanted in task.items
@@ -102,8 +106,7 @@ def test_hub_adapters_read_the_hubs_columns(tokenizer, name, context, choices, a
 
 
 def test_hellaswag_cleans_wikihow_marks(tokenizer):
-    cfg = load_config(REPO / "configs/default.yaml", {"eval.task_items": 0})
-    task = load_task(f"hellaswag={FIXTURES / 'hellaswag.jsonl'}", cfg, tokenizer)
+    task = load_task(f"hellaswag={FIXTURES / 'hellaswag.jsonl'}", 0, 128, tokenizer)
     decoded = {tokenizer.decode(item.context) for item in task.items}
     assert "Health: How to rest a cold. Stay in bed. " in decoded or "Health: How to rest a cold. Stay in bed." in decoded
 
@@ -112,8 +115,8 @@ def test_task_items_keeps_the_first_after_a_seeded_shuffle(tokenizer, tmp_path):
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps({"context": f"n{i}", "choices": ["a", "b"], "answer": i % 2}) + "\n"
                             for i in range(50)))
-    picks = [[tokenizer.decode(item.context) for item in load_task(str(path), load_config(
-        REPO / "configs/default.yaml", {"eval.task_items": n}), tokenizer).items] for n in (10, 10, 20)]
+    picks = [[tokenizer.decode(item.context) for item in load_task(str(path), n, 128, tokenizer).items]
+             for n in (10, 10, 20)]
     assert picks[0] == picks[1] == picks[2][:10] and picks[0] != [f"n{i}" for i in range(10)]
 
 
@@ -155,3 +158,107 @@ def test_bad_task_input_is_one_error_line_before_training(tmp_path, case, needle
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: eval.tasks: ") and needle in lines[0], result.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the bundled task, the loop, scripts/evaluate.py
+
+BUNDLED = "data/tasks/comedy_line_end.jsonl"
+
+
+def margin(items: int) -> float:
+    """Over n items of 4 choices a model that guesses scores 0.25 with a standard deviation of sqrt(0.25 x 0.75 / n)
+    (0.031 for the 200 items of the default run, 0.043 for 100). "Near chance" is within 3 of them, "above chance"
+    more than 3 above: 0.25 + 0.092 = 0.342 for 200 items (1 in 700 for a model that guesses)."""
+    return 3 * math.sqrt(0.25 * 0.75 / items)
+
+
+def test_a_fresh_default_model_scores_the_bundled_task_near_chance(tokenizer):
+    from accelerate import Accelerator
+    from pretrain.models import build_model, model_config_for
+    cfg = load_config(REPO / "configs/default.yaml")
+    assert cfg.eval.tasks == [BUNDLED]
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(model_config_for(cfg.model, tokenizer))
+    task = load_task(str(REPO / BUNDLED), 100, cfg.data.seq_len, tokenizer)  # (the default run's 200: 2x the time)
+    fresh_accelerate_state()
+    row = evaluate_tasks(Accelerator(cpu=True), model, [task], seq_len=cfg.data.seq_len, micro_batch_size=8)
+    assert row["eval/comedy_line_end/items"] == 100
+    assert abs(row["eval/comedy_line_end/acc"] - 0.25) <= margin(100)
+    assert abs(row["eval/comedy_line_end/acc_norm"] - 0.25) <= margin(100)
+
+
+@pytest.mark.slow
+def test_the_default_run_scores_the_bundled_task_above_chance(tmp_path):
+    """The default run (800 steps: minutes on 2 CPU cores), with its default eval.tasks."""
+    out = tmp_path / "default"
+    result = run_in_process([f"--output_dir={out}", "--tracking.backends=[]", "--sample.max_new_tokens=0"])
+    assert result.returncode == 0, result.stderr
+    evals = [row for row in read_metrics(out) if "eval_loss" in row]
+    first, last = evals[0], evals[-1]
+    assert last["eval/comedy_line_end/items"] == 200
+    assert last["eval/comedy_line_end/acc"] > 0.25 + margin(200)
+    assert last["eval_bpb"] < first["eval_bpb"]
+    assert "bits per byte" in result.stdout and "comedy_line_end accuracy" in result.stdout
+    card = (out / "final" / "README.md").read_text()
+    assert "| comedy_line_end | 200 |" in card
+
+
+def evaluate_script(argv: list[str]) -> subprocess.CompletedProcess:
+    """scripts/evaluate.py's main(ARGV) in this process."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fresh_accelerate_state()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = module.main(argv)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+
+
+TASKS = [str(REPO / BUNDLED), f"lambada={FIXTURES / 'lambada.jsonl'}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of 2 steps that scores both tasks (30 items of the bundled one) at its last step."""
+    out = tmp_path_factory.mktemp("tasks") / "run"
+    result = run_in_process([*TINY_LLAMA, *QUIET, "--train.max_steps=2", f"--output_dir={out}",
+                             "--tracking.backends=[]", f"--eval.tasks={json.dumps(TASKS)}", "--eval.task_items=30"])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_the_loop_logs_each_task_and_the_eval_time(trained):
+    row = read_metrics(trained)[-1]
+    assert row["eval/comedy_line_end/items"] == 30 and row["eval/lambada/items"] == 2
+    assert {"eval/comedy_line_end/acc", "eval/comedy_line_end/acc_norm", "eval/comedy_line_end/bpb",
+            "eval/lambada/acc", "eval/lambada/bpb"} <= set(row) and "eval/lambada/acc_norm" not in row
+    assert row["eval_seconds"] > 0 and row["eval_bpb"] > 0
+    assert "| comedy_line_end | 30 |" in (trained / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("folder", ["final", "checkpoints/step_2"])
+def test_evaluate_script_scores_a_checkpoint_or_final_as_the_loop_did(trained, folder):
+    result = evaluate_script([str(trained / folder), "--tasks", *TASKS, "--task-items=30"])
+    assert result.returncode == 0, result.stderr
+    row, logged = json.loads(result.stdout), read_metrics(trained)[-1]
+    scores = {key: value for key, value in logged.items() if key.startswith("eval/")}
+    assert {key: row[key] for key in scores} == pytest.approx(scores, rel=1e-6)
+
+
+def test_evaluate_script_refuses_an_unknown_task(trained):
+    result = evaluate_script([str(trained / "final"), "--tasks", "squad"])
+    assert result.returncode == 2 and result.stderr.startswith("error: --tasks: 'squad' is not a task")
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one(trained):
+    """P=2 (gloo): each process scores half of the items; the sums over processes equal P=1's."""
+    args = [str(trained / "final"), "--tasks", *TASKS, "--task-items=30"]
+    one = json.loads(evaluate_script(args).stdout)
+    two = run_accelerate_launch(args, num_processes=2, script=REPO / "scripts" / "evaluate.py")
+    assert two.returncode == 0, two.stderr
+    [line] = [line for line in two.stdout.splitlines() if line.startswith("{")]  # printed by the main process only
+    row = json.loads(line)
+    del one["eval_seconds"], row["eval_seconds"]
+    assert row == pytest.approx(one, rel=1e-9)
