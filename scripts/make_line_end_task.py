@@ -5,8 +5,8 @@ the middle of a line, pick the true end of that line among four line ends of the
 
 Each item's context is the speaker's name, up to CONTEXT_LINES lines of the speech before, and the first half
 (in words) of a line of at least MIN_WORDS words; its choices are the rest of that line and the second halves of
-three other lines of the play drawn at random, each starting with its space, in a random order (seeded: the file
-is the same every time). Chance is 1/4. The lines are the play's own: the model has seen none of them in training.
+three other lines of the play of as many words, drawn at random, each starting with its space, in a random order
+(seeded: the file is the same every time). Chance is 1/4. The lines are the play's own: the model has seen none of them in training.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def items(text: str, seed: int) -> list[dict]:
                 continue
             start, end = cut(line)
             context = "\n".join([speaker, *lines[max(0, k - CONTEXT_LINES):k], start])
-            others = rng.sample([other for other in ends if other != end], CHOICES - 1)
+            # Distractors of the same number of words: then length alone does not give the answer away.
+            alike = [other for other in ends if other != end and len(other.split()) == len(end.split())]
+            others = rng.sample(alike, CHOICES - 1)
             answer = rng.randrange(CHOICES)
             made.append({"context": context, "choices": others[:answer] + [end] + others[answer:], "answer": answer})
     return made
