@@ -16,10 +16,12 @@ import torch
 from conftest import (QUIET, REPO, TINY_LLAMA, fresh_accelerate_state, read_metrics, run_accelerate_launch,
                       run_in_process)
 from pretrain.config import load_config
+from pretrain.plots import build_figure, read_runs
 from pretrain.data import load_tokenizer
 from pretrain.task_scoring import evaluate_tasks, rows_of, score_batch, task_sums
 from pretrain.tasks import Item, Task, load_task, tokenized
 from test_evaluation import tiny_llama
+from test_trackers import tensorboard_rows
 
 FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 
@@ -130,13 +132,14 @@ def bad(tmp_path, lines: list) -> str:
     ("unknown", "'squad' is not a task"),
     ("missing", "line 2 has no 'answer'"),
     ("out_of_range", "answer 2 is not an index into its 2 choices"),
-    pytest.param(*("negative", "answer -1 is not an index"), marks=pytest.mark.slow),  # another case of a class above
+    # more cases of the classes above, through the entry point (each a run's start-up: 1-4 s)
+    pytest.param("negative", "answer -1 is not an index", marks=pytest.mark.slow),
     ("empty", "holds no items"),
-    pytest.param(*("no_file", "cannot read"), marks=pytest.mark.slow),  # another case of a class above
-    pytest.param(*("not_json", "line 1 is not a JSON object"), marks=pytest.mark.slow),  # another case of a class above
-    pytest.param(*("empty_choice", "choices is not a list of non-empty strings"), marks=pytest.mark.slow),  # another case of a class above
-    pytest.param(*("mixed", "mixes items of one choice"), marks=pytest.mark.slow),  # another case of a class above
-    pytest.param(*("adapter_columns", "is not in Rowan/hellaswag's columns"), marks=pytest.mark.slow),  # another case of a class above
+    pytest.param("no_file", "cannot read", marks=pytest.mark.slow),
+    pytest.param("not_json", "line 1 is not a JSON object", marks=pytest.mark.slow),
+    pytest.param("empty_choice", "choices is not a list of non-empty strings", marks=pytest.mark.slow),
+    pytest.param("mixed", "mixes items of one choice", marks=pytest.mark.slow),
+    pytest.param("adapter_columns", "is not in Rowan/hellaswag's columns", marks=pytest.mark.slow),
 ])
 def test_bad_task_input_is_one_error_line_before_training(tmp_path, case, needle):
     good = {"context": "a", "choices": ["b", "c"], "answer": 0}
@@ -223,18 +226,26 @@ def trained(tmp_path_factory):
     """A tiny run of 2 steps that scores both tasks (30 items of the bundled one) at its last step."""
     out = tmp_path_factory.mktemp("tasks") / "run"
     result = run_in_process([*TINY_LLAMA, *QUIET, "--train.max_steps=2", f"--output_dir={out}",
-                             "--tracking.backends=[]", f"--eval.tasks={json.dumps(TASKS)}", "--eval.task_items=30"])
+                             "--tracking.backends=[tensorboard]", f"--eval.tasks={json.dumps(TASKS)}",
+                             "--eval.task_items=30"])
     assert result.returncode == 0, result.stderr
+    assert "bits per byte" in result.stdout and "comedy_line_end accuracy" in result.stdout
     return out
 
 
 def test_the_loop_logs_each_task_and_the_eval_time(trained):
     row = read_metrics(trained)[-1]
     assert row["eval/comedy_line_end/items"] == 30 and row["eval/lambada/items"] == 2
-    assert {"eval/comedy_line_end/acc", "eval/comedy_line_end/acc_norm", "eval/comedy_line_end/bpb",
-            "eval/lambada/acc", "eval/lambada/bpb"} <= set(row) and "eval/lambada/acc_norm" not in row
+    columns = {"eval/comedy_line_end/acc", "eval/comedy_line_end/acc_norm", "eval/comedy_line_end/bpb",
+               "eval/lambada/acc", "eval/lambada/bpb", "eval_bpb", "eval_seconds"}
+    assert columns <= set(row) and "eval/lambada/acc_norm" not in row
     assert row["eval_seconds"] > 0 and row["eval_bpb"] > 0
-    assert "| comedy_line_end | 30 |" in (trained / "final" / "README.md").read_text()
+    assert columns <= set(tensorboard_rows(trained)[2])  # the trackers get the row as metrics.jsonl has it
+    card = (trained / "final" / "README.md").read_text()
+    assert "| comedy_line_end | 30 |" in card and "| lambada | 2 |" in card and "bits per byte" in card
+    fig = build_figure(read_runs([str(trained)]))
+    gids = {line.get_gid() for ax in fig.axes for line in ax.get_lines()}
+    assert {"eval_bpb", "eval/comedy_line_end/acc", "eval/comedy_line_end/acc_norm", "eval/lambada/acc"} <= gids
 
 
 @pytest.mark.parametrize("folder", ["final", "checkpoints/step_2"])
