@@ -40,13 +40,14 @@ class Task:
         return len(self.items[0].choices) == 1
 
 
-# --------------------------------------------------------------------------- Hub adapters: a row -> (context, choices, answer)
+# --------------------------------------------------------------------------- Hub adapters: row -> item
 
 
 def hellaswag(row: dict[str, Any]) -> tuple[str, list[str], int]:
-    """As lm-evaluation-harness: the activity label and both context parts; WikiHow's [title] and [step] marks cut."""
+    """As lm-evaluation-harness: the activity label and both context parts; WikiHow's [title] and [step] marks cut
+    (and the space they leave at the start of an ending)."""
     def clean(text: str) -> str:
-        return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+        return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ").strip()
     context = clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
     return context, [" " + clean(ending) for ending in row["endings"]], int(row["label"])
 

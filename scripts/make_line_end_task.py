@@ -1,7 +1,7 @@
 """Build the bundled downstream task: given a speech of The Comedy of Errors (the play kept out of training) up to
 the middle of a line, pick the true end of that line among four line ends of the same play.
 
-    python scripts/make_line_end_task.py     # writes data/tasks/comedy_line_end.jsonl (the one in the repository)
+    python scripts/make_line_end_task.py   # writes data/tasks/comedy_line_end.jsonl, the one in the repository
 
 Each item's context is the speaker's name, up to CONTEXT_LINES lines of the speech before, and the first half
 (in words) of a line of at least MIN_WORDS words; its choices are the rest of that line and the second halves of

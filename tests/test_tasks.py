@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from conftest import (QUIET, REPO, TINY_LLAMA, fresh_accelerate_state, read_metrics, run_accelerate_launch,
                       run_in_process)
@@ -60,18 +61,20 @@ def test_the_scorer_equals_a_token_by_token_loop_in_float64(tokenizer):
         expected, expected_greedy = loop_log_likelihood(model, item.context, item.choices[c])
         assert ll == pytest.approx(expected, rel=1e-10, abs=1e-10)
         assert greedy == expected_greedy
-    # Through evaluate_tasks, several forward passes (a small budget): the same scores give the same metrics.
+    # Through evaluate_tasks, in several forward passes (a budget of 64 tokens): the metrics of the loop's scores.
+    loop = [[loop_log_likelihood(model, item.context, choice)[0] for choice in item.choices] for item in task.items]
+    text_bytes = [[len(choice.encode()) for choice in choices] for _, choices, _ in ITEMS]
+    answers = [answer for _, _, answer in ITEMS]
+    best = lambda values: values.index(max(values))
     fresh_accelerate_state()
-    from accelerate import Accelerator
     row = evaluate_tasks(Accelerator(cpu=True), model, [task], seq_len=64, micro_batch_size=1)
-    by_item = {(i, c): s for (i, c, _, _), s in zip(rows, scores)}
-    assert row == pytest.approx(
-        {"eval/t/acc": task_sums(task, by_item, range(3))[1] / 3, "eval/t/acc_norm": task_sums(task, by_item, range(3))[2] / 3,
-         "eval/t/bpb": task_sums(task, by_item, range(3))[3] / task_sums(task, by_item, range(3))[4], "eval/t/items": 3},
-        rel=1e-12)
-    assert row["eval/t/bpb"] == pytest.approx(
-        -sum(loop_log_likelihood(model, it.context, it.choices[it.answer])[0] for it in task.items) / math.log(2)
-        / sum(len(choices[answer].encode()) for _, choices, answer in ITEMS), rel=1e-10)
+    assert row == pytest.approx({
+        "eval/t/acc": sum(best(lls) == a for lls, a in zip(loop, answers)) / 3,
+        "eval/t/acc_norm": sum(best([ll / b for ll, b in zip(lls, bs)]) == a
+                               for lls, bs, a in zip(loop, text_bytes, answers)) / 3,
+        "eval/t/bpb": -sum(lls[a] for lls, a in zip(loop, answers)) / math.log(2)
+        / sum(bs[a] for bs, a in zip(text_bytes, answers)),
+        "eval/t/items": 3}, rel=1e-10)
 
 
 def test_accuracy_length_normalisation_and_bits_per_byte_against_hand_computed_values():
@@ -95,7 +98,8 @@ def test_accuracy_length_normalisation_and_bits_per_byte_against_hand_computed_v
       " starts pulling up roofing on a roof."], 3),
     ("arc_easy", "Question: Which technology was developed most recently?\nAnswer:",
      [" cellular telephone", " television", " refrigerator"], 0),
-    ("piqa", "Question: To clean a pan,\nAnswer:", [" scrub it with soap and water.", " scrub it with sand and oil."], 0),
+    ("piqa", "Question: To clean a pan,\nAnswer:",
+     [" scrub it with soap and water.", " scrub it with sand and oil."], 0),
     ("lambada", "Give me a minute to change and I'll meet you at the docks.\" She'd forced those words through her "
                 "teeth. \"No need to change. We won't be that long.\" Shane gripped her arm and started leading her to "
                 "the", [" dock"], 0)])
@@ -109,8 +113,8 @@ def test_hub_adapters_read_the_hubs_columns(tokenizer, name, context, choices, a
 
 def test_hellaswag_cleans_wikihow_marks(tokenizer):
     task = load_task(f"hellaswag={FIXTURES / 'hellaswag.jsonl'}", 0, 128, tokenizer)
-    decoded = {tokenizer.decode(item.context) for item in task.items}
-    assert "Health: How to rest a cold. Stay in bed. " in decoded or "Health: How to rest a cold. Stay in bed." in decoded
+    texts = {(tokenizer.decode(item.context), tokenizer.decode(item.choices[0])) for item in task.items}
+    assert ("Health: How to rest a cold. Stay in bed.", " Sleep for as long as you can.") in texts
 
 
 def test_task_items_keeps_the_first_after_a_seeded_shuffle(tokenizer, tmp_path):
@@ -163,7 +167,7 @@ def test_bad_task_input_is_one_error_line_before_training(tmp_path, case, needle
     assert not out.exists()
 
 
-# --------------------------------------------------------------------------- the bundled task, the loop, scripts/evaluate.py
+# --------------------------------------------------------------------------- bundled task, loop, evaluate.py
 
 BUNDLED = "data/tasks/comedy_line_end.jsonl"
 
@@ -176,7 +180,6 @@ def margin(items: int) -> float:
 
 
 def test_a_fresh_default_model_scores_the_bundled_task_near_chance(tokenizer):
-    from accelerate import Accelerator
     from pretrain.models import build_model, model_config_for
     cfg = load_config(REPO / "configs/default.yaml")
     assert cfg.eval.tasks == [BUNDLED]
