@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, fresh_accelerate_state
+from conftest import REPO, fresh_accelerate_state, prepare_data
 from pretrain.config import load_config
 from pretrain.data import load_tokenizer
 from pretrain.evaluation import eval_micro_batches, evaluate
@@ -71,3 +71,21 @@ def test_eval_bpb_is_the_loss_in_bits_over_the_eval_texts_bytes(eval_setup, loss
     result = evaluate(Accelerator(cpu=True), model, batches, loss)
     assert result["eval_bpb"] == pytest.approx(expected, rel=1e-9)
     assert 5 < result["eval_bpb"] < 20  # a fresh model: about log2(4096) = 12 bits per token
+
+
+def test_eval_bytes_of_token_shards_are_the_bytes_of_their_text(tmp_path, monkeypatch):
+    """Token shards hold no text: the bytes come from the token ids. The Comedy of Errors is ASCII, so the text the
+    target tokens decode to (EOS aside) has exactly as many bytes as characters."""
+    monkeypatch.chdir(REPO)
+    play = (REPO / "data/shakespeare_eval/comedy_of_errors.txt").read_text().split("\n\n")
+    corpus, shards = tmp_path / "speeches.jsonl", tmp_path / "shards"
+    corpus.write_text("".join(json.dumps({"text": speech}) + "\n" for speech in play if speech.strip()))
+    assert prepare_data("--out", str(shards), f"--data.path={corpus}", "--eval.holdout_fraction=0.5") == 0
+    cfg = load_config(REPO / "configs/default.yaml", {"data.path": str(shards), "eval.path": None,
+                                                     "eval.sequences": 6, "train.micro_batch_size": 4})
+    tokenizer = load_tokenizer(str(shards / "tokenizer"))
+    batches = eval_micro_batches(cfg, tokenizer, rank=0, world_size=1)
+    assert sum(len(b["input_ids"]) for b in batches) == 6
+    for batch in batches:
+        text = "".join(tokenizer.decode(row, skip_special_tokens=True) for row in batch["labels"].tolist())
+        assert text.isascii() and int(batch["target_bytes"]) == len(text) > 0
