@@ -194,8 +194,9 @@ def test_a_fresh_default_model_scores_the_bundled_task_near_chance(tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a few minutes on 2 idle cores; 40 on cores shared with other work
 def test_the_default_run_scores_the_bundled_task_above_chance(tmp_path):
-    """The default run (800 steps: minutes on 2 CPU cores), with its default eval.tasks."""
+    """The default run (800 steps), with its default eval.tasks."""
     out = tmp_path / "default"
     result = run_in_process([f"--output_dir={out}", "--tracking.backends=[]", "--sample.max_new_tokens=0"])
     assert result.returncode == 0, result.stderr
