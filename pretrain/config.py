@@ -333,6 +333,11 @@ class EvalConfig:
     """eval data (any form of data.path); null: data's held-out documents (holdout_fraction)"""
     holdout_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     """share of data's documents held out of training for eval (chosen by a hash of the text)"""
+    tasks: list[Text] = field(default_factory=lambda: ["data/tasks/comedy_line_end.jsonl"])
+    """downstream tasks scored at each eval: JSONL files of {context, choices, answer}, hellaswag, arc_easy, piqa,
+    lambada (from the Hub), or NAME=PATH (a local copy of one in the Hub's columns); []: none"""
+    task_items: Annotated[int, COUNT] = 200
+    """items per task: the first ones after a seeded shuffle, the same every eval; 0: all"""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluation: loss and perplexity over a fixed set of held-out sequences, the same set every time."""
+"""Evaluation: loss, perplexity and bits per byte over a fixed set of held-out sequences, the same set every time."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 
 import torch
 from accelerate import Accelerator
+from tokenizers import decoders, pre_tokenizers
 from transformers import PreTrainedTokenizerBase
 
-from pretrain.accumulation import count_target_tokens, null_micro_batch
+from pretrain.accumulation import IGNORE_INDEX, count_target_tokens, null_micro_batch
 from pretrain.config import Config
 from pretrain.data import micro_batch_stream
 from pretrain.errors import ConfigError
@@ -54,6 +56,9 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
     if batches:  # the last micro-batch may be needed only in part
         rows = cfg.eval.sequences - n * (len(batches) - 1)
         batches[-1] = {key: value[:rows] for key, value in batches[-1].items()}
+    byte_counts = token_byte_counts(tokenizer)
+    for batch in batches:  # counted once here, for eval_bpb
+        batch["target_bytes"] = target_bytes(batch["labels"], byte_counts)
     # Every process gets as many batches (the missing ones hold no target token): under FSDP and ZeRO-3 each
     # forward pass gathers weights from all processes, so a process with fewer would leave the others waiting.
     mine = batches[rank::world_size]
@@ -61,21 +66,45 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
                    for _ in range(math.ceil(len(batches) / world_size) - len(mine))]
 
 
+def token_byte_counts(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The UTF-8 bytes each token id stands for in the text (special tokens: 0), exact also for a byte-level
+    token that holds part of a character: the bytes of a sequence's tokens add up to its text's."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    if isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):  # GPT-2's bytes-as-characters alphabet
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        counts = [sum(1 if char in alphabet else len(char.encode()) for char in token or "") for token in tokens]
+    else:  # SentencePiece style: "\u2581" for a space, <0xNN> for one byte of byte fallback
+        counts = [1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token or "") else
+                  len((token or "").replace("\u2581", " ").encode()) for token in tokens]
+    return torch.tensor([0 if i in special else c for i, c in enumerate(counts)], dtype=torch.int64)
+
+
+def target_bytes(labels: torch.Tensor, byte_counts: torch.Tensor) -> torch.Tensor:
+    """The UTF-8 bytes of a micro-batch's target tokens, as a 0-dim int64 tensor."""
+    targets = labels[labels != IGNORE_INDEX]
+    return byte_counts[targets].sum()
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-             loss: str = "full") -> tuple[float, float]:
-    """(mean loss per target token over all processes' eval sequences, its perplexity); `loss` is train.loss."""
+             loss: str = "full") -> dict[str, float]:
+    """eval_loss (mean loss per target token over all processes' eval sequences), eval_perplexity, and eval_bpb:
+    the summed loss in bits over the UTF-8 bytes of the target tokens (`target_bytes` of each batch); `loss` is
+    train.loss."""
     # The unwrapped model: processes may hold different numbers of batches, and DDP's forward would sync.
     module = accelerator.unwrap_model(model)
     was_training = module.training
     module.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in batches:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.autocast():
             totals[0] += summed_loss(module, batch, loss).double()
         totals[1] += count_target_tokens([batch])
+        totals[2] += batch.get("target_bytes", 0)  # (a null micro-batch has none)
     module.train(was_training)
-    loss_sum, tokens = (float(x) for x in accelerator.reduce(totals, "sum"))
-    loss = loss_sum / max(tokens, 1)
-    return loss, math.exp(min(loss, 50.0))
+    loss_sum, tokens, text_bytes = (float(x) for x in accelerator.reduce(totals, "sum"))
+    mean = loss_sum / max(tokens, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)),
+            "eval_bpb": loss_sum / math.log(2) / max(text_bytes, 1)}

@@ -48,8 +48,9 @@ def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
     batches = sorted({row.get("global_batch_size", 0) for row in facts.rows}) or [0]
     k = str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} (train.gradient_accumulation_schedule)"
     batch = " to ".join(f"{g:,}" for g in (batches[0], batches[-1])) if len(batches) > 1 else f"{batches[0]:,}"
-    eval_line = (f"- Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}) "
-                 f"at step {evals[-1]['step']}, on {cfg.eval.path or 'held-out documents of the data'}"
+    bpb = f", {evals[-1]['eval_bpb']:.4f} bits per byte" if evals and "eval_bpb" in evals[-1] else ""
+    eval_line = (f"- Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}"
+                 f"{bpb}) at step {evals[-1]['step']}, on {cfg.eval.path or 'held-out documents of the data'}"
                  if evals else "- No eval loss (eval.every is 0)")
     data = cfg.data.path or ", ".join(f"{source.path} (weight {source.weight})" for source in cfg.data.mixture)
     where = f'`"{cfg.hub.repo_id}"` (on the Hub) or ' if cfg.hub.repo_id else ""
@@ -72,6 +73,7 @@ with the pretrain template, an LLM pretraining template on
 - Final training loss: {last['loss']:.4f} at step {last['step']}
 {eval_line}
 
+{tasks_table(facts.rows)}
 {"![Training curves](curves.png)" if facts.curves else ""}
 
 Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on {where}this folder.
@@ -100,6 +102,22 @@ The script and its arguments, as the last launch got them (a launcher's own flag
 LIMITATIONS = """For research and experiments with pretraining, not for use in products. It is a base model trained
 only to continue text like its data: no instruction tuning, no safety training, and no evaluation beyond the
 losses above. It can write false, biased or offensive text, and repeats the biases of its data."""
+
+
+def tasks_table(rows: list[dict[str, Any]]) -> str:
+    """The downstream tasks (eval.tasks) at the last eval that scored them, as a markdown table; "" when none."""
+    scored = [row for row in rows if any(key.startswith("eval/") for key in row)]
+    if not scored:
+        return ""
+    last = scored[-1]
+    tasks = sorted({key.split("/")[1] for key in last if key.startswith("eval/")})
+    cell = lambda task, metric: f"{last[f'eval/{task}/{metric}']:.4f}" if f"eval/{task}/{metric}" in last else "-"
+    lines = [f"Downstream tasks at step {last['step']} (accuracy by log-likelihood; length-normalised: per byte of "
+             "each choice; bits per byte of the correct continuation):", "",
+             "| task | items | accuracy | length-normalised accuracy | bits per byte |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {task} | {last.get(f'eval/{task}/items', '-')} | {cell(task, 'acc')} | {cell(task, 'acc_norm')} | "
+              f"{cell(task, 'bpb')} |" for task in tasks]
+    return "\n".join(lines) + "\n"
 
 
 def launches(count: int | None) -> str:

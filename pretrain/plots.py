@@ -1,4 +1,5 @@
-"""Training curves of one run, or of several overlaid: loss, eval loss, lr, grad norm, tokens/s, noise scale."""
+"""Training curves of one run, or of several overlaid: loss, eval loss and bits per byte, task accuracy, lr, grad
+norm, tokens/s, noise scale."""
 
 from __future__ import annotations
 
@@ -47,8 +48,26 @@ PANELS = (
     Panel("tokens/s, all processes", "step", ("tokens_per_sec",), False),
 )
 NOISE_PANEL = Panel("gradient noise scale B_simple (tokens)", "step", ("noise_scale_tokens",), True)
+BPB_PANEL = Panel("eval bits per byte (comparable across tokenizers)", "tokens", ("eval_bpb",), False)
 X_LABELS = {"tokens": "target tokens", "step": "optimizer step"}
-STYLES = {"eval_loss": {"linestyle": "--", "marker": "o", "markersize": 4}}  # every other column: a plain line
+EVAL_DOTS = {"linestyle": "--", "marker": "o", "markersize": 4}
+STYLES = {"eval_loss": EVAL_DOTS, "eval_bpb": EVAL_DOTS}  # every other column: a plain line
+
+
+def style_of(column: str, points: int) -> dict[str, Any]:
+    """Eval columns as dots joined by dashes (a task's length-normalised accuracy: dots joined by dots)."""
+    if column.startswith("eval/"):
+        return {**EVAL_DOTS, "linestyle": ":" if column.endswith("/acc_norm") else "-"}
+    return STYLES.get(column, {"linestyle": "-", "marker": "o" if points == 1 else None, "markersize": 4})
+
+
+def task_panels(runs: list[Run]) -> tuple[Panel, ...]:
+    """A panel per downstream task (eval.tasks) that some run logged: its accuracy, length-normalised accuracy
+    (multiple choice) against optimizer steps."""
+    tasks = sorted({column.split("/")[1] for run in runs for row in run.rows for column in row
+                    if column.startswith("eval/") and column.endswith("/acc")})
+    return tuple(Panel(f"{task}: accuracy (solid), length-normalised (dotted)", "step",
+                       (f"eval/{task}/acc", f"eval/{task}/acc_norm"), False) for task in tasks)
 
 
 @dataclass
@@ -164,9 +183,10 @@ def number(value: Any) -> float:
 
 
 def panels_for(runs: list[Run]) -> tuple[Panel, ...]:
-    """The panels: the noise scale's only when some run logged it (train.noise_scale)."""
-    noise = any(NOISE_PANEL.columns[0] in row for run in runs for row in run.rows)
-    return PANELS + (NOISE_PANEL,) if noise else PANELS
+    """The panels: bits per byte, the noise scale's and the tasks' only when some run logged them."""
+    extra = [panel for panel in (BPB_PANEL, NOISE_PANEL)
+             if any(panel.columns[0] in row for run in runs for row in run.rows)]
+    return PANELS + tuple(extra) + task_panels(runs)
 
 
 def line_widths(count: int) -> list[float]:
@@ -190,7 +210,7 @@ def draw_panel(ax: Any, panel: Panel, runs: list[Run], labels: list[str]) -> Non
             xs, ys = series(run.rows, panel.x, column)
             if not xs:
                 continue
-            style = STYLES.get(column, {"linestyle": "-", "marker": "o" if len(xs) == 1 else None, "markersize": 4})
+            style = style_of(column, len(xs))
             ax.plot(xs, ys, color=colour, linewidth=width, label=label, gid=column, alpha=0.85, **style)
             positive = positive or any(y > 0 for y in ys if math.isfinite(y))
         if panel.columns == LOSS:

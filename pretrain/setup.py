@@ -10,7 +10,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +31,7 @@ from pretrain.engines import (describe_engine, enable_activation_checkpointing, 
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
+from pretrain.tasks import Task, load_tasks
 from pretrain.folders import remove_folders
 from pretrain.loss import use_chunked_loss
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
@@ -54,6 +55,7 @@ class Inputs:
     eval_batches: list[dict[str, torch.Tensor]] | None
     stats: DataStats  # documents read so far (the stream fills it in)
     lock: OutputDirLock | None  # held by the main process
+    tasks: list[Task] = field(default_factory=list)  # eval.tasks, tokenized
 
     def abandon(self) -> None:
         """Release the output dir of a run that never started: no lock file (nor the dir it made) is left."""
@@ -145,6 +147,7 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
                                      start=state.data_position, stats=stats,
                                      documents="training" if holdout else "all", holdout_fraction=holdout)
         eval_batches = eval_micro_batches(cfg, tokenizer, accelerator.process_index, plan.num_processes)
+        tasks = load_tasks(cfg.eval, cfg.data.seq_len, tokenizer)
         # Resuming continues the run in output_dir only from one of its own checkpoints; one of another run's
         # would replace what is there.
         own = resume_from is not None and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(
@@ -160,7 +163,7 @@ def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
         if lock is not None:
             lock.abandon()
         raise
-    return Inputs(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock)
+    return Inputs(plan, tokenizer, model_config, state, resume_from, batches, eval_batches, stats, lock, tasks)
 
 
 def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:

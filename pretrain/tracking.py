@@ -43,7 +43,11 @@ def describe_step(row: dict[str, Any], finite: bool) -> str:
 
 
 def describe_eval(row: dict[str, Any]) -> str:
-    return f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_perplexity']:.2f}"
+    tasks = "".join(f", {key.split('/')[1]} accuracy {value:.3f}" for key, value in row.items()
+                    if key.startswith("eval/") and key.endswith("/acc"))
+    seconds = f" ({row['eval_seconds']:.1f} s)" if "eval_seconds" in row else ""
+    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_perplexity']:.2f}, "
+            f"bits per byte {row['eval_bpb']:.4f}{tasks}{seconds}")
 
 
 class MetricsLogger:

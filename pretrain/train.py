@@ -27,6 +27,8 @@ from pretrain.distributed import agree, all_true, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
 from pretrain.errors import RunError, Stopped, StoppedWhileStarting, first_line
 from pretrain.evaluation import evaluate
+from pretrain.task_scoring import evaluate_tasks
+from pretrain.tasks import Task
 from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final, prepare_output_dir
 from pretrain.preemption import StopRequest
@@ -63,6 +65,7 @@ class Run:
     state: TrainerState  # step, tokens, data position, ...: what a checkpoint saves beside the weights
     reader: MicroBatchReader
     eval_batches: list[dict[str, torch.Tensor]] | None
+    tasks: list[Task]  # eval.tasks, scored at each eval
     progress: tqdm  # the loop's steps
     stop_request: StopRequest
     lock: OutputDirLock | None
@@ -115,7 +118,7 @@ def setup(cfg: Config, command: str, stop_request: StopRequest) -> Run:
         run = Run(cfg=cfg, accelerator=accelerator, plan=inputs.plan, model=built.model, optimizer=built.optimizer,
                   tokenizer=inputs.tokenizer, state=state,
                   reader=MicroBatchReader(inputs.batches, accelerator.device, start=state.data_position),
-                  eval_batches=inputs.eval_batches,
+                  eval_batches=inputs.eval_batches, tasks=inputs.tasks,
                   progress=progress_bar(state, cfg.train.max_steps, accelerator.is_main_process),
                   stop_request=stop_request, lock=inputs.lock, stats=inputs.stats,
                   flops_per_token=built.flops_per_token, peak_flops=built.peak_flops,
@@ -231,8 +234,11 @@ def evaluate_and_log(run: Run, row: dict, finite: bool) -> None:
     cfg, step = run.cfg, row["step"]
     last = step == cfg.train.max_steps
     if run.eval_batches is not None and (step % cfg.eval.every == 0 or last):
-        row["eval_loss"], row["eval_perplexity"] = evaluate(run.accelerator, run.model, run.eval_batches,
-                                                            cfg.train.loss)
+        started = time.perf_counter()
+        row |= evaluate(run.accelerator, run.model, run.eval_batches, cfg.train.loss)
+        row |= evaluate_tasks(run.accelerator, run.model, run.tasks, seq_len=cfg.data.seq_len,
+                              micro_batch_size=run.plan.micro_batch_size, loss=cfg.train.loss)
+        row["eval_seconds"] = time.perf_counter() - started
         say(describe_eval(row))
     if run.metrics is None:  # the first row: output_dir is written to from here on
         commit(run)

@@ -22,9 +22,10 @@ SLOW_SAVE = REPO / "tests" / "slow_save.py"  # scripts/pretrain.py with each sav
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 # A llama small enough that a dozen optimizer steps take seconds on 2 CPU cores.
+# No downstream task either (eval.tasks: tests/test_tasks.py scores them): it would cost each run's evals seconds.
 TINY_LLAMA = ["--model.hidden_size=64", "--model.num_hidden_layers=2", "--model.num_attention_heads=2",
-              "--model.num_key_value_heads=2", "--model.intermediate_size=128"]
-QUIET = ["--sample.max_new_tokens=8", "--train.log_every=1000"]
+              "--model.num_key_value_heads=2", "--model.intermediate_size=128", "--eval.tasks=[]"]
+QUIET = ["--sample.max_new_tokens=8", "--train.log_every=1000", "--eval.tasks=[]"]
 # A launched process's own time limit: generous, because a loaded machine stretches a run 3x and more (a fixed
 # 180-240 s once came close). A real hang still fails, by pytest-timeout's limit in pyproject.toml.
 LAUNCH_TIMEOUT = 600
