@@ -43,7 +43,7 @@ def first_epoch_warning(cfg: Config, plan: AccumulationPlan, before: DataPositio
                         step: int) -> str | None:
     """The warning line of optimizer step `step`, which took the raw-text stream from `before` into its second epoch
     (`after`), when train.max_steps will read the data more than once; None for any other step."""
-    if before.text is None or after.text is None or not (before.text.epoch == 0 < after.text.epoch):
+    if before.epoch() is None or after.epoch() is None or not (before.epoch() == 0 < after.epoch()):
         return None
     # Epoch 0 ended within this step: it holds from before.sequences to after.sequences - 1 of them; take the middle.
     per_epoch = max(1, round((before.sequences + after.sequences - 1) / 2))

@@ -757,7 +757,7 @@ def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
     assert local_files(str(data)) == [str(data / "a.txt"), str(data / "hard_b.txt")]
     assert local_files(f"{data}/**/*.txt") == [str(data / "a.txt"), str(data / "hard_b.txt")]
     result = run_in_process([*TINY_RUN, f"--output_dir={tmp_path / 'run'}", f"--data.path={data}",
-                             "--data.repeat=false", "--train.max_steps=1000", "--checkpoint.every=0"])
+                             "--data.partitions=1", "--data.repeat=false", "--train.max_steps=1000", "--checkpoint.every=0"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "data: 2 documents read" in result.stdout  # one epoch of two files, not dozens of copies
 
