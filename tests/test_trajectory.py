@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -71,6 +72,26 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
     assert_export_is_final(b, 5, tmp_path / "exported")  # DDP's checkpoint, exported in this one process
     assert_big_batch_is_the_whole_step(b)  # the noise scale's B: the step's tokens on both processes
     assert card_global_batch((b / "final" / "README.md").read_text()) == (8, 2, 2, 2)  # G = P x K x N
+
+
+@pytest.mark.slow
+def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_on_raw_text(tmp_path):
+    # Raw text in 64 partitions: 4 processes tokenize 16 each. Run a: 1 process throughout; run b: 4 processes;
+    # run c: 3 steps on 2 processes, resumed on 1 (the reverse of the test above), then on 4.
+    args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
+            "--train.min_lr_ratio=1"]
+    a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=6"])
+    b, result_b = trained(tmp_path, "p4", [*args, "--train.max_steps=6"], processes=4)
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=3"], processes=2)
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=4", f"--resume={c}/checkpoints/step_3"])
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=6", f"--resume={c}/checkpoints/step_4"], processes=4)
+    assert [r["gradient_accumulation_steps"] for r in read_metrics(c)] == [2, 2, 2, 4, 1, 1]
+    assert_same_trajectory(a, b)
+    assert_same_trajectory(a, c)
+    # The end line: process 0 of 4 tokenized about a quarter of the text it read (all of it, on one process).
+    shares = [float(re.search(r"tokenized [\d,]+ of the [\d,]+ bytes of text it read \((\S+)%\)", r.stdout)[1])
+              for r in (result_a, result_b)]
+    assert shares[0] == 100.0 and 20 < shares[1] < 30
 
 
 @pytest.mark.slow
