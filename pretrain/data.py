@@ -195,14 +195,19 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, m
     return itertools.chain([first] if first is not None else [], stream)
 
 
+def check_partitions(cfg: DataConfig, world_size: int) -> None:
+    """Raw text: the processes share the partitions evenly (token shards need no partitions)."""
+    if cfg.partitions % world_size and (cfg.mixture or not is_token_shards(cfg.path)):
+        raise ConfigError(f"data.partitions: {cfg.partitions} partitions cannot be shared by {world_size} processes; "
+                          "give a multiple of the process count (the same for every run that should follow the "
+                          f"same trajectory), or run on a number of processes that divides {cfg.partitions}")
+
+
 def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int, world_size: int,
                     start: DataPosition, stats: DataStats, documents: Documents, holdout_fraction: float, field: str,
                     loader_args: dict[str, Any]) -> LocalSequences:
     """The raw-text sequences of process `rank`'s partitions, from `start` on, tokenized by the DataLoader's workers."""
-    if cfg.partitions % world_size:
-        raise ConfigError(f"data.partitions: {cfg.partitions} partitions cannot be shared by {world_size} processes; "
-                          "give a multiple of the process count (the same for every run that should follow the "
-                          f"same trajectory), or run on a number of processes that divides {cfg.partitions}")
+    check_partitions(cfg, world_size)
     if start.text is None:
         raise ConfigError(f"resume: the checkpoint's data position {start.to_json()} was saved reading token "
                           f"shards, but {field} is raw text; resume with the data it was made with")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, prepare_data
+from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, run_accelerate_launch
 from pretrain.config import DataConfig
 from pretrain.errors import ConfigError
 from pretrain.text_data import DataStats
@@ -99,6 +99,21 @@ def test_a_process_tokenizes_only_its_share_of_the_text(corpus, tokenizer, proce
 def test_a_process_count_that_does_not_divide_the_partitions_is_refused(corpus, tokenizer):
     with pytest.raises(ConfigError, match=r"^data.partitions: 12 partitions cannot be shared by 5 processes"):
         micro_batch_stream(config(corpus["text"]), tokenizer, micro_batch_size=N, rank=0, world_size=5)
+
+
+@pytest.mark.slow
+def test_a_launch_on_a_process_count_that_does_not_divide_the_partitions_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    result = run_accelerate_launch([*TINY_LLAMA, *QUIET, "--train.global_batch_size=12", "--train.micro_batch_size=2",
+                                    "--train.gradient_accumulation_steps=null", f"--output_dir={out}"],
+                                   num_processes=3)
+    # Each process exits with status 2 after the main one prints the line (the launcher then adds its report).
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        "error: data.partitions: 64 partitions cannot be shared by 3 processes; give a multiple of the process count "
+        "(the same for every run that should follow the same trajectory), or run on a number of processes that "
+        "divides 64")
+    assert not out.exists()
 
 
 def test_text_and_shards_give_the_same_sequences(corpus, tokenizer):
