@@ -39,7 +39,7 @@ from pretrain.paths import kind_of
 from pretrain.preemption import prepare_worker
 from pretrain.text_data import (DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks, pack,
                                 split_documents)
-from pretrain.token_shards import TokenShards, is_token_shards
+from pretrain.token_shards import is_token_shards, open_token_shards
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a repo on the Hub: name or owner/name
 
@@ -128,19 +128,16 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
         self.path, self.seq_len, self.n = cfg.path, cfg.seq_len, micro_batch_size
         self.rank, self.world_size, self.start = rank, world_size, start_sequences
         self.repeat, self.shuffle, self.seed = cfg.repeat, cfg.shuffle, cfg.seed
-        shards = TokenShards(cfg.path)
+        shards = open_token_shards(cfg.path)
+        shards.check_tokenizer(cfg.tokenizer, tokenizer)
         self.windows = (shards.total - 1) // cfg.seq_len  # per epoch; the last partial window is dropped
         if self.windows < 1:
             raise ConfigError(f"{field}: {cfg.path!r} holds fewer than data.seq_len + 1 = {cfg.seq_len + 1} tokens")
-        if shards.vocab_size != len(tokenizer):
-            raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {cfg.path!r} was prepared with a "
-                              f"{shards.vocab_size}-token tokenizer; use that tokenizer (saved in the shards' "
-                              "tokenizer/)")
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards, orders = TokenShards(self.path), {}
+        shards, orders = open_token_shards(self.path), {}
         end = None if self.repeat else self.windows  # sequences in the whole stream
         round_size = self.world_size * self.n
         for local in itertools.count(worker, workers):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pretrain.accumulation import AccumulationPlan
 from pretrain.config import Config
 from pretrain.data_position import DataPosition
-from pretrain.token_shards import TokenShards, is_token_shards
+from pretrain.token_shards import is_token_shards, open_token_shards
 
 
 def sequences_read(plan: AccumulationPlan, steps: int, per_epoch: int) -> int:
@@ -28,7 +28,7 @@ def shards_warning(cfg: Config, plan: AccumulationPlan) -> str | None:
     """The warning line of a run that will read its token shards more than once (data.repeat: true), or None."""
     if not cfg.data.repeat or cfg.data.mixture or not is_token_shards(cfg.data.path):
         return None
-    shards = TokenShards(cfg.data.path)
+    shards = open_token_shards(cfg.data.path)
     per_epoch = (shards.total - 1) // cfg.data.seq_len  # windows of seq_len + 1 tokens overlapping by one
     needed = sequences_read(plan, cfg.train.max_steps, per_epoch)
     if needed <= per_epoch:

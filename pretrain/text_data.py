@@ -74,12 +74,13 @@ class TokenBlock:
 
 
 def pieces_of(text: bytes, size: int = PIECE_BYTES) -> list[bytes]:
-    """`text` cut at line starts (after a newline, before a non-space) into pieces of `size` bytes or more, each
-    cut at the first line start past `size` that leaves at least size / 2 bytes after it."""
+    """`text` cut at line starts (after a newline between non-spaces) into pieces of `size` bytes or more, each
+    cut at the first such place past `size` that leaves at least size / 2 bytes after it."""
     pieces, start = [], 0
     while len(text) - start >= size + size // 2:
         cut = text.find(b"\n", start + size - 1)
-        while cut != -1 and text[cut + 1:cut + 2].isspace():
+        # A newline between two non-spaces: byte-level BPE (GPT-2's) splits there anyway, so cutting keeps the tokens.
+        while cut != -1 and (text[cut + 1:cut + 2].isspace() or text[cut - 1:cut].isspace()):
             cut = text.find(b"\n", cut + 1)
         if cut == -1 or len(text) - (cut + 1) < size // 2:
             break

@@ -38,7 +38,18 @@ def corpus(tmp_path_factory):
     shards = root / "shards"
     assert prepare_data("--out", str(shards), "--shard-tokens", "7000", f"--data.path={text}",
                         "--data.num_workers=2", f"--data.tokenizer={REPO / 'data' / 'tokenizer'}") == 0
-    return {"text": str(text), "shards": str(shards)}
+    return {"text": str(text), "shards": str(shards), "datatrove": datatrove_tokenized(text, root / "datatrove")}
+
+
+def datatrove_tokenized(jsonl: Path, out: Path) -> str:
+    """The JSONL files tokenized by datatrove's own pipeline, in two tasks (two .ds files), unshuffled."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    LocalPipelineExecutor(pipeline=[JsonlReader(str(jsonl)), DocumentTokenizer(
+        str(out), tokenizer_name_or_path=str(REPO / "data" / "tokenizer" / "tokenizer.json"),
+        eos_token="<|endoftext|>", shuffle_documents=False)], tasks=2, logging_dir=str(out.parent / "logs")).run()
+    return str(out)
 
 
 def config(path, **overrides):
@@ -67,7 +78,7 @@ def global_order(process_rounds):
             if mb is not None and row < mb.sequences]
 
 
-@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("kind", ["text", "shards", "datatrove"])
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("processes", [1, 2, 3, 4])
 def test_processes_and_workers_read_each_sequence_exactly_once(corpus, tokenizer, kind, workers, processes):
@@ -122,9 +133,11 @@ def test_text_and_shards_give_the_same_sequences(corpus, tokenizer):
     text = global_order(rounds(config(corpus["text"], repeat=False, shuffle=False, partitions=1), tokenizer, 1))
     shards = global_order(rounds(config(corpus["shards"], repeat=False, shuffle=False), tokenizer, 1))
     assert text == shards
+    # datatrove's tokenizer, on documents shorter than a piece: the same token stream, so the same windows.
+    assert global_order(rounds(config(corpus["datatrove"], repeat=False, shuffle=False), tokenizer, 1)) == shards
 
 
-@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("kind", ["text", "shards", "datatrove"])
 def test_shuffling_is_seeded(corpus, tokenizer, kind):
     def order(**overrides):
         return global_order(rounds(config(corpus[kind], repeat=False, **overrides), tokenizer, 1))
@@ -133,7 +146,7 @@ def test_shuffling_is_seeded(corpus, tokenizer, kind):
     assert order() != order(shuffle=False)
 
 
-@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("kind", ["text", "shards", "datatrove"])
 @pytest.mark.parametrize("stop", ["first", "middle, 2 workers", "next epoch"])
 def test_resume_continues_with_exactly_the_next_sequences(corpus, tokenizer, kind, stop):
     cfg = config(corpus[kind], num_workers=2 if "workers" in stop else 0)
@@ -151,7 +164,7 @@ def test_resume_continues_with_exactly_the_next_sequences(corpus, tokenizer, kin
     assert resumed[0].epoch == (1 if stop == "next epoch" else 0)
 
 
-@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("kind", ["text", "shards", "datatrove"])
 @pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2), (4, 2), (1, 4)])
 def test_a_position_saved_by_p_processes_resumes_on_another_p(corpus, tokenizer, kind, saved_by, resumed_by):
     cfg = config(corpus[kind])
