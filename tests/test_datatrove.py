@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import re
 import shutil
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_in_process
-from test_data_stream import datatrove_tokenized
 from pretrain.config import DataConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.errors import ConfigError
@@ -83,11 +82,14 @@ def test_a_copy_of_the_tokenizer_elsewhere_is_another_tokenizer_by_name(tmp_path
 
 @pytest.mark.slow
 def test_the_bundled_corpus_prepared_by_datatrove_trains_and_matches_prepare_data(tmp_path):
-    # The seven plays as JSONL (one document each, in data.path's file order), tokenized by datatrove's pipeline.
-    (tmp_path / "jsonl").mkdir()
+    # The seven plays (one document each, in data.path's file order), tokenized by datatrove's pipeline in 2 tasks.
     plays = sorted((REPO / "data" / "shakespeare").glob("*.txt"))
-    (tmp_path / "jsonl" / "plays.jsonl").write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in plays))
-    folder = datatrove_tokenized(tmp_path / "jsonl", tmp_path / "datatrove")
+    folder = str(tmp_path / "datatrove")
+    script = importlib.util.spec_from_file_location("prepare_datatrove", REPO / "scripts" / "prepare_datatrove.py")
+    prepare_datatrove = importlib.util.module_from_spec(script)
+    script.loader.exec_module(prepare_datatrove)
+    assert prepare_datatrove.main(["--input", str(REPO / "data" / "shakespeare"), "--out", folder, "--tokenizer",
+                                   TOKENIZER, "--tasks", "2"]) == 0
     assert prepare_data("--out", str(tmp_path / "shards"), f"--data.path={REPO / 'data' / 'shakespeare'}") == 0
     ours, theirs = (open_token_shards(p) for p in (str(tmp_path / "shards"), folder))
     ours, theirs = ours.read(0, ours.total), theirs.read(0, theirs.total)
