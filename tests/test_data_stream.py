@@ -78,9 +78,13 @@ def global_order(process_rounds):
             if mb is not None and row < mb.sequences]
 
 
+# Workers take a few seconds to start: the fast tier runs them with 2 processes only.
+SPLITS = [(p, w) if w == 0 or p == 2 else pytest.param(p, w, marks=pytest.mark.slow) for p in (1, 2, 3, 4)
+          for w in (0, 2)]
+
+
 @pytest.mark.parametrize("kind", ["text", "shards", "datatrove"])
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+@pytest.mark.parametrize("processes, workers", SPLITS)
 def test_processes_and_workers_read_each_sequence_exactly_once(corpus, tokenizer, kind, workers, processes):
     single = global_order(rounds(config(corpus[kind], repeat=False), tokenizer, 1))
     split = global_order(rounds(config(corpus[kind], repeat=False, num_workers=workers), tokenizer, processes))
