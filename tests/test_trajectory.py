@@ -76,10 +76,11 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
 
 @pytest.mark.slow
 def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_on_raw_text(tmp_path):
-    # Raw text in 64 partitions: 4 processes tokenize 16 each. Run a: 1 process throughout; run b: 4 processes;
-    # run c: 3 steps on 2 processes, resumed on 1 (the reverse of the test above), then on 4.
+    # Raw text in 8 partitions (few enough that the steps come back to each): 4 processes tokenize 2 each. Run a:
+    # 1 process throughout; run b: 4 processes; run c: 3 steps on 2 processes, resumed on 1 (the reverse of the
+    # test above), then on 4: a checkpoint must hold every process's partitions.
     args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
-            "--train.min_lr_ratio=1"]
+            "--train.min_lr_ratio=1", "--data.partitions=8"]
     a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=6"])
     b, result_b = trained(tmp_path, "p4", [*args, "--train.max_steps=6"], processes=4)
     c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=3"], processes=2)
