@@ -1,12 +1,15 @@
 """Tokens per second of the data pipeline alone, next to the bare tokenizer and the training loop's own rate.
 
     python benchmarks/data_throughput.py [--corpus DIR] [--seq-len 128] [--micro-batch-size 8] [--passes 6]
+                                         [--processes-only]
 
 Figures, in one run on the same text:
   1. the bare tokenizer: `encode_batch_fast` over every document `passes` times, on all cores (the ceiling);
   2. the raw-text pipeline (read, tokenize, pack, shuffle, collate) for as many tokens, with 0 and 2 workers;
   3. the pre-tokenized pipeline (token shards by memory map), in this process with torch on one thread;
-  4. the default training run's consumption (scripts/pretrain.py, median tokens/s of steps 10-40).
+  4. the default training run's consumption (scripts/pretrain.py, median tokens/s of steps 10-40);
+  5. (alone with --processes-only) the raw-text pipeline of process 0 of P = 1, 2 and 4 over one epoch, side by
+     side: the share of the text it tokenized (its data.partitions) and the sequences/s it delivers.
 The corpus is ../shared/corpus/shakespeare when it exists (else data/shakespeare), cut into
 documents of about 3,000 characters, as in web-scale corpora.
 """
@@ -29,6 +32,7 @@ import torch  # noqa: E402
 
 from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import load_tokenizer, micro_batch_stream  # noqa: E402
+from pretrain.text_data import DataStats  # noqa: E402
 
 
 def write_documents(corpus: str, out: str, chars: int = 3000) -> list[str]:
@@ -65,6 +69,21 @@ def pipeline_rate(cfg: DataConfig, tokenizer, micro_batch_size: int, max_tokens:
     return tokens / (time.perf_counter() - started)
 
 
+def process_shares(jsonl: str, tokenizer, seq_len: int, micro_batch_size: int) -> None:
+    """Process 0 of P's raw-text stream over one epoch, in this process: what it tokenized, and how fast."""
+    for processes in (1, 2, 4):
+        cfg, stats = DataConfig(path=jsonl, seq_len=seq_len, repeat=False), DataStats()
+        started, sequences = time.perf_counter(), 0
+        for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=micro_batch_size, rank=0,
+                                     world_size=processes, stats=stats):
+            sequences += mb.sequences
+        rate = sequences / (time.perf_counter() - started)
+        print(f"raw text, P={processes}: process 0 tokenized {stats.bytes_tokenized / 1e6:.2f} of the "
+              f"{stats.bytes_read / 1e6:.2f} MB it read ({stats.bytes_tokenized / stats.bytes_read:.1%}), "
+              f"{sequences:,} sequences at {rate:,.0f} sequences/s ({rate * seq_len / 1e6:.2f} M tokens/s; the P "
+              f"processes together {processes * rate * seq_len / 1e6:.2f} M)")
+
+
 def training_rate() -> float:
     """Median tokens/s of the default run, on the raw text as shipped (the data path it really uses)."""
     with tempfile.TemporaryDirectory() as out:
@@ -83,6 +102,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--passes", type=int, default=6, help="epochs over the corpus for the raw-text figures")
+    parser.add_argument("--processes-only", action="store_true", help="only process 0's share at P = 1, 2, 4")
     args = parser.parse_args()
     tokenizer = load_tokenizer(os.path.join(ROOT, "data", "tokenizer"))
 
@@ -91,13 +111,16 @@ def main() -> int:
         documents = write_documents(args.corpus, jsonl)
         print(f"corpus: {os.path.normpath(args.corpus)}, {len(documents):,} documents, {sum(map(len, documents)) / 1e6:.1f} M characters; "
               f"seq_len {args.seq_len}, micro-batch {args.micro_batch_size}, {os.cpu_count()} cores")
-
+        passes = 1 if args.processes_only else args.passes
         started = time.perf_counter()
-        tokens = sum(len(e.ids) for _ in range(args.passes) for i in range(0, len(documents), 256)
+        tokens = sum(len(e.ids) for _ in range(passes) for i in range(0, len(documents), 256)
                      for e in tokenizer.backend_tokenizer.encode_batch_fast(documents[i:i + 256],
                                                                             add_special_tokens=False))
         bare = tokens / (time.perf_counter() - started)
         report("bare tokenizer (encode_batch_fast, all cores)", bare)
+        if args.processes_only:  # (one pass for the bare tokenizer: the reference the lines below compare with)
+            process_shares(jsonl, tokenizer, args.seq_len, args.micro_batch_size)
+            return 0
 
         text_rates = {}
         for workers in (0, 2):  # as many tokens as the bare tokenizer did: `passes` epochs

@@ -44,7 +44,7 @@ WEIGHTS_FILE = "model.safetensors"  # the model's weights as accelerator.save_st
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that fix the model's shape and the data stream: a checkpoint resumes only under the same ones.
 MUST_MATCH = ("model", "data.path", "data.mixture", "data.name", "data.split", "data.tokenizer", "data.seq_len",
-              "data.packing", "data.shuffle", "data.seed", "data.block_chars", "data.text_column",
+              "data.packing", "data.shuffle", "data.seed", "data.block_chars", "data.text_column", "data.partitions",
               "eval.holdout_fraction")
 
 

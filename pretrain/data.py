@@ -1,20 +1,20 @@
 """Training data: documents -> tokens -> sequences in one global order, dealt out to processes and workers.
 
-The global stream of sequences is fixed by the data config and seed alone. Counting micro-batches
-of N sequences from where the run starts, process p of P keeps micro-batch m when m % P == p, so an
-optimizer step consumes the same consecutive block of sequences whatever P, K and N are, as long
-as P x K x N is. Two producers feed that stream:
+The global stream of sequences is fixed by the data config and seed alone. Counting rounds of P x N
+sequences from where the run starts, process p of P takes the sequences i of a round with i % P == p, so an
+optimizer step consumes the same consecutive block of sequences whatever P, K and N are, as long as
+P x K x N is. Two producers feed that stream:
 
-- Raw text (tokenized on the fly): DataLoader workers tokenize blocks of about `data.block_chars`
-  characters (block b goes to worker b % W); the main process packs the blocks in order, so the
-  sequences do not depend on W, and shuffles each block's sequences with a permutation seeded by
-  (seed, epoch, block). Every process tokenizes the whole stream and keeps its share; for many
-  GPUs, pre-tokenize instead.
+- Raw text (pretrain.text_data, tokenized on the fly): the stream is cut into data.partitions canonical
+  partitions, global sequence i being the next of partition i % C; process p reads the whole stream but
+  tokenizes and packs only the partitions c with c % P == p (P must divide C), its DataLoader workers
+  taking its blocks in turn.
 - Token shards (scripts/prepare_data.py): sequence i of epoch e is window perm_e[i] of the token
   stream, read straight from memory-mapped files; each worker reads only the micro-batches it serves.
 
-A DataPosition says where the stream stands after an optimizer step (saved as JSON in every checkpoint);
-starting a stream from it continues exactly where an uninterrupted run would be, re-tokenizing at most one block.
+A DataPosition says where the stream stands after an optimizer step (saved as JSON in every checkpoint, with
+every process's partitions); starting a stream from it continues exactly where an uninterrupted run would be,
+re-tokenizing at most one block, on any P that divides data.partitions.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from pretrain.document_masking import document_positions
 from pretrain.errors import ConfigError, first_line
 from pretrain.paths import kind_of
 from pretrain.preemption import prepare_worker
-from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
-from pretrain.token_shards import TokenShards, is_token_shards
+from pretrain.text_data import (DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks, pack,
+                                split_documents)
+from pretrain.token_shards import is_token_shards, open_token_shards
 
-# Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
-Documents = Literal["all", "training", "held_out"]
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a repo on the Hub: name or owner/name
 
 
@@ -72,173 +71,30 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 @dataclass
-class DataStats:
-    """What the text path met on its way: counted in the main process, reported at the end of a run."""
-    documents: int = 0
-    empty_documents: int = 0
-    replaced_chars: int = 0  # U+FFFD in the text, almost always from invalid UTF-8
-
-
-@dataclass
 class MicroBatch:
     batch: dict[str, torch.Tensor]  # input_ids, labels (attention_mask when unpacked, position_ids when masking)
-    epoch: int  # epoch of its first sequence
+    epoch: int  # epoch of its first sequence (raw text: of this process's first partition's next sequence)
     position: DataPosition  # where the global stream stands once every process has taken this round
+    sequences: int  # the sequences it holds (fewer than N when the data ends in it)
 
 
-# --------------------------------------------------------------------------- raw text, tokenized on the fly
-
-
-@dataclass
-class TokenBlock:
-    epoch: int
-    block: int
-    tokens: np.ndarray | None  # the block's documents, each followed by EOS; None marks the end of the epoch
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens per document (EOS included)
-    documents: int = 0
-    empty_documents: int = 0
-    replaced_chars: int = 0
-
-
-class TextBlocks(torch.utils.data.IterableDataset):
-    """Token blocks in order: every worker reads all documents, but tokenizes only the blocks it owns."""
-
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, documents: Documents = "all",
-                 holdout_fraction: float = 0.0, start: TextCursor = TextCursor(), repeat: bool, shuffle: bool,
-                 field: str = "data.path"):
-        super().__init__()
-        self.sources = sources_of(cfg)
-        self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else field)
-                       for i, s in enumerate(self.sources)]
-        self.tokenizer, self.eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
-        self.block_chars, self.seed = cfg.block_chars, cfg.seed
-        self.documents, self.holdout_fraction = documents, holdout_fraction
-        self.start, self.repeat, self.shuffle = start, repeat, shuffle
-
-    def __iter__(self) -> Iterator[TokenBlock]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        owned = (item % workers == worker for item in itertools.count())  # items are dealt round-robin
-        epoch, first_block = self.start.epoch, self.start.block
-        while True:
-            blocks = 0
-            for block, texts in enumerate(self._blocks(epoch)):
-                blocks += 1
-                # Blocks before the resume point are read (cheap) but not tokenized (dear).
-                if block >= first_block and next(owned):
-                    yield self._tokenize(epoch, block, texts)
-            if next(owned):
-                yield TokenBlock(epoch, blocks, None)
-            if not self.repeat:
-                return
-            epoch, first_block = epoch + 1, 0
-
-    def _blocks(self, epoch: int) -> Iterator[list[str]]:
-        weights = [s.weight for s in self.sources]
-        texts, chars, held_out = [], 0, self.documents == "held_out"
-        for batch in self._read(epoch_texts(self.opened, weights, self.seed, epoch, self.shuffle)):
-            for text in map(decode, batch):
-                if self.documents != "all" and is_held_out(text, self.holdout_fraction) != held_out:
-                    continue
-                texts.append(text)
-                chars += len(text)
-                if chars >= self.block_chars:
-                    yield texts
-                    texts, chars = [], 0
-        if texts:
-            yield texts
-
-    def _read(self, batches: Iterator[list]) -> Iterator[list]:
-        """The batches, with a failure while streaming (a later file without the column...) as a ConfigError."""
-        while True:
-            try:
-                table = next(batches)
-            except StopIteration:
-                return
-            except Exception as err:
-                if len(self.opened) == 1:
-                    raise self.opened[0].read_error(err) from None
-                found = next(filter(None, (source.file_at_fault() for source in self.opened)), None)
-                raise found or ConfigError(f"data.mixture: cannot read one of the sources ({first_line(err)})") \
-                    from None
-            yield table
-
-    def _tokenize(self, epoch: int, block: int, texts: list[str]) -> TokenBlock:
-        kept = [t for t in texts if t]  # empty documents are skipped
-        # No BOS or other special tokens: documents are joined by EOS only.
-        ids = [e.ids for e in self.tokenizer.encode_batch_fast(kept, add_special_tokens=False)]
-        ids = [doc + [self.eos] for doc in ids if doc]
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
-        return TokenBlock(epoch, block, tokens, np.array([len(d) for d in ids], dtype=np.int64), len(texts),
-                          len(texts) - len(ids), sum(t.count(REPLACEMENT_CHAR) for t in kept))
-
-
-def text_sequences(blocks: Iterator[TokenBlock], cfg: DataConfig, *, start: TextCursor, stats: DataStats,
-                   source: str = "data.path") -> Iterator[tuple[np.ndarray, int, TextCursor]]:
-    """(sequence of up to data.seq_len + 1 tokens, epoch, cursor after it), from blocks arriving in order.
-
-    `source` names the data in messages: "data.path: 'corpus.txt'"."""
-    seq_len = cfg.seq_len
-    carry, taken, emitted_this_epoch = np.asarray(start.carry, np.int64), start.taken, start.taken > 0
-    for block in blocks:
-        if block.tokens is None:  # end of an epoch: the packing tail is dropped, the next epoch starts clean
-            if not emitted_this_epoch:  # (packed, the epoch's tokens are all in the carry)
-                shorter = f" or a data.seq_len of at most {len(carry) - 1}" if cfg.packing and len(carry) > 1 else ""
-                raise ConfigError(f"{source} holds no sequence of data.seq_len + 1 = {seq_len + 1} tokens (in epoch "
-                                  f"{block.epoch}, after skipping empty documents); give more text{shorter}")
-            carry, emitted_this_epoch = np.zeros(0, np.int64), False
-            continue
-        stats.documents += block.documents
-        stats.empty_documents += block.empty_documents
-        stats.replaced_chars += block.replaced_chars
-        carry_in = carry
-        if cfg.packing:
-            sequences, carry = pack(np.concatenate([carry_in, block.tokens]), seq_len)
-        else:
-            sequences = split_documents(block.tokens, block.lengths, seq_len)
-        order = np.random.default_rng([cfg.seed, block.epoch, block.block]).permutation(len(sequences)) \
-            if cfg.shuffle else range(len(sequences))
-        carry_ids = tuple(carry_in.tolist())  # shared by the cursors of this block's sequences
-        for k in range(taken, len(sequences)):
-            emitted_this_epoch = True
-            yield sequences[order[k]], block.epoch, TextCursor(block.epoch, block.block, carry_ids, k + 1)
-        taken = 0
-
-
-def pack(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of seq_len + 1 tokens overlapping by one (each token is a target once), and the leftover tail."""
-    count = max(0, (len(tokens) - 1) // seq_len)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:count] if count \
-        else np.zeros((0, seq_len + 1), np.int64)
-    return windows, tokens[count * seq_len:]
-
-
-def split_documents(tokens: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[np.ndarray]:
-    """Unpacked: each document on its own, cut into pieces of at most seq_len + 1 tokens overlapping by one."""
-    pieces, ends = [], np.cumsum(lengths)
-    for begin, end in zip(ends - lengths, ends):
-        for start in range(begin, end - 1, seq_len):
-            pieces.append(tokens[start:min(start + seq_len + 1, end)])
-    return pieces
-
-
-def deal(sequences: Iterator[tuple[np.ndarray, int, TextCursor]], *, micro_batch_size: int, rank: int,
-         world_size: int, start_sequences: int, pad_id: int) -> Iterator[MicroBatch]:
-    """This process's micro-batches of the global stream: micro-batch m goes to process m % P."""
+def deal(local: LocalSequences, *, micro_batch_size: int, world_size: int, start_sequences: int,
+         pad_id: int) -> Iterator[MicroBatch]:
+    """This process's micro-batches of the global stream: of each round of P x N sequences (slots), the slots
+    i with i % P == p, which are sequences of its own partitions. A partition whose data is over (data.repeat:
+    false) leaves its slots empty, so a micro-batch may hold fewer than N sequences; slots still count."""
     consumed = start_sequences
-    rounds = _chunks(_chunks(sequences, micro_batch_size), world_size)
-    for round_ in rounds:
-        consumed += sum(len(mb) for mb in round_)
-        position = DataPosition(consumed, round_[-1][-1][2])  # after the whole round
-        if rank < len(round_):
-            mb = round_[rank]
-            yield MicroBatch(collate([s for s, _, _ in mb], pad_id), mb[0][1], position)
+    while not local.over():
+        epoch = local.epoch()
+        sequences = [s for s in (local.next() for _ in range(micro_batch_size)) if s is not None]
+        consumed += world_size * micro_batch_size
+        batch = collate(sequences, pad_id) if sequences else empty_batch(pad_id)
+        yield MicroBatch(batch, epoch, DataPosition(consumed, local.cursors()), len(sequences))
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
+def empty_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch whose slots are all empty: one token with no target."""
+    return {"input_ids": torch.full((1, 1), pad_id), "labels": torch.full((1, 1), IGNORE_INDEX)}
 
 
 def collate(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -261,7 +117,8 @@ def collate(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]
 
 
 class ShardMicroBatches(torch.utils.data.IterableDataset):
-    """This process's micro-batches read straight from token shards; worker w serves local micro-batch r % W."""
+    """This process's micro-batches read straight from token shards (slot i of each round of P x N sequences
+    goes to process i % P); worker w serves local micro-batch r % W."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, micro_batch_size: int, rank: int,
                  world_size: int, start_sequences: int, field: str = "data.path"):
@@ -271,32 +128,30 @@ class ShardMicroBatches(torch.utils.data.IterableDataset):
         self.path, self.seq_len, self.n = cfg.path, cfg.seq_len, micro_batch_size
         self.rank, self.world_size, self.start = rank, world_size, start_sequences
         self.repeat, self.shuffle, self.seed = cfg.repeat, cfg.shuffle, cfg.seed
-        shards = TokenShards(cfg.path)
+        shards = open_token_shards(cfg.path)
+        shards.check_tokenizer(cfg.tokenizer, tokenizer)
         self.windows = (shards.total - 1) // cfg.seq_len  # per epoch; the last partial window is dropped
         if self.windows < 1:
             raise ConfigError(f"{field}: {cfg.path!r} holds fewer than data.seq_len + 1 = {cfg.seq_len + 1} tokens")
-        if shards.vocab_size != len(tokenizer):
-            raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {cfg.path!r} was prepared with a "
-                              f"{shards.vocab_size}-token tokenizer; use that tokenizer (saved in the shards' "
-                              "tokenizer/)")
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards, orders = TokenShards(self.path), {}
+        shards, orders = open_token_shards(self.path), {}
         end = None if self.repeat else self.windows  # sequences in the whole stream
         round_size = self.world_size * self.n
         for local in itertools.count(worker, workers):
-            first = self.start + local * round_size + self.rank * self.n
+            first = self.start + local * round_size + self.rank  # its slots: every P-th of the round, as raw text's
             if end is not None and first >= end:
                 return
-            indices = range(first, first + self.n if end is None else min(first + self.n, end))
+            indices = range(first, first + round_size if end is None else min(first + round_size, end),
+                            self.world_size)
             windows = [self._window(i, orders) for i in indices]
             starts = np.array([w * self.seq_len for w in windows])
             batch = collate(list(shards.read_windows(starts, self.seq_len + 1)), 0)
             position_end = self.start + (local + 1) * round_size
             sequences = position_end if end is None else min(position_end, end)
-            yield MicroBatch(batch, indices[0] // self.windows, DataPosition(sequences, text=None))
+            yield MicroBatch(batch, indices[0] // self.windows, DataPosition(sequences, text=None), len(indices))
 
     def _window(self, index: int, orders: dict[int, np.ndarray]) -> int:
         epoch, offset = divmod(index, self.windows)
@@ -326,19 +181,10 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, m
                                     world_size=world_size, start_sequences=start.sequences, field=field)
         stream = iter(torch.utils.data.DataLoader(dataset, **loader_args))
     else:
-        if start.text is None:
-            raise ConfigError(f"resume: the checkpoint's data position {start.to_json()} was saved reading token "
-                              f"shards, but {field} is raw text; resume with the data it was made with")
-        if any(token >= len(tokenizer) for token in start.text.carry):
-            raise ConfigError(f"resume: the checkpoint's data position holds token ids beyond the tokenizer's "
-                              f"{len(tokenizer)}; it was not saved with this data.tokenizer")
-        blocks = TextBlocks(cfg, tokenizer, documents=documents, holdout_fraction=holdout_fraction, start=start.text,
-                            repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
-        loader = torch.utils.data.DataLoader(blocks, **loader_args)
-        sequences = text_sequences(_worker_errors_unwrapped(iter(loader)), cfg, start=start.text,
-                                   stats=stats if stats is not None else DataStats(),
-                                   source="data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}")
-        stream = deal(sequences, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+        local = local_sequences(cfg, tokenizer, rank=rank, world_size=world_size, start=start,
+                                stats=stats if stats is not None else DataStats(), documents=documents,
+                                holdout_fraction=holdout_fraction, field=field, loader_args=loader_args)
+        stream = deal(local, micro_batch_size=micro_batch_size, world_size=world_size,
                       start_sequences=start.sequences, pad_id=tokenizer.eos_token_id)
     if cfg.document_masking:
         stream = (with_document_positions(mb, tokenizer.eos_token_id) for mb in stream)
@@ -346,9 +192,40 @@ def micro_batch_stream(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, m
     return itertools.chain([first] if first is not None else [], stream)
 
 
+def check_partitions(cfg: DataConfig, world_size: int) -> None:
+    """Raw text: the processes share the partitions evenly (token shards need no partitions)."""
+    if cfg.partitions % world_size and (cfg.mixture or not is_token_shards(cfg.path)):
+        raise ConfigError(f"data.partitions: {cfg.partitions} partitions cannot be shared by {world_size} processes; "
+                          "give a multiple of the process count (the same for every run that should follow the "
+                          f"same trajectory), or run on a number of processes that divides {cfg.partitions}")
+
+
+def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int, world_size: int,
+                    start: DataPosition, stats: DataStats, documents: Documents, holdout_fraction: float, field: str,
+                    loader_args: dict[str, Any]) -> LocalSequences:
+    """The raw-text sequences of process `rank`'s partitions, from `start` on, tokenized by the DataLoader's workers."""
+    check_partitions(cfg, world_size)
+    if start.text is None:
+        raise ConfigError(f"resume: the checkpoint's data position {start.to_json()} was saved reading token "
+                          f"shards, but {field} is raw text; resume with the data it was made with")
+    if any(c >= cfg.partitions for c in start.text):
+        raise ConfigError(f"resume: the checkpoint's data position holds partition {max(start.text)}, but "
+                          f"data.partitions is {cfg.partitions}; resume with the data.partitions it was saved with")
+    if any(token >= len(tokenizer) for cursor in start.text.values() for token in cursor.carry):
+        raise ConfigError(f"resume: the checkpoint's data position holds token ids beyond the tokenizer's "
+                          f"{len(tokenizer)}; it was not saved with this data.tokenizer")
+    cursors = {c: start.text.get(c, TextCursor()) for c in range(rank, cfg.partitions, world_size)}
+    blocks = TextBlocks(cfg, tokenizer, partitions=cursors, documents=documents, holdout_fraction=holdout_fraction,
+                        repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
+    source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
+    partitions = [PartitionSequences(c, cursor, cfg, source) for c, cursor in cursors.items()]
+    loader = torch.utils.data.DataLoader(blocks, **loader_args)
+    return LocalSequences(_worker_errors_unwrapped(iter(loader)), partitions, stats, start.sequences // world_size)
+
+
 def with_document_positions(micro_batch: MicroBatch, eos_id: int) -> MicroBatch:
     batch = {**micro_batch.batch, "position_ids": document_positions(micro_batch.batch["input_ids"], eos_id)}
-    return MicroBatch(batch, micro_batch.epoch, micro_batch.position)
+    return MicroBatch(batch, micro_batch.epoch, micro_batch.position, micro_batch.sequences)
 
 
 def _worker_errors_unwrapped(items: Iterator) -> Iterator:
@@ -374,6 +251,7 @@ class MicroBatchReader:
     def __init__(self, batches: Iterator[MicroBatch], device: torch.device, start: DataPosition = START):
         self._batches, self.device = batches, device
         self.position = start  # after the last micro-batch taken
+        self.sequences_taken: list[int] = []  # the sequences of each micro-batch of the last take()
         self._next = next(self._batches, None)
 
     def next_epoch(self) -> int:
@@ -382,9 +260,10 @@ class MicroBatchReader:
 
     def take(self, count: int) -> list[dict[str, torch.Tensor]]:
         """Up to `count` micro-batches; fewer only when the data runs out."""
-        taken = []
+        taken, self.sequences_taken = [], []
         while len(taken) < count and self._next is not None:
             taken.append({key: value.to(self.device) for key, value in self._next.batch.items()})
+            self.sequences_taken.append(self._next.sequences)
             self.position = self._next.position
             self._next = next(self._batches, None)
         return taken

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pretrain.accumulation import AccumulationPlan
 from pretrain.config import Config
 from pretrain.data_position import DataPosition
-from pretrain.token_shards import TokenShards, is_token_shards
+from pretrain.token_shards import is_token_shards, open_token_shards
 
 
 def sequences_read(plan: AccumulationPlan, steps: int, per_epoch: int, seq_len: int) -> int:
@@ -29,7 +29,7 @@ def shards_warning(cfg: Config, plan: AccumulationPlan) -> str | None:
     """The warning line of a run that will read its token shards more than once (data.repeat: true), or None."""
     if not cfg.data.repeat or cfg.data.mixture or not is_token_shards(cfg.data.path):
         return None
-    shards = TokenShards(cfg.data.path)
+    shards = open_token_shards(cfg.data.path)
     per_epoch = (shards.total - 1) // cfg.data.seq_len  # windows of seq_len + 1 tokens overlapping by one
     needed = sequences_read(plan, cfg.train.max_steps, per_epoch, cfg.data.seq_len)
     if needed <= per_epoch:
@@ -44,7 +44,7 @@ def first_epoch_warning(cfg: Config, plan: AccumulationPlan, before: DataPositio
                         step: int) -> str | None:
     """The warning line of optimizer step `step`, which took the raw-text stream from `before` into its second epoch
     (`after`), when train.max_steps will read the data more than once; None for any other step."""
-    if before.text is None or after.text is None or not (before.text.epoch == 0 < after.text.epoch):
+    if before.epoch() is None or after.epoch() is None or not (before.epoch() == 0 < after.epoch()):
         return None
     # Epoch 0 ended within this step: it holds from before.sequences to after.sequences - 1 of them; take the middle.
     per_epoch = max(1, round((before.sequences + after.sequences - 1) / 2))

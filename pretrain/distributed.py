@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list
+from accelerate.utils import broadcast, broadcast_object_list, gather_object
 
 from pretrain.errors import ConfigError, ReportedElsewhere
 
@@ -75,3 +75,10 @@ def from_main_process(accelerator: Accelerator, value: T) -> T:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def from_every_process(accelerator: Accelerator, value: T) -> list[T]:
+    """Every process's `value` (any picklable object), in process order, on every process."""
+    if accelerator.num_processes == 1:
+        return [value]
+    return gather_object([value])

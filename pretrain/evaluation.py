@@ -42,7 +42,8 @@ def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: in
             raise ConfigError("eval.path: eval.every > 0 needs eval data; give eval.path, or "
                               "eval.holdout_fraction > 0 with a single data.path")
         path, documents = cfg.data.path, "held_out"
-    eval_data = dataclasses.replace(cfg.data, path=path, mixture=None, repeat=False, shuffle=False, num_workers=0)
+    eval_data = dataclasses.replace(cfg.data, path=path, mixture=None, repeat=False, shuffle=False, num_workers=0,
+                                    partitions=1)  # one stream, in order: every process reads all of it
     n = cfg.train.micro_batch_size
     try:
         stream = micro_batch_stream(eval_data, tokenizer, micro_batch_size=n, rank=0, world_size=1,

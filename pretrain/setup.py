@@ -24,7 +24,7 @@ from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, c
                                  use_older)
 from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
-from pretrain.data import DataStats, MicroBatch, load_tokenizer, micro_batch_stream
+from pretrain.data import DataStats, MicroBatch, check_partitions, load_tokenizer, micro_batch_stream
 from pretrain.distributed import agree, from_main_process
 from pretrain.document_masking import check_model_honours_it
 from pretrain.engines import (describe_engine, enable_activation_checkpointing, fit_engine_to_config,
@@ -124,6 +124,7 @@ def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
 def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:
     """Every check of the user's input, then the data streams and the output dir's lock. No collectives here."""
     plan = plan_accumulation(cfg.train, accelerator.num_processes)
+    check_partitions(cfg.data, plan.num_processes)
     fit_engine_to_config(accelerator, cfg, plan)  # the launcher's K; DeepSpeed's own K, batch and clipping
     model = check_model(cfg, accelerator)
     tokenizer, model_config = model.tokenizer, model.config

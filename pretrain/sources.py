@@ -201,7 +201,7 @@ def local_files(path: str, field: str = "data.path") -> list[str] | None:
         files = once_each(f for f in _walk(expanded) if _suffix(f) in BUILDERS)
         if not files:
             raise ConfigError(f"{field}: directory {path!r} holds no {', '.join(BUILDERS)} files "
-                              "(nor token shards from scripts/prepare_data.py)")
+                              "(nor token shards from scripts/prepare_data.py or datatrove)")
         return files
     if special_kind(expanded):
         raise ConfigError(f"{field}: {path!r} is {special_kind(expanded)}, not a data file or directory; give a "

@@ -80,7 +80,7 @@ def take_micro_batches(reader: MicroBatchReader, accelerator: Accelerator, k: in
     filled with empty ones (no target tokens), so the step is token-exact over what there is.
     """
     micro_batches = reader.take(k)
-    full = len(micro_batches) == k and all(len(mb["labels"]) == micro_batch_size for mb in micro_batches)
+    full = len(micro_batches) == k and all(n == micro_batch_size for n in reader.sequences_taken)
     tokens = int(count_target_tokens(micro_batches)) if micro_batches else 0
     global_tokens, incomplete_processes = sum_over_processes(accelerator, [tokens, not full])
     if global_tokens == 0 or (incomplete_processes and incomplete == "drop"):

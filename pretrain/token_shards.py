@@ -10,16 +10,20 @@ import json
 import os
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from pretrain.atomic import write_text
+from pretrain.datatrove_tokens import DatatroveTokens, is_datatrove_folder
 from pretrain.errors import ConfigError
+from pretrain.token_stream import TokenStream
 
 INDEX_FILE = "index.json"
 FORMAT = "pretrain-token-shards/1"
 
 
 def is_token_shards(path: str) -> bool:
-    return os.path.isfile(os.path.join(os.path.expanduser(path), INDEX_FILE))
+    """Whether `path` holds pre-tokenized data: token shards, or a datatrove tokenized folder."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), INDEX_FILE)) or is_datatrove_folder(path)
 
 
 class ShardWriter:
@@ -65,40 +69,32 @@ class ShardWriter:
         self.shards.append({"file": name, "tokens": 0})
 
 
-class TokenShards:
+class TokenShards(TokenStream):
     """Random access to the token stream of a prepared directory."""
 
     def __init__(self, path: str):
-        path = os.path.expanduser(path)
+        self.path, path = path, os.path.expanduser(path)
         with open(os.path.join(path, INDEX_FILE)) as f:
             self.index = json.load(f)
         if self.index.get("format") != FORMAT:
             raise ConfigError(f"data.path: {path!r} is not a {FORMAT} directory; re-run scripts/prepare_data.py")
         self.vocab_size, self.eos_token_id = self.index["vocab_size"], self.index["eos_token_id"]
-        self.arrays = []
+        arrays = []
         for shard in self.index["shards"]:
             file = os.path.join(path, shard["file"])
             if not os.path.isfile(file) or os.path.getsize(file) != shard["tokens"] * np.dtype(self.index["dtype"]).itemsize:
                 raise ConfigError(f"data.path: shard {file!r} is missing or truncated; re-run scripts/prepare_data.py")
-            self.arrays.append(np.memmap(file, dtype=self.index["dtype"], mode="r"))
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
-        self.total = int(self.starts[-1])
+            arrays.append(np.memmap(file, dtype=self.index["dtype"], mode="r"))
+        super().__init__(arrays)
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the stream as int64, across shard boundaries if needed."""
-        parts, end = [], start + length
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while start < end:
-            offset = start - self.starts[shard]
-            take = min(end - start, len(self.arrays[shard]) - offset)
-            parts.append(self.arrays[shard][offset:offset + take])
-            start, shard = start + take, shard + 1
-        return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)
+    def check_tokenizer(self, name: str, tokenizer: PreTrainedTokenizerBase) -> None:
+        """`tokenizer` (data.tokenizer: `name`) is the one the shards were made with, by its vocabulary size."""
+        if self.vocab_size != len(tokenizer):
+            raise ConfigError(f"data.tokenizer: has {len(tokenizer)} tokens but {self.path!r} was prepared with a "
+                              f"{self.vocab_size}-token tokenizer; use that tokenizer (saved in the shards' "
+                              "tokenizer/)")
 
-    def read_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Rows of `length` tokens from each of `starts`, as int64."""
-        shard = np.searchsorted(self.starts, starts, side="right") - 1
-        if len(set(shard.tolist())) == 1 and starts.max() + length <= self.starts[shard[0] + 1]:
-            local = starts - self.starts[shard[0]]  # the common case: one fancy-indexed read from one shard
-            return self.arrays[shard[0]][local[:, None] + np.arange(length)].astype(np.int64)
-        return np.stack([self.read(int(s), length) for s in starts])
+
+def open_token_shards(path: str) -> TokenStream:
+    """The pre-tokenized stream in `path`: token shards of scripts/prepare_data.py, or datatrove's output."""
+    return DatatroveTokens(path) if is_datatrove_folder(path) else TokenShards(path)

@@ -23,7 +23,8 @@ from pretrain.config import Config
 from pretrain.console import say
 from pretrain.data_passes import first_epoch_warning, shards_warning
 from pretrain.data import DataStats, MicroBatchReader
-from pretrain.distributed import agree, all_true, from_main_process
+from pretrain.data_position import merged
+from pretrain.distributed import agree, all_true, from_every_process, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
 from pretrain.errors import RunError, Stopped, StoppedWhileStarting, first_line
 from pretrain.evaluation import evaluate
@@ -269,8 +270,7 @@ def finish(run: Run, stopped_by: signal.Signals | None) -> None:
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     run.progress.close()
     if run.stats.documents:
-        say(f"data: {run.stats.documents:,} documents read, {run.stats.empty_documents:,} empty ones skipped, "
-            f"{run.stats.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD")
+        say(run.stats.describe(accelerator.num_processes))
     if cfg.train.noise_scale and state.noise.steps and run.noise_said_at != state.step:
         say(describe_noise_scale(run))
     checkpoint_dir = os.path.join(cfg.output_dir, CHECKPOINTS_DIR, f"step_{state.step}")
@@ -314,6 +314,8 @@ def checkpoint(run: Run) -> str:
     if not all_true(run.accelerator, weights_are_finite(run.model)):  # never save a state that cannot be trained on
         raise RunError(f"checkpoint: the weights are not finite after step {run.state.step}; not saving them "
                        "(resume from the last checkpoint with a lower train.lr)")
+    # Raw text: each process knows where its own partitions stand; the checkpoint holds them all.
+    run.state.data_position = merged(from_every_process(run.accelerator, run.state.data_position))
     return save_checkpoint(run.accelerator, run.cfg, run.state)
 
 

@@ -11,6 +11,7 @@ the windows with a seeded permutation every epoch.
 """
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
 from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.data_position import TextCursor  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.folders import make_folders, remove_folders  # noqa: E402
 from pretrain.paths import kind_of  # noqa: E402
@@ -41,8 +43,9 @@ def prepare(cfg: Config, tmp: str, out_dir: str, shard_tokens: int, max_tokens: 
         held_out = selection == "held_out"
         # The eval part stops at its share of the cap, or a capped sample would read the whole corpus for it.
         cap = max_tokens * fraction / (1 - fraction) if held_out else max_tokens
-        blocks = TextBlocks(cfg.data, tokenizer, documents=selection, holdout_fraction=fraction, repeat=False,
-                            shuffle=False)
+        # One partition: the pieces in the order of the stream (training cuts windows of it by itself).
+        blocks = TextBlocks(dataclasses.replace(cfg.data, partitions=1), tokenizer, partitions={0: TextCursor()},
+                            documents=selection, holdout_fraction=fraction, repeat=False, shuffle=False)
         # Workers tokenize blocks in parallel; batch_size=None hands each block over as it is, in order.
         loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=cfg.data.num_workers,
                                              collate_fn=as_is)
@@ -50,14 +53,15 @@ def prepare(cfg: Config, tmp: str, out_dir: str, shard_tokens: int, max_tokens: 
         documents = empty = replaced = 0
         with tqdm(desc=f"tokenizing into {shown}", unit="tok", unit_scale=True) as progress:
             for block in loader:
-                if block.tokens is None:
+                if block.parts is None:
                     continue
                 if writer.tokens >= cap:
                     break
-                writer.add(block.tokens)
+                tokens = block.parts[0][0]
+                writer.add(tokens)
                 documents, empty = documents + block.documents, empty + block.empty_documents
                 replaced += block.replaced_chars
-                progress.update(len(block.tokens))
+                progress.update(len(tokens))
         if writer.tokens == 0:
             if held_out:
                 raise ConfigError(f"eval.holdout_fraction: the {fraction} of documents held out hold no text; raise it")

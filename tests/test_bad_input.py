@@ -90,7 +90,7 @@ def files(tmp_path):
     (tmp_path / "tokenizer_list" / "tokenizer.json").write_text("[1, 2, 3]")
     # A corpus, reached through a link and linking out of itself: an output_dir must stay apart from it
     (tmp_path / "corpus" / "sub").mkdir(parents=True)
-    hamlet = (REPO / "data" / "shakespeare" / "hamlet.txt").read_text()[:40_000]
+    hamlet = (REPO / "data" / "shakespeare" / "hamlet.txt").read_text()[:160_000]  # 80 documents: 64 partitions
     (tmp_path / "corpus" / "sub" / "a.jsonl").write_text("".join(json.dumps({"text": hamlet[i:i + 2000]}) + "\n"
                                                                  for i in range(0, len(hamlet), 2000)))
     (tmp_path / "corpus_link").symlink_to(tmp_path / "corpus")
@@ -101,7 +101,12 @@ def files(tmp_path):
     (tmp_path / "corpus" / "sub" / "to_outside").symlink_to(tmp_path / "outside")
     for name, state in {"state_wrong_type": {"step": "4"}, "state_missing_key": {"tokens": None},
                         "state_shard_position": {"data_position": {"sequences": 64}},
-                        "state_carry_past_vocab": {"data_position": {**START.to_json(), "carry": [99999]}},
+                        "state_carry_past_vocab": {"data_position": {**START.to_json(), "partitions": {
+                            "3": {"epoch": 0, "block": 0, "carry": [99999], "taken": 0}}}},
+                        "state_partition_past_count": {"data_position": {**START.to_json(), "partitions": {
+                            "64": {"epoch": 0, "block": 0, "carry": [], "taken": 0}}}},
+                        "state_old_position": {"data_position": {"sequences": 8, "epoch": 0, "block": 0, "carry": [],
+                                                                 "taken": 8}},
                         "state_bad_position": {"data_position": {"sequences": -3}},
                         "state_other_step": {"step": 9}, "state_not_json": None}.items():
         checkpoint = tmp_path / name / "checkpoints" / "step_4"
@@ -290,6 +295,14 @@ CASES = {
     "trainer state with a carry past the vocabulary": (["--output_dir={tmp}/state_carry_past_vocab"], {},
                                                         "resume: the checkpoint's data position holds token ids "
                                                         "beyond the tokenizer's 4096"),
+    "trainer state with a partition past data.partitions": (["--output_dir={tmp}/state_partition_past_count"], {},
+                                                            "resume: the checkpoint's data position holds partition "
+                                                            "64, but data.partitions is 64; resume with the "
+                                                            "data.partitions it was saved with"),
+    "trainer state of a single-stream version": (["--output_dir={tmp}/state_old_position"], {},
+                                                 "resume: {tmp}/state_old_position/checkpoints/step_4/trainer_state"
+                                                 ".json: data_position: has ['block', 'carry', 'epoch', 'sequences', "
+                                                 "'taken']: saved by an earlier version of the template"),
     "trainer state not JSON": (["--resume={tmp}/state_not_json/checkpoints/step_4"], {},
                                "resume: cannot read {tmp}/state_not_json/checkpoints/step_4/trainer_state.json"),
     # Messages that named the wrong thing
@@ -757,7 +770,7 @@ def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
     assert local_files(str(data)) == [str(data / "a.txt"), str(data / "hard_b.txt")]
     assert local_files(f"{data}/**/*.txt") == [str(data / "a.txt"), str(data / "hard_b.txt")]
     result = run_in_process([*TINY_RUN, f"--output_dir={tmp_path / 'run'}", f"--data.path={data}",
-                             "--data.repeat=false", "--train.max_steps=1000", "--checkpoint.every=0"])
+                             "--data.partitions=1", "--data.repeat=false", "--train.max_steps=1000", "--checkpoint.every=0"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "data: 2 documents read" in result.stdout  # one epoch of two files, not dozens of copies
 

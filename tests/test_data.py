@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import itertools
+import dataclasses
 import json
 import zlib
 
@@ -17,8 +18,8 @@ import zstandard
 
 from conftest import run_script
 from pretrain.config import DataConfig, SourceConfig, load_config
-from pretrain.data import (DataStats, TextBlocks, collate, load_tokenizer, micro_batch_stream, pack, split_documents,
-                           text_sequences)
+from pretrain.data import collate, load_tokenizer, micro_batch_stream, pack, split_documents
+from pretrain.text_data import DataStats, LocalSequences, PartitionSequences, TextBlocks
 from pretrain.data_position import TextCursor
 from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
@@ -36,10 +37,18 @@ def write_jsonl(path, texts, column="text"):
 
 
 def sequences(cfg, tokenizer, stats=None, documents="all", fraction=0.0):
-    """The whole one-epoch stream as a list of token arrays (one process, no workers)."""
-    blocks = TextBlocks(cfg, tokenizer, documents=documents, holdout_fraction=fraction, repeat=False,
-                        shuffle=cfg.shuffle)
-    return [s for s, _, _ in text_sequences(iter(blocks), cfg, start=TextCursor(), stats=stats or DataStats())]
+    """The whole one-epoch stream as a list of token arrays (one process, one partition, no workers)."""
+    cfg = dataclasses.replace(cfg, partitions=1, repeat=False)
+    blocks = TextBlocks(cfg, tokenizer, partitions={0: TextCursor()}, documents=documents, holdout_fraction=fraction,
+                        repeat=False, shuffle=cfg.shuffle)
+    local = LocalSequences(iter(blocks), [PartitionSequences(0, TextCursor(), cfg, "data.path")], stats or DataStats())
+    return [local.next() for _ in iter(lambda: local.over(), True)]
+
+
+def blocks_of(cfg, tokenizer, **args):
+    """The blocks of one partition: (tokens, block) pairs."""
+    blocks = TextBlocks(dataclasses.replace(cfg, partitions=1), tokenizer, partitions={0: TextCursor()}, **args)
+    return [(block.parts[0][0], block) for block in blocks if block.parts is not None]
 
 
 def expected_stream(tokenizer, texts):
@@ -133,12 +142,16 @@ def test_data_too_short_for_a_sequence_proposes_the_longest_seq_len_it_holds(tok
     tokens = len(expected_stream(tokenizer, texts))  # the reference: tokenized here, EOS after each document
     path = write_jsonl(tmp_path / "d.jsonl", texts)
     with pytest.raises(ConfigError) as caught:
-        next(micro_batch_stream(DataConfig(path=path, seq_len=128), tokenizer, micro_batch_size=1, rank=0,
-                                world_size=1))
+        next(micro_batch_stream(DataConfig(path=path, seq_len=128, partitions=1), tokenizer, micro_batch_size=1,
+                                rank=0, world_size=1))
     assert str(caught.value).endswith(f"; give more text or a data.seq_len of at most {tokens - 1}")
-    first = next(micro_batch_stream(DataConfig(path=path, seq_len=tokens - 1), tokenizer, micro_batch_size=1, rank=0,
-                                    world_size=1))  # the value proposed works
+    first = next(micro_batch_stream(DataConfig(path=path, seq_len=tokens - 1, partitions=1), tokenizer,
+                                    micro_batch_size=1, rank=0, world_size=1))  # the value proposed works
     assert first.batch["input_ids"].shape == (1, tokens - 1)
+    # In 64 partitions (the default), the 2 documents leave partition 2 without any sequence.
+    with pytest.raises(ConfigError, match=r"holds no sequence of data.seq_len \+ 1 = 5 tokens in partition 2 of "
+                                          r"data.partitions=64 .* or fewer data.partitions \(each needs a sequence"):
+        next(micro_batch_stream(DataConfig(path=path, seq_len=4), tokenizer, micro_batch_size=1, rank=0, world_size=1))
     with pytest.raises(ConfigError):  # and is the longest that does
         next(micro_batch_stream(DataConfig(path=path, seq_len=tokens), tokenizer, micro_batch_size=1, rank=0,
                                 world_size=1))
@@ -222,10 +235,10 @@ def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [f"beta {i}" for i in range(300)])
     cfg = DataConfig(mixture=[SourceConfig(path=a, weight=3), SourceConfig(path=b, weight=1)], seq_len=4,
                      block_chars=10**9)
-    blocks = list(TextBlocks(cfg, tokenizer, repeat=False, shuffle=True))
-    again = list(TextBlocks(cfg, tokenizer, repeat=False, shuffle=True))
-    assert np.array_equal(blocks[0].tokens, again[0].tokens)  # seeded: the same mix every time
-    text = tokenizer.decode(blocks[0].tokens.tolist())
+    tokens = blocks_of(cfg, tokenizer, repeat=False, shuffle=True)[0][0]
+    again = blocks_of(cfg, tokenizer, repeat=False, shuffle=True)[0][0]
+    assert np.array_equal(tokens, again)  # seeded: the same mix every time
+    text = tokenizer.decode(tokens.tolist())
     alpha, beta = text.count("alpha"), text.count("beta")
     assert alpha == 300 or beta == 300  # the epoch ends when the first source runs out
     assert 2.0 < alpha / beta < 4.5  # about 3:1
@@ -234,10 +247,8 @@ def test_mixture_draws_by_weight_reproducibly(tokenizer, tmp_path):
 def test_held_out_documents_are_disjoint_from_training_and_chosen_by_text(tokenizer, tmp_path):
     texts = [f"document number {i} with some words" for i in range(200)]
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts), seq_len=4, shuffle=False, block_chars=10**9)
-    train = list(TextBlocks(cfg, tokenizer, documents="training", holdout_fraction=0.1, repeat=False,
-                            shuffle=False))[0]
-    held = list(TextBlocks(cfg, tokenizer, documents="held_out", holdout_fraction=0.1, repeat=False,
-                           shuffle=False))[0]
+    train = blocks_of(cfg, tokenizer, documents="training", holdout_fraction=0.1, repeat=False, shuffle=False)[0][1]
+    held = blocks_of(cfg, tokenizer, documents="held_out", holdout_fraction=0.1, repeat=False, shuffle=False)[0][1]
     assert train.documents + held.documents == 200 and 5 < held.documents < 40
     assert held.documents == sum(is_held_out(t, 0.1) for t in texts)
     assert all(is_held_out(t, 0.1) == (zlib.crc32(t.encode()) < 0.1 * 2**32) for t in texts)
@@ -281,7 +292,8 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 
 def test_repeat_continues_into_new_epochs_in_a_new_order(tokenizer, repo):
-    cfg = DataConfig(path=str(repo / "data" / "shakespeare" / "macbeth.txt"), seq_len=64, block_chars=20_000)
+    cfg = DataConfig(path=str(repo / "data" / "shakespeare" / "macbeth.txt"), seq_len=64, block_chars=20_000,
+                     partitions=4)  # one play: about 12 pieces of 8 KB
     stream = micro_batch_stream(cfg, tokenizer, micro_batch_size=8, rank=0, world_size=1)
     batches = list(itertools.islice(stream, 120))
     epochs = [mb.epoch for mb in batches]

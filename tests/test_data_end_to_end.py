@@ -53,12 +53,12 @@ def test_unpacked_training_counts_only_real_tokens(tmp_path, repo, monkeypatch):
     lines = [f"Line {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(60)]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     out = tmp_path / "run"
-    args = [*TINY_LLAMA, *QUIET, f"--data.path={corpus}", "--data.packing=false", "--data.seq_len=32",
+    args = [*TINY_LLAMA, *QUIET, f"--data.path={corpus}", "--data.packing=false", "--data.seq_len=32", "--data.partitions=1",
             "--train.micro_batch_size=4", "--train.gradient_accumulation_steps=2", "--train.max_steps=3",
             "--eval.every=0", f"--output_dir={out}"]
     result = run_in_process(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    cfg = DataConfig(path=str(corpus), packing=False, seq_len=32)
+    cfg = DataConfig(path=str(corpus), packing=False, seq_len=32, partitions=1)
     stream = micro_batch_stream(cfg, load_tokenizer(str(repo / "data" / "tokenizer")), micro_batch_size=4, rank=0,
                                 world_size=1)
     targets = [int((mb.batch["labels"] != -100).sum()) for mb in itertools.islice(stream, 6)]

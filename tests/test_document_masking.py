@@ -148,7 +148,8 @@ def test_every_position_is_a_target_and_eval_is_each_documents_loss_alone(tmp_pa
     assert [r["tokens"] for r in rows] == [2 * 2 * seq_len * step for step in range(1, steps + 1)]
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
     eos = tokenizer.eos_token_id
-    windows = micro_batch_stream(DataConfig(path=str(short_documents), seq_len=seq_len, shuffle=False), tokenizer,
+    windows = micro_batch_stream(DataConfig(path=str(short_documents), seq_len=seq_len, shuffle=False, partitions=1),
+                                 tokenizer,
                                  micro_batch_size=1, rank=0, world_size=1)
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     loss, targets, documents = 0.0, 0, 0

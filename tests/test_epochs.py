@@ -55,7 +55,9 @@ def corpus(tmp_path_factory, tokenizer):
 
 def config(path, **overrides):
     # Blocks of 2,000 characters: several per epoch, each shuffled within, the packing carried across them.
-    return DataConfig(**{"path": path, "seq_len": SEQ_LEN, "block_chars": 2_000, "seed": 7, **overrides})
+    # One partition: the windows packed by hand are those of one stream.
+    return DataConfig(**{"path": path, "seq_len": SEQ_LEN, "block_chars": 2_000, "seed": 7, "partitions": 1,
+                         **overrides})
 
 
 def read_sequences(cfg, tokenizer, count):
@@ -153,7 +155,7 @@ def test_raw_text_read_more_than_once_says_so_at_the_end_of_its_first_epoch(corp
     per_epoch, k, n = len(corpus["windows"]), 1, 8  # the sequences of one epoch, packed by hand
     steps = math.ceil(2.2 * per_epoch / (k * n))  # into the third epoch
     out = tmp_path / "run"
-    result = run_in_process([*TINY_LLAMA, f"--data.path={corpus['text']}", f"--data.seq_len={SEQ_LEN}",
+    result = run_in_process([*TINY_LLAMA, f"--data.path={corpus['text']}", f"--data.seq_len={SEQ_LEN}", "--data.partitions=1",
                              f"--train.micro_batch_size={n}", f"--train.gradient_accumulation_steps={k}",
                              f"--train.max_steps={steps}", "--eval.every=0", "--tracking.backends=[]",
                              "--tracking.curves=false", "--sample.max_new_tokens=0", "--checkpoint.every=0",

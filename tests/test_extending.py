@@ -82,7 +82,7 @@ def test_a_data_format_added_to_builders_is_read_as_documents(tmp_path, monkeypa
         writer = csv.writer(f)
         writer.writerow(["id", "text"])
         writer.writerows([i, text] for i, text in enumerate(texts))
-    args = [*SMALL, f"--data.path={corpus}", "--train.max_steps=2"]
+    args = [*SMALL, f"--data.path={corpus}", "--data.partitions=1", "--train.max_steps=2"]
     refused = run_in_process([*args, f"--output_dir={tmp_path / 'refused'}"])
     assert refused.returncode == 2 and ".csv" in refused.stderr  # not yet a format the template reads
 

@@ -75,7 +75,7 @@ def test_eval_holds_the_first_eval_sequences_when_n_does_not_divide_them(sequenc
     dealt = [parts[i % processes][i // processes] for i in range(sum(map(len, parts)))]
     rows = [row for batch in dealt for row, labels in zip(batch["input_ids"], batch["labels"])
             if (labels != -100).any()]  # without the empty batches that give each process as many
-    eval_data = DataConfig(path=cfg.eval.path, seq_len=32, shuffle=False, repeat=False)
+    eval_data = DataConfig(path=cfg.eval.path, seq_len=32, shuffle=False, repeat=False, partitions=1)
     first = [mb.batch["input_ids"][0] for mb in itertools.islice(
         micro_batch_stream(eval_data, tokenizer, micro_batch_size=1, rank=0, world_size=1), sequences)]
     assert len(rows) == sequences and all(torch.equal(a, b) for a, b in zip(rows, first))

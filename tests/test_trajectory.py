@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -74,6 +75,27 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
 
 
 @pytest.mark.slow
+def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_on_raw_text(tmp_path):
+    # Raw text in 8 partitions (few enough that the steps come back to each): 4 processes tokenize 2 each. Run a:
+    # 1 process throughout; run b: 4 processes; run c: 3 steps on 2 processes, resumed on 1 (the reverse of the
+    # test above), then on 4: a checkpoint must hold every process's partitions.
+    args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
+            "--train.min_lr_ratio=1", "--data.partitions=8"]
+    a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=6"])
+    b, result_b = trained(tmp_path, "p4", [*args, "--train.max_steps=6"], processes=4)
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=3"], processes=2)
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=4", f"--resume={c}/checkpoints/step_3"])
+    c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=6", f"--resume={c}/checkpoints/step_4"], processes=4)
+    assert [r["gradient_accumulation_steps"] for r in read_metrics(c)] == [2, 2, 2, 4, 1, 1]
+    assert_same_trajectory(a, b)
+    assert_same_trajectory(a, c)
+    # The end line: process 0 of 4 tokenized about a quarter of the text it read (all of it, on one process).
+    shares = [float(re.search(r"tokenized [\d,]+ of the [\d,]+ bytes of text it read \((\S+)%\)", r.stdout)[1])
+              for r in (result_a, result_b)]
+    assert shares[0] == 100.0 and 20 < shares[1] < 30
+
+
+@pytest.mark.slow
 def test_logged_loss_is_the_full_batch_loss_of_the_steps_sequences(tmp_path, repo):
     # Constant lr after warm-up, so a 3-step run is the first 3 steps of a 4-step run.
     args = ["--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2", "--train.min_lr_ratio=1"]
@@ -106,6 +128,7 @@ def test_epoch_schedule_switches_k_when_a_new_epoch_begins(tmp_path):
     corpus.write_text("".join(json.dumps({"text": "Now is the winter of our discontent, made glorious summer. " * 3})
                               + "\n" for _ in range(3)))
     out, _ = trained(tmp_path, "epochs", ["--train.max_steps=12", "--train.micro_batch_size=1", f"--data.path={corpus}",
+                                          "--data.partitions=1",  # a tiny corpus: one stream, its epochs exact
                                           "--train.gradient_accumulation_epoch_schedule={0: 3, 1: 2, 2: 1}"])
     rows = read_metrics(out)
     assert [r["gradient_accumulation_steps"] for r in rows] == [{0: 3, 1: 2}.get(r["epoch"], 1) for r in rows]
@@ -119,13 +142,14 @@ def test_end_of_data_drops_or_steps_the_partial_window_token_exactly(tmp_path, r
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text(json.dumps({"text": "word " * (7 * SEQ_LEN)}) + "\n")
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
-    windows = sum(1 for _ in micro_batch_stream(DataConfig(path=str(corpus), seq_len=SEQ_LEN, repeat=False),
+    windows = sum(1 for _ in micro_batch_stream(DataConfig(path=str(corpus), seq_len=SEQ_LEN, repeat=False, partitions=1),
                                                 tokenizer, micro_batch_size=1, rank=0, world_size=1))
     per_step = 2 * 2  # K x N
     assert windows % per_step, "the corpus must leave a partial step at the end"
     out, result = trained(tmp_path, mode, ["--train.max_steps=10", "--train.micro_batch_size=2",
                                            "--train.gradient_accumulation_steps=2", "--data.repeat=false",
-                                           f"--data.path={corpus}", f"--train.incomplete_last_step={mode}"])
+                                           f"--data.path={corpus}", f"--train.incomplete_last_step={mode}",
+                                           "--data.partitions=1"])
     assert "data ran out" in result.stdout
     tokens = [r["tokens"] for r in read_metrics(out)]
     full_steps = [per_step * SEQ_LEN * (i + 1) for i in range(windows // per_step)]
@@ -143,7 +167,7 @@ def test_two_processes_agree_with_one_on_epoch_schedules_and_at_the_end_of_data(
     corpus = tmp_path / "small.jsonl"  # 7 windows: with K x N x P = 4, the last step has 2 on rank 0, 1 on rank 1
     corpus.write_text("".join(json.dumps({"text": f"Line {i}: now is the winter of our discontent. " * 3}) + "\n"
                               for i in range(5)))
-    common = ["--train.micro_batch_size=1", f"--data.path={corpus}"]
+    common = ["--train.micro_batch_size=1", f"--data.path={corpus}", "--data.partitions=2"]
     if case == "epoch-schedule":
         common += ["--train.max_steps=8"]
         one = ["--train.gradient_accumulation_epoch_schedule={0: 4, 1: 2}"]
