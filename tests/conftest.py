@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,21 @@ def run_script(args: list[str], timeout: int = LAUNCH_TIMEOUT, **env: str) -> su
     """`python scripts/pretrain.py ARGS`: the same entry point without the launcher (exit codes pass through)."""
     return subprocess.run([sys.executable, str(SCRIPT), *one_thread(args)], cwd=REPO, env={**clean_env(), **env},
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def wait_for_handler(pid: int, signum: int, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Until process PID handles signal SIGNUM itself (its SigCgt mask in /proc; no wait where there is no /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not take signal {signum} in {timeout} s")
 
 
 def fresh_accelerate_state() -> None:

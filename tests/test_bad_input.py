@@ -33,7 +33,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process
+from conftest import (LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process,
+                      wait_for_handler)
 from pretrain import models
 from pretrain.accumulation import AccumulationPlan
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
@@ -834,6 +835,9 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
     run = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *TINY_RUN,
                             f"--output_dir={tmp_path / 'run'}"], cwd=REPO, env=clean_env(), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Timed from the script's first lines: before them the interpreter itself is starting (over 0.5 s on a loaded
+    # machine), and its own KeyboardInterrupt is nothing the template can catch.
+    wait_for_handler(run.pid, signal.SIGTERM)
     time.sleep(delay)
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=LAUNCH_TIMEOUT)

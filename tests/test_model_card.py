@@ -24,7 +24,7 @@ from pretrain.model_card import RunFacts, model_card, push_to_hub
 
 ARGS = [*TINY_LLAMA, "--data.seq_len=32", "--train.max_steps=4", "--train.warmup_steps=2", "--eval.every=2",
         "--eval.sequences=4", "--sample.max_new_tokens=0", "--tracking.backends=[]", "--train.log_every=1000",
-        "--hub.repo_id=someone/tiny-llama"]
+        "--hub.repo_id=someone/tiny-llama", "--train.cpu_threads=1"]  # (given here, so --output_dir ends the command)
 
 
 @pytest.mark.slow
@@ -52,7 +52,8 @@ def test_a_finished_run_has_curves_and_a_model_card_and_warns_once_when_the_hub_
                  f"Trained for 4 optimizer steps on {rows[-1]['tokens']:,} target tokens",
                  "Global batch: 16 sequences per optimizer step = P=1 processes x K=2 micro-batches x\n  N=8 sequences",
                  f"Final training loss: {rows[-1]['loss']:.4f} at step 4",
-                 f"Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}) "
+                 f"Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}, "
+                 f"{evals[-1]['eval_bpb']:.4f} bits per byte) "
                  "at step 4, on data/shakespeare_eval",
                  "Data license: public domain", "![Training curves](curves.png)",
                  "    accelerate launch scripts/pretrain.py --model.hidden_size=64",
