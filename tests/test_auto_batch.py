@@ -48,6 +48,7 @@ def out_of_memory_in_backward_above(largest_that_fits):
     return scratch_model
 
 
+@pytest.mark.slow
 def test_out_of_memory_marks_a_candidate_too_large_and_no_random_number_is_drawn(monkeypatch):
     # The GPU path without a GPU: the error a CUDA device raises, from inside backward, where it comes in earnest.
     cfg = load_config(None, AUTO)
@@ -135,6 +136,7 @@ def test_a_limit_that_admits_4_but_not_8_trains_exactly_as_n_4_by_hand(tmp_path)
     assert "micro-batch: auto -> N=4 of the checkpoint it resumes (not tried again), K=4" in again.stdout
 
 
+@pytest.mark.slow
 def test_a_trial_holds_the_weights_gradients_and_both_adamw_moments_at_once(monkeypatch):
     # A model of large weights and small activations: its trial peaks at least 4 float32 copies of the weights above
     # what the process held before (weights, gradients, AdamW's two moments), as a running step does.

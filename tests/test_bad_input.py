@@ -633,7 +633,8 @@ def test_a_library_error_whose_first_line_heads_the_details_is_kept_whole():
     assert "torch.Size([2, 4])" in line and "torch.Size([2, 3])" in line
 
 
-@pytest.mark.parametrize("damage", ["weights", "optimizer", "trainer_state"])
+@pytest.mark.parametrize("damage", ["weights", pytest.param("optimizer", marks=pytest.mark.slow),
+                                    pytest.param("trainer_state", marks=pytest.mark.slow)])
 def test_a_corrupt_newest_checkpoint_names_the_newest_intact_one(run_copy, damage):
     newest, intact = run_copy / "checkpoints" / "step_4", run_copy / "checkpoints" / "step_3"
     file = {"weights": "model.safetensors", "optimizer": "optimizer.bin", "trainer_state": STATE_FILE}[damage]

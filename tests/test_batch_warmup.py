@@ -68,6 +68,7 @@ def test_each_steps_k_and_lr_follow_the_warmup_and_a_resume_across_a_change_is_e
     assert (resumed / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
 
 
+@pytest.mark.slow
 def test_each_global_batch_trains_the_same_whatever_its_split_into_k_and_n(tmp_path):
     trained(tmp_path / "n2", "--train.micro_batch_size=2")
     trained(tmp_path / "n1", "--train.micro_batch_size=1")

@@ -39,6 +39,7 @@ def snapshot(folder):
     return {path: os.path.getmtime(path) for path in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_branch_at_the_runs_own_batch_is_the_runs_continuation_bit_for_bit(run, tmp_path, capsys):
     before = snapshot(run)
     out = tmp_path / "out"

@@ -41,6 +41,7 @@ def test_prepared_shards_train_with_workers_and_report_eval(tmp_path, monkeypatc
     assert [h["_step"] for h in history if "eval_loss" in h] == [2, 4]
 
 
+@pytest.mark.slow
 def test_unpacked_training_counts_only_real_tokens(tmp_path, repo, monkeypatch):
     seconds = []  # of each step, as the loop measured them
 

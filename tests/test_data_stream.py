@@ -181,6 +181,7 @@ def test_a_position_saved_by_p_processes_resumes_on_another_p(corpus, tokenizer,
     assert global_order(resumed) == global_order(saved[120 // saved_by:])
 
 
+@pytest.mark.slow
 def test_resume_does_not_tokenize_the_consumed_prefix(corpus, tokenizer, monkeypatch):
     cfg = config(corpus["text"])
     position = next(mb.position for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1)

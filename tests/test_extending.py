@@ -124,6 +124,7 @@ def test_another_optimizer_is_driven_by_the_loop_and_resumes_with_its_state(tmp_
 # ---- a logged metric: a key in the row that step_row builds
 
 
+@pytest.mark.slow
 def test_a_key_added_to_the_row_reaches_metrics_jsonl_and_wandb(tmp_path, monkeypatch):
     original = pretrain.train.step_row
 

@@ -244,6 +244,7 @@ def trained(tmp_path, name, args):
 # The tolerances of tests/test_trajectory.py's test of the full loss (over 4 steps, not 6, to save time).
 @pytest.mark.parametrize("precision, tolerances, loss_rel", [
     ("no", {}, 1e-5), pytest.param("bf16", {"rel": 1e-3, "weights_rel_l2": 1e-2}, 3e-4, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_chunked_k4_n2_and_k1_n8_follow_the_same_trajectory(tmp_path, precision, tolerances, loss_rel, chunked_calls):
     steps = ["--train.max_steps=4", f"--train.mixed_precision={precision}", "--eval.every=2", "--eval.sequences=8"]
     a = trained(tmp_path, "k4n2", [*steps, "--train.gradient_accumulation_steps=4", "--train.micro_batch_size=2"])

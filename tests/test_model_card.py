@@ -128,6 +128,7 @@ def full_disk_for(monkeypatch, name: str) -> None:
 
 @pytest.mark.parametrize("name, what", [("README.md", "the model card"),
                                         pytest.param("curves.png", "curves.png", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_card_leaves_no_half_file_and_a_rerun_writes_it(name, what, tmp_path,
                                                                                       monkeypatch):
     out = tmp_path / "run"

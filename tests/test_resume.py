@@ -116,6 +116,7 @@ def snapshot(directory):
             for p in sorted(directory.rglob("*")) if p.name != ".lock"}
 
 
+@pytest.mark.slow
 def test_a_finished_run_run_again_starts_no_tracker_and_logs_nothing(tmp_path):
     out = tmp_path / "run"
     args = [*TINY_LLAMA, "--data.seq_len=32", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=1",

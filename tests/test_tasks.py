@@ -237,6 +237,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_loop_logs_each_task_and_the_eval_time(trained):
     row = read_metrics(trained)[-1]
     assert row["eval/comedy_line_end/items"] == 30 and row["eval/lambada/items"] == 2
@@ -252,6 +253,7 @@ def test_the_loop_logs_each_task_and_the_eval_time(trained):
     assert {"eval_bpb", "eval/comedy_line_end/acc", "eval/comedy_line_end/acc_norm", "eval/lambada/acc"} <= gids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["final", "checkpoints/step_2"])
 def test_evaluate_script_scores_a_checkpoint_or_final_as_the_loop_did(trained, folder):
     result = evaluate_script([str(trained / folder), "--tasks", *TASKS, "--task-items=30"])
@@ -261,6 +263,7 @@ def test_evaluate_script_scores_a_checkpoint_or_final_as_the_loop_did(trained, f
     assert {key: row[key] for key in scores} == pytest.approx(scores, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_script_refuses_an_unknown_task(trained):
     result = evaluate_script([str(trained / "final"), "--tasks", "squad"])
     assert result.returncode == 2 and result.stderr.startswith("error: --tasks: 'squad' is not a task")

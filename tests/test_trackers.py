@@ -155,6 +155,7 @@ def run_id(out: Path) -> str:
     return json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())["wandb_run_id"]
 
 
+@pytest.mark.slow
 def test_a_tracker_that_cannot_start_never_stops_training(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

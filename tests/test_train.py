@@ -19,6 +19,7 @@ from pretrain.setup import check_inputs
 from pretrain.train import train
 
 
+@pytest.mark.slow
 def test_a_skipped_step_is_logged_and_does_not_advance_the_lr_schedule(tmp_path, monkeypatch, repo):
     # fp16's gradient scaler needs a GPU; here the scaler's verdict is simulated: the 3rd step overflows.
     verdicts = itertools.chain([False, False, True], itertools.repeat(False))
