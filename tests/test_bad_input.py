@@ -562,6 +562,7 @@ def test_a_config_the_user_keeps_in_output_dir_is_never_overwritten(tmp_path):
     assert tree(exp) == {"config.yaml": mine.encode()}  # the same bytes, and nothing beside them
 
 
+@pytest.mark.slow
 def test_the_config_a_run_wrote_may_be_given_back_to_it(run_copy):
     before = tree(run_copy)
     result = run_in_process([f"--config={run_copy}/config.yaml"])  # its output_dir is run_copy
@@ -651,6 +652,7 @@ def test_a_corrupt_newest_checkpoint_names_the_newest_intact_one(run_copy, damag
     assert (newest / file).read_bytes() != cut  # step 4 trained again and saved whole
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_on_purpose_keeps_the_run_it_replaces(run_copy):
     metrics, final = (run_copy / "metrics.jsonl").read_bytes(), tree(run_copy / "final")
     (run_copy / "checkpoints" / "step_4" / STATE_FILE).unlink()  # step_4 without its state: never complete
@@ -702,6 +704,7 @@ def test_a_failed_final_save_keeps_the_previous_final_and_writes_aside_first(run
     assert tree(run_copy / "final") == before and not (run_copy / ".final.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(run_copy, monkeypatch):
     shutil.rmtree(run_copy / "final")  # so that the run writes it again
 
@@ -720,6 +723,7 @@ def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(ru
     assert AutoModelForCausalLM.from_pretrained(run_copy / "final") is not None
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_half_row(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -746,6 +750,7 @@ def test_a_metrics_row_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_config_yaml_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
@@ -760,6 +765,7 @@ def test_a_full_disk_while_writing_config_yaml_is_one_line(tmp_path, monkeypatch
     assert sorted(p.name for p in out.iterdir()) == []  # no config.yaml, metrics.jsonl, temporary or lock
 
 
+@pytest.mark.slow
 def test_a_data_directory_that_links_to_itself_is_read_once_per_epoch(tmp_path):
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)

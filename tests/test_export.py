@@ -97,6 +97,7 @@ def test_the_checkpoint_named_is_exported_not_another_of_its_run(llama_run, tmp_
         assert torch.equal(exported[name], step_1[name]), name
 
 
+@pytest.mark.slow
 def test_an_embedding_linear_checkpoint_exports_as_its_final(tmp_path):
     # final/ of this model type loads with AutoModelForCausalLM once `pretrain` is imported (which registers it).
     run = trained(tmp_path / "run", "--config=configs/embedding_linear.yaml", "--model.hidden_size=16")
@@ -300,6 +301,7 @@ def test_the_next_export_removes_what_a_stopped_one_left(llama_run, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_every_exported_file_is_readable_as_any_new_file(umask, llama_run, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -259,6 +259,7 @@ def test_chunked_k4_n2_and_k1_n8_follow_the_same_trajectory(tmp_path, precision,
     assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=loss_rel)
 
 
+@pytest.mark.slow
 def test_a_resumed_chunked_run_is_bit_identical_to_the_uninterrupted_one(tmp_path):
     args = ["--train.max_steps=4", "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=2",
             "--checkpoint.every=2", "--eval.every=0"]

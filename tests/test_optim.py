@@ -81,6 +81,7 @@ def test_clipping_logs_the_norm_before_clipping_and_scales_the_update_by_max_nor
         torch.testing.assert_close(after.detach(), b - lr * p.grad * max_norm / g_norm, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_logged_grad_norm_is_before_clipping_through_the_real_loop(tmp_path):
     # Two steps of a real run clipped to max_norm, a checkpoint after each. AdamW's first moment gives the
     # applied (clipped) gradient of step 2: m2 = b1 m1 + (1 - b1) g2 (weight decay is decoupled, not in m).

@@ -72,6 +72,7 @@ def plot_runs_main(*args: str) -> int:
     return module.main(list(args))
 
 
+@pytest.mark.slow
 def test_the_image_is_a_png_of_the_figure_size_written_whole(tmp_path):
     a = make_run(tmp_path / "a", rows(30, eval_every=10))
     b = make_run(tmp_path / "b", rows(30, k=16, eval_every=10), config(train__gradient_accumulation_steps=16,
@@ -154,6 +155,7 @@ def test_a_loss_broken_by_nans_is_drawn_through_its_finite_points(tmp_path):
     assert list(eval_loss.get_xdata()) == [8, 12]
 
 
+@pytest.mark.slow
 def test_unreadable_lines_of_metrics_jsonl_are_counted_in_one_warning(tmp_path, capsys):
     lines = [json.dumps(row) for row in rows(6)]
     lines[1:1] = ["not json", "[1, 2]", '{"loss": 3.0}', '{"step": "3", "loss": 3.0}', ""]  # a blank line is no row

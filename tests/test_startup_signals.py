@@ -92,6 +92,7 @@ def test_a_stop_while_starting_a_new_run_leaves_no_folder(sig, point, convert, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_stop_while_resuming_leaves_the_run_as_it_was(finished_run, tmp_path, monkeypatch, own_handlers):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -105,6 +106,7 @@ def test_a_stop_while_resuming_leaves_the_run_as_it_was(finished_run, tmp_path, 
     assert tree(run) == before  # .lock's bytes too
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_first_step_finishes_it_and_saves(tmp_path, monkeypatch, own_handlers):
     # The other side of the line: once the loop has taken over, the step is finished and saved.
     signalled_in(monkeypatch, training, "optimizer_step", signal.SIGTERM)
