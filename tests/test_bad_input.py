@@ -832,7 +832,7 @@ def test_a_second_signal_within_the_window_is_said_to_be_the_same_request_and_a_
     assert result.returncode == 128 + signal.SIGINT and result.stdout == "still training\n"
     assert result.stderr.splitlines() == [
         "received SIGINT: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
-        "received SIGINT again within 2 s: the same request (delivered twice); send it again to exit at once",
+        "received SIGINT again within 5 s: the same request (delivered twice); send it again to exit at once",
         "received SIGINT again: exiting now, without finishing the step or a checkpoint being written"]
 
 
