@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pretrain.train
+from pretrain.preemption import DUPLICATE_WINDOW_S
 from conftest import (LAUNCH_TIMEOUT, QUIET, REPO, SLOW_SAVE, TINY_LLAMA, accelerate_launch_command, read_metrics,
                       run_accelerate_launch, run_in_process, start_accelerate_launch)
 from wandb_history import offline_runs, run_history
@@ -243,7 +244,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     wait_for(lambda: rows_logged(out) >= 1)
     run.send_signal(signal.SIGTERM)  # finish the step, then save: the save is held open for 30 s ...
     wait_for(lambda: (out / "checkpoints" / ".step_1.tmp").exists() or (out / "checkpoints" / ".step_2.tmp").exists())
-    time.sleep(2.5)  # past the 2 s in which a second signal counts as the same request
+    time.sleep(DUPLICATE_WINDOW_S + 0.5)  # past the window in which a second signal counts as the same request
     run.send_signal(signal.SIGTERM)  # ... and a second signal does not wait for it
     assert run.wait(timeout=60) == 128 + signal.SIGTERM  # at once, even loaded
     assert ("received SIGTERM again: exiting now, without finishing the step or a checkpoint being written"
