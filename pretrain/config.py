@@ -180,10 +180,10 @@ class TrainConfig:
     """torch's fused AdamW kernel where the device has one (CPU, CUDA); false: for-each"""
     activation_checkpointing: bool = False
     """recompute each block in backward: less activation memory, about 30% more compute"""
-    loss: Literal["full", "chunked"] = "full"
+    loss: Literal["auto", "full", "chunked"] = "auto"
     """full: cross-entropy of the micro-batch's logits; chunked: torch's linear cross-entropy from the final hidden
     states and the output layer's weight, a chunk of tokens at a time (no N x seq_len x vocabulary logits, so a
-    larger N fits; torch >= 2.13)"""
+    larger N fits; torch >= 2.13); auto: chunked where torch and the model allow it, else full"""
     sync_each_batch: bool = False
     """reduce gradients after every micro-batch, not only the K-th: more traffic, but no unsharded gradient
     held between micro-batches (FSDP's memory trade-off)"""

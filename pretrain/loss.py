@@ -61,17 +61,40 @@ def _forward(self: nn.Module, *args, targets: torch.Tensor | None = None, **inpu
     return CausalLMOutput(loss=self.get_output_embeddings()(hidden, targets))
 
 
-def use_chunked_loss(model: nn.Module, check: bool = True) -> None:
-    """Make `model(..., targets=labels)` return the chunked summed loss (before Accelerate wraps the model); with
-    `check`, first try it on the model's own weights."""
+# Options of transformers models that change the logits after hidden states x output weight (gemma2's softcapping,
+# cohere's and granite's scaling): `auto` keeps the full loss for them, `chunked` is refused (check_chunked_loss_fits).
+LOGIT_OPTIONS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def auto_loss(meta_model: nn.Module) -> str:
+    """What train.loss: auto means for this model (built on the meta device): chunked where torch has the function
+    and the model's logits are hidden states x output weight, else full."""
+    config = meta_model.config
+    changes_logits = any(getattr(config, name, plain) not in (None, plain) for name, plain in LOGIT_OPTIONS.items())
+    usable = hasattr(F, "linear_cross_entropy") and not changes_logits and chunked_refusal(meta_model) is None
+    return "chunked" if usable else "full"
+
+
+def chunked_refusal(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot serve `model`'s structure, as the line that says so; None if it can."""
     head, model_type = model.get_output_embeddings(), model.config.model_type
     if type(head) is not nn.Linear:
         what = "has none" if head is None else f"is a {type(head).__name__}"
-        raise ConfigError(f"train.loss: chunked needs an output layer (get_output_embeddings) that is a plain linear "
-                          f"layer, and this {model_type} model's {what}; use train.loss: full")
+        return (f"train.loss: chunked needs an output layer (get_output_embeddings) that is a plain linear layer, "
+                f"and this {model_type} model's {what}; use train.loss: full")
     if model.base_model is model and model_type != "embedding_linear":
-        raise ConfigError(f"train.loss: chunked takes the final hidden states from the model's base model "
-                          f"(base_model_prefix), and this {model_type} model has none; use train.loss: full")
+        return (f"train.loss: chunked takes the final hidden states from the model's base model (base_model_prefix), "
+                f"and this {model_type} model has none; use train.loss: full")
+    return None
+
+
+def use_chunked_loss(model: nn.Module, check: bool = True) -> None:
+    """Make `model(..., targets=labels)` return the chunked summed loss (before Accelerate wraps the model); with
+    `check`, first try it on the model's own weights."""
+    refusal = chunked_refusal(model)
+    if refusal:
+        raise ConfigError(refusal)
+    head = model.get_output_embeddings()
     chunked = ChunkedLossHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     chunked.weight, chunked.bias = head.weight, head.bias  # the same parameters: a tied weight stays tied
     model.set_output_embeddings(chunked)

@@ -150,10 +150,10 @@ def build_model_config(cfg: ModelConfig, vocab_size: int, special_tokens: dict[s
         raise model_error(cfg, err) from None
 
 
-def check_model_builds(cfg: ModelConfig, model_config: PretrainedConfig, seq_len: int) -> int:
+def check_model_builds(cfg: ModelConfig, model_config: PretrainedConfig, seq_len: int) -> PreTrainedModel:
     """Build the model on the meta device (no memory, no compute) and run a forward pass there: transformers
     checks some options only when it builds the layers, and some shapes meet only in the forward pass.
-    Returns the number of parameters."""
+    Returns the meta model."""
     # No pad token: else models look into the ids for padding, which meta tensors cannot show.
     meta_config = copy.deepcopy(model_config)
     meta_config.pad_token_id = None
@@ -167,7 +167,7 @@ def check_model_builds(cfg: ModelConfig, model_config: PretrainedConfig, seq_len
         except Exception as err:
             if "meta" not in str(err):  # a check that needs real values: the real build will do it
                 raise model_error(cfg, err) from None
-    return sum(p.numel() for p in model.parameters())
+    return model
 
 
 def model_error(cfg: ModelConfig, err: Exception) -> ConfigError:

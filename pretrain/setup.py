@@ -33,7 +33,7 @@ from pretrain.errors import ConfigError
 from pretrain.evaluation import eval_micro_batches
 from pretrain.tasks import Task, load_tasks
 from pretrain.folders import remove_folders
-from pretrain.loss import use_chunked_loss
+from pretrain.loss import auto_loss, use_chunked_loss
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,
                              check_model_builds, max_positions)
 from pretrain.muon import check_block_matrices
@@ -73,6 +73,16 @@ class Built:
     parameters: int
 
 
+def settle_loss(cfg: Config, accelerator: Accelerator) -> Config:
+    """`cfg` with train.loss: auto replaced by chunked or full (pretrain.loss.auto_loss), so that the config printed
+    and saved says which loss the run computes, and a resume on a torch or model that would pick the other one is
+    refused by name. Any other config is returned as it is."""
+    if cfg.train.loss != "auto":
+        return cfg
+    loss = agree(accelerator, lambda: check_model(cfg, accelerator)).auto_loss
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
+
+
 def settle_micro_batch(cfg: Config, accelerator: Accelerator) -> Config:
     """`cfg` with train.micro_batch_size: auto replaced by an N (K then follows from global_batch_size): the
     checkpoint's N when resuming, else the largest that fits. Any other config is returned as it is."""
@@ -99,6 +109,7 @@ class CheckedModel:
     tokenizer: PreTrainedTokenizerBase
     config: PretrainedConfig
     parameters: int
+    auto_loss: str  # what train.loss: auto means for it
 
 
 def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
@@ -106,7 +117,7 @@ def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_config = model_config_for(cfg.model, tokenizer)
     with without_zero3_init(accelerator):  # a meta-device model: zero.Init could not partition it
-        parameters = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
+        meta_model = check_model_builds(cfg.model, model_config, cfg.data.seq_len)
     if cfg.train.activation_checkpointing:
         check_activation_checkpointing(cfg.model, model_config)
     if cfg.train.optimizer == "muon":
@@ -118,7 +129,8 @@ def check_model(cfg: Config, accelerator: Accelerator) -> CheckedModel:
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {limit} positions "
                           f"(model.max_position_embeddings); use at most {limit}")
-    return CheckedModel(tokenizer, model_config, parameters)
+    return CheckedModel(tokenizer, model_config, sum(p.numel() for p in meta_model.parameters()),
+                        auto_loss(meta_model))
 
 
 def check_inputs(cfg: Config, accelerator: Accelerator) -> Inputs:

@@ -33,7 +33,7 @@ from pretrain.tasks import Task
 from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final, prepare_output_dir
 from pretrain.preemption import StopRequest
-from pretrain.setup import Inputs, build, check_inputs, settle_micro_batch
+from pretrain.setup import Inputs, build, check_inputs, settle_loss, settle_micro_batch
 from pretrain.step import StepResult, optimizer_step, take_micro_batches
 from pretrain.throughput import throughput
 from pretrain.model_card import RunFacts, hardware, model_card, push_to_hub
@@ -109,7 +109,7 @@ def setup(cfg: Config, command: str, stop_request: StopRequest) -> Run:
     inputs = None
     try:
         accelerator = build_accelerator(cfg)
-        cfg = settle_micro_batch(cfg, accelerator)
+        cfg = settle_micro_batch(settle_loss(cfg, accelerator), accelerator)
         inputs = agree(accelerator, lambda: check_inputs(cfg, accelerator), undo=Inputs.abandon)
         built = build(accelerator, cfg, inputs)
         state = inputs.state

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, read_metrics, run_in_process
 from pretrain import auto_batch
@@ -173,8 +174,27 @@ GRANITE = ["--model.type=granite", "--model.hidden_size=32", "--model.num_hidden
            "--model.max_position_embeddings=64", "--model.logits_scaling=4.0"]
 
 
+@pytest.mark.parametrize("case, expected", [("llama", "chunked"), ("torch 2.12", "full"), ("granite", "full")])
+def test_auto_trains_with_chunked_where_torch_and_the_model_allow_it_and_records_which(tmp_path, monkeypatch, case,
+                                                                                        expected):
+    calls = []
+    if case == "torch 2.12":
+        monkeypatch.delattr(F, "linear_cross_entropy")
+    else:
+        real = F.linear_cross_entropy
+        monkeypatch.setattr(F, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    result = run_in_process([*(GRANITE if case == "granite" else TINY_LLAMA), "--data.seq_len=32", "--train.max_steps=1",
+                             "--tracking.backends=[]", "--tracking.curves=false", "--sample.max_new_tokens=0",
+                             f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert bool(calls) == (expected == "chunked")  # the step's loss went through torch's function, or never did
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["loss"] == expected
+    assert f"\n  loss: {expected}\n" in result.stdout  # the resolved config printed at the start
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["--train.loss=chunky"], "train.loss: 'chunky' is not one of full, chunked"),
+    (["--train.loss=chunky"], "train.loss: 'chunky' is not one of auto, full, chunked"),
     (["--train.loss=chunked", "--torch-without-it"], "train.loss: chunked needs torch.nn.functional.linear_cross_"),
     (["--train.loss=chunked", *GRANITE], "train.loss: chunked computes the logits as hidden states x output weight, "
                                          "and a granite model does more to them"),
