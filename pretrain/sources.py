@@ -115,6 +115,14 @@ class Source:
             dataset = dataset.cast_column(self.column, datasets.Value("binary"))
         return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
+    @property
+    def shards(self) -> int:
+        """Its shards: the files (local), the Hub dataset's data files."""
+        return self.dataset.n_shards
+
+    def shard(self, index: int) -> datasets.IterableDataset:
+        return self.dataset.shard(num_shards=self.shards, index=index)
+
     def read_error(self, err: Exception) -> ConfigError:
         """A failure met while streaming, as one line: the file at fault where one is found, else the source."""
         return self.file_at_fault() or ConfigError(f"{self.field}: cannot read {self.config.path!r} "
@@ -139,17 +147,52 @@ def epoch_texts(opened: list[Source], weights: list[float], seed: int, epoch: in
     """The documents of one epoch, in batches: each source's files in a seeded order, sources mixed by weight.
 
     The order depends only on (seed, epoch), so every worker and every process sees the same stream.
-    Documents are not shuffled here (sequences are, after packing). Mixing draws each next document's
-    source at random by weight, seeded, and the epoch ends when the first source runs out (as
-    interleave_datasets does with first_exhausted, which cannot join text files with JSONL or Parquet).
-    """
+    Documents are not shuffled here (sequences are, after packing)."""
     epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
-    batches = [_arrow_texts(source.epoch_order(epoch_seed + i, shuffle)) for i, source in enumerate(opened)]
+    yield from _mixed([_arrow_texts(source.epoch_order(epoch_seed + i, shuffle)) for i, source in enumerate(opened)],
+                  weights, np.random.default_rng([seed, epoch, len(opened)]))
+
+
+def partition_shards(shards: int, seed: int, epoch: int, source: int, partitions: int, partition: int,
+                     shuffle: bool) -> list[int]:
+    """Shard mode: the shards of source number `source` that `partition` reads in `epoch`, in order: the j-th of
+    the epoch's seeded order of all of them goes to partition j % partitions."""
+    order = np.random.default_rng([seed, epoch, source]).permutation(shards) if shuffle else np.arange(shards)
+    return order[partition::partitions].tolist()
+
+
+def partition_texts(opened: list[Source], weights: list[float], seed: int, epoch: int, partitions: int,
+                    partition: int, shuffle: bool) -> Iterator[list[str | bytes]]:
+    """Shard mode: the documents of one partition's epoch, in batches: its shards of each source read one after
+    the other (only those are opened), sources mixed by weight with a generator of its own."""
+    batches = [itertools.chain.from_iterable(
+        _arrow_texts(source.shard(s)) for s in partition_shards(source.shards, seed, epoch, i, partitions, partition,
+                                                                shuffle)) for i, source in enumerate(opened)]
+    yield from _mixed(batches, weights, np.random.default_rng([seed, epoch, len(opened), partition]))
+
+
+def piece_mode_reason(opened: list[Source], partitions: int) -> str | None:
+    """Why the partitions cannot each read their own shards (None: they can): every source needs a number of
+    shards that the partitions share evenly (an uneven deal would repeat some files more often than others)."""
+    if partitions == 1:
+        return "data.partitions is 1"
+    for source in opened:
+        if source.shards % partitions:
+            what = "files" if source.files is not None else "shards (data files)"
+            return (f"{source.field} {source.config.path!r} has {source.shards} {what}, which data.partitions="
+                    f"{partitions} cannot share evenly (shard mode needs a multiple of it)")
+    return None
+
+
+def _mixed(batches: list[Iterator[list[str | bytes]]], weights: list[float],
+           rng: np.random.Generator) -> Iterator[list[str | bytes]]:
+    """The sources' batches mixed: each next document's source drawn at random by weight, seeded; the mixture
+    ends when the first source runs out (as interleave_datasets does with first_exhausted, which cannot join
+    text files with JSONL or Parquet)."""
     if len(batches) == 1:
         yield from batches[0]
         return
     documents = [itertools.chain.from_iterable(b) for b in batches]
-    rng = np.random.default_rng([seed, epoch, len(opened)])
     probabilities = np.asarray(weights) / sum(weights)
     mixed: list[str | bytes] = []
     for index in iter(lambda: int(rng.choice(len(documents), p=probabilities)), None):
