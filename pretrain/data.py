@@ -218,12 +218,11 @@ def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank
     blocks = TextBlocks(cfg, tokenizer, partitions=cursors, documents=documents, holdout_fraction=holdout_fraction,
                         repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
     source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
-    stats.layout = layout(blocks, world_size, source.split(":")[0])
+    stats.layout = layout(blocks, world_size)
     if start.mode not in (None, blocks.mode):
         raise ConfigError(f"resume: the checkpoint's data position was saved in {start.mode.removesuffix('s')} mode, "
-                          f"but {source} with data.partitions={cfg.partitions} now reads in "
-                          f"{blocks.mode.removesuffix('s')} mode ({stats.layout}); resume with the files and "
-                          "data.partitions it was saved with")
+                          f"but now {blocks.mode.removesuffix('s')} mode: {blocks.mode_reason}; resume with the "
+                          "files and data.partitions it was saved with")
     if blocks.mode == "shards" and loader_args["num_workers"]:  # workers share the partitions evenly
         loader_args = {**loader_args, "num_workers": max(w for w in range(1, loader_args["num_workers"] + 1)
                                                          if len(cursors) % w == 0)}
@@ -233,14 +232,12 @@ def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank
                           blocks.mode)
 
 
-def layout(blocks: TextBlocks, world_size: int, field: str) -> str:
+def layout(blocks: TextBlocks, world_size: int) -> str:
     """How the processes share the raw text, and why: the run's start line about it."""
     if blocks.mode == "shards":
-        shards = " + ".join(str(source.shards) for source in blocks.opened)
-        return (f"shard mode: each of the {blocks.count} partitions (data.partitions) reads its own shards of "
-                f"{field} ({shards} an epoch, dealt evenly); process 0 of {world_size} reads and tokenizes only "
-                f"its partitions', 1/{world_size} of them")
-    return (f"piece mode: {blocks.piece_mode_reason}; every process reads the whole stream and tokenizes only its "
+        return (f"shard mode: {blocks.mode_reason}: each partition reads its own, and process 0 of {world_size} "
+                f"reads and tokenizes only its partitions' (1/{world_size} of the stream)")
+    return (f"piece mode: {blocks.mode_reason}: every process reads the whole stream, and tokenizes only its "
             f"partitions' pieces (1/{world_size})")
 
 

@@ -171,17 +171,18 @@ def partition_texts(opened: list[Source], weights: list[float], seed: int, epoch
     yield from _mixed(batches, weights, np.random.default_rng([seed, epoch, len(opened), partition]))
 
 
-def piece_mode_reason(opened: list[Source], partitions: int) -> str | None:
-    """Why the partitions cannot each read their own shards (None: they can): every source needs a number of
-    shards that the partitions share evenly (an uneven deal would repeat some files more often than others)."""
+def shard_mode(opened: list[Source], partitions: int) -> tuple[bool, str]:
+    """Whether the partitions can each read their own shards, and why: every source needs a number of shards that
+    they share evenly (an uneven deal would repeat some files more often than others)."""
     if partitions == 1:
-        return "data.partitions is 1"
-    for source in opened:
-        if source.shards % partitions:
-            what = "files" if source.files is not None else "shards (data files)"
-            return (f"{source.field} {source.config.path!r} has {source.shards} {what}, which data.partitions="
-                    f"{partitions} cannot share evenly (shard mode needs a multiple of it)")
-    return None
+        return False, "data.partitions is 1"
+    counts = [f"{source.field} {source.config.path!r} has {source.shards} "
+              f"{'files' if source.files is not None else 'shards (data files)'}" for source in opened]
+    uneven = [count for count, source in zip(counts, opened) if source.shards % partitions]
+    if uneven:
+        return False, f"{uneven[0]}, which data.partitions={partitions} cannot share evenly (shard mode needs a " \
+                      "multiple of it)"
+    return True, f"{' and '.join(counts)}, which data.partitions={partitions} share evenly"
 
 
 def _mixed(batches: list[Iterator[list[str | bytes]]], weights: list[float],

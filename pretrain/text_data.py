@@ -37,7 +37,7 @@ from pretrain.config import DataConfig
 from pretrain.data_position import TextCursor
 from pretrain.errors import ConfigError, first_line
 from pretrain.sources import (REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, partition_texts,
-                              piece_mode_reason, sources_of)
+                              shard_mode, sources_of)
 
 # Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
 Documents = Literal["all", "training", "held_out"]
@@ -117,8 +117,8 @@ class TextBlocks(torch.utils.data.IterableDataset):
         self.block_chars, self.seed, self.count = cfg.block_chars, cfg.seed, cfg.partitions
         self.documents, self.holdout_fraction = documents, holdout_fraction
         self.starts, self.repeat, self.shuffle = partitions, repeat, shuffle
-        self.piece_mode_reason = piece_mode_reason(self.opened, self.count)  # None: shard mode
-        self.mode: Mode = "pieces" if self.piece_mode_reason else "shards"
+        shards, self.mode_reason = shard_mode(self.opened, self.count)
+        self.mode: Mode = "shards" if shards else "pieces"
 
     def __iter__(self) -> Iterator[TokenBlock]:
         info = torch.utils.data.get_worker_info()
