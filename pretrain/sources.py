@@ -53,6 +53,7 @@ class Source:
             self.dataset = self._with_text_column(raw)
         except Exception as err:  # a .json file holding one array, not one object a line
             raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
+        self.by_shard = self.dataset  # what shard mode reads, one shard at a time
 
     def _first_row(self, files: list[str] | None,
                    name: str) -> tuple[datasets.IterableDataset | None, pa.Table | None]:
@@ -117,11 +118,15 @@ class Source:
 
     @property
     def shards(self) -> int:
-        """Its shards: the files (local), the Hub dataset's data files."""
-        return self.dataset.n_shards
+        """Its shards (shard mode's unit): the files (local) or data files (Hub), or their row groups."""
+        return self.by_shard.n_shards
 
     def shard(self, index: int) -> datasets.IterableDataset:
-        return self.dataset.shard(num_shards=self.shards, index=index)
+        return self.by_shard.shard(num_shards=self.shards, index=index)
+
+    def split_row_groups(self) -> None:
+        """Parquet: a shard per row group instead of per file (other formats stay as they are)."""
+        self.by_shard = self.dataset.reshard()
 
     def read_error(self, err: Exception) -> ConfigError:
         """A failure met while streaming, as one line: the file at fault where one is found, else the source."""
@@ -176,8 +181,14 @@ def shard_mode(opened: list[Source], partitions: int) -> tuple[bool, str]:
     they share evenly (an uneven deal would repeat some files more often than others)."""
     if partitions == 1:
         return False, "data.partitions is 1"
-    counts = [f"{source.field} {source.config.path!r} has {source.shards} "
-              f"{'files' if source.files is not None else 'shards (data files)'}" for source in opened]
+    counts = []
+    for source in opened:
+        files = source.shards
+        if files % partitions:  # Parquet's row groups may be enough
+            source.split_row_groups()
+        groups = f" ({source.shards} row groups)" if source.shards != files else ""
+        counts.append(f"{source.field} {source.config.path!r} has {files} "
+                      f"{'files' if source.files is not None else 'data files'}{groups}")
     uneven = [count for count, source in zip(counts, opened) if source.shards % partitions]
     if uneven:
         return False, f"{uneven[0]}, which data.partitions={partitions} cannot share evenly (shard mode needs a " \

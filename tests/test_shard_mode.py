@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -72,15 +73,15 @@ def text_of(file: Path) -> list[str]:
     return [json.loads(line)["text"] for line in file.read_text().splitlines()]
 
 
-def reference_stream(files, tokenizer, partitions, holdout_fraction=0.0):
-    """One epoch, unshuffled, built from the files alone: partition c packs the documents of files c, c + C, ...
-    (each followed by EOS; held-out ones left out), global sequence i is sequence i // C of partition i % C."""
-    import zlib
+def reference_stream(shards, tokenizer, partitions, holdout_fraction=0.0):
+    """One epoch, unshuffled, built from the shards' texts alone: partition c packs the documents of shards c,
+    c + C, ... (each followed by EOS; held-out ones left out), global sequence i is sequence i // C of partition
+    i % C."""
     per_partition = []
     for c in range(partitions):
         tokens = []
-        for file in files[c::partitions]:
-            for text in text_of(file):
+        for texts in shards[c::partitions]:
+            for text in texts:
                 if holdout_fraction and zlib.crc32(text.encode()) < holdout_fraction * 2**32:
                     continue
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -96,8 +97,28 @@ def test_one_epoch_is_each_partitions_files_packed_in_turn(corpus, tokenizer, ho
     stream = micro_batch_stream(cfg, tokenizer, micro_batch_size=N, rank=0, world_size=1, documents=documents,
                                 holdout_fraction=holdout_fraction)
     got = [window(mb.batch, row) for mb in stream for row in range(mb.sequences)]
-    expected = reference_stream(corpus, tokenizer, 4, holdout_fraction)
+    expected = reference_stream([text_of(file) for file in corpus], tokenizer, 4, holdout_fraction)
     assert len(expected) > 100 and got == expected
+
+
+def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [text for file in write_files(tmp_path / "jsonl", 4) for text in text_of(file)]
+    (tmp_path / "parquet").mkdir()
+    groups = []  # 2 files of 2 row groups each: 4 shards for 4 partitions
+    for i, half in enumerate((texts[:len(texts) // 2], texts[len(texts) // 2:])):
+        pq.write_table(pa.table({"text": half}), tmp_path / "parquet" / f"{i}.parquet", row_group_size=len(half) // 2 + 1)
+        groups += [half[:len(half) // 2 + 1], half[len(half) // 2 + 1:]]
+    files = [tmp_path / "parquet" / "0.parquet"]
+    stats = [DataStats()]
+    got = global_order(rounds(config(files, repeat=False, shuffle=False), tokenizer, 1, stats=stats))
+    assert got == reference_stream(groups, tokenizer, 4) and len(got) > 100
+    assert stats[0].layout.startswith(f"shard mode: data.path '{tmp_path / 'parquet'}' has 2 files (4 row groups), "
+                                      "which data.partitions=4 share evenly")
+    limit = 2 * len(got) // (N * 4) + 5
+    assert global_order(rounds(config(files), tokenizer, 4, limit=limit)) == \
+        global_order(rounds(config(files), tokenizer, 1, limit=limit * 4))[:limit * 4 * N]
 
 
 @pytest.mark.parametrize("processes, workers", [(2, 0), (4, 0), (2, 2)])
