@@ -187,8 +187,8 @@ def shard_mode(opened: list[Source], partitions: int) -> tuple[bool, str]:
         if files % partitions:  # Parquet's row groups may be enough
             source.split_row_groups()
         groups = f" ({source.shards} row groups)" if source.shards != files else ""
-        counts.append(f"{source.field} {source.config.path!r} has {files} "
-                      f"{'files' if source.files is not None else 'data files'}{groups}")
+        kind = "file" if source.files is not None else "data file"
+        counts.append(f"{source.field} {source.config.path!r} has {files} {kind}{'s' if files != 1 else ''}{groups}")
     uneven = [count for count, source in zip(counts, opened) if source.shards % partitions]
     if uneven:
         return False, f"{uneven[0]}, which data.partitions={partitions} cannot share evenly (shard mode needs a " \
