@@ -170,10 +170,15 @@ def partition_texts(opened: list[Source], weights: list[float], seed: int, epoch
                     partition: int, shuffle: bool) -> Iterator[list[str | bytes]]:
     """Shard mode: the documents of one partition's epoch, in batches: its shards of each source read one after
     the other (only those are opened), sources mixed by weight with a generator of its own."""
-    batches = [itertools.chain.from_iterable(
-        _arrow_texts(source.shard(s)) for s in partition_shards(source.shards, seed, epoch, i, partitions, partition,
-                                                                shuffle)) for i, source in enumerate(opened)]
+    batches = [_shards_texts(source, partition_shards(source.shards, seed, epoch, i, partitions, partition, shuffle))
+               for i, source in enumerate(opened)]
     yield from _mixed(batches, weights, np.random.default_rng([seed, epoch, len(opened), partition]))
+
+
+def _shards_texts(source: Source, shards: list[int]) -> Iterator[list[str | bytes]]:
+    """Batches of `text` of these shards of `source`, one shard opened after the other."""
+    for shard in shards:
+        yield from _arrow_texts(source.shard(shard))
 
 
 def shard_mode(opened: list[Source], partitions: int) -> tuple[bool, str]:

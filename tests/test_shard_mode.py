@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_LLAMA, read_metrics, run_in_process
-from pretrain.config import DataConfig
+from pretrain.config import DataConfig, SourceConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.data_position import START, DataPosition, merged
 from pretrain.errors import ConfigError
@@ -130,6 +130,21 @@ def test_p_processes_give_the_one_process_stream(corpus, tokenizer, processes, w
     limit = 2 * len(single) // (N * processes) + 5
     assert global_order(rounds(config(corpus, num_workers=workers), tokenizer, processes, limit=limit)) == \
         global_order(rounds(config(corpus), tokenizer, 1, limit=limit * processes))[:limit * processes * N]
+
+
+def test_a_mixture_is_in_shard_mode_when_every_source_is(corpus, tokenizer, tmp_path):
+    few = write_files(tmp_path / "few", 4)
+    mixture = [SourceConfig(str(corpus[0].parent), weight=3), SourceConfig(str(few[0].parent), weight=1)]
+    stats = [DataStats()]
+    single = global_order(rounds(config(corpus, mixture=mixture), tokenizer, 1, limit=120, stats=stats))
+    assert stats[0].layout.startswith(f"shard mode: data.mixture[0].path '{corpus[0].parent}' has 8 files and "
+                                      f"data.mixture[1].path '{few[0].parent}' has 4 files, which data.partitions=4")
+    assert global_order(rounds(config(corpus, mixture=mixture), tokenizer, 4, limit=30)) == single
+    uneven = [*mixture, SourceConfig(str(write_files(tmp_path / "six", 6)[0].parent))]
+    list(micro_batch_stream(config(corpus, mixture=uneven, repeat=False), tokenizer, micro_batch_size=N, rank=0,
+                            world_size=1, stats=stats[0]))
+    assert stats[0].layout.startswith(f"piece mode: data.mixture[2].path '{tmp_path / 'six'}' has 6 files, which "
+                                      "data.partitions=4 cannot share evenly")
 
 
 def files_of(process, processes, files, partitions=4, seed=7, epoch=0):
