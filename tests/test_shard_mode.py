@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import signal
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_LLAMA, read_metrics, run_in_process
+from conftest import (REPO, TINY_LLAMA, read_metrics, run_accelerate_launch, run_in_process,
+                      start_accelerate_launch)
 from pretrain.config import DataConfig, SourceConfig
 from pretrain.data import load_tokenizer, micro_batch_stream
 from pretrain.data_position import START, DataPosition, merged
@@ -237,3 +239,23 @@ def test_a_source_the_partitions_cannot_share_falls_back_to_piece_mode(tmp_path)
     assert f"data: piece mode: data.path '{files[0].parent}' has 6 files, which data.partitions=4 cannot share " \
            "evenly (shard mode needs a multiple of it): every process reads the whole stream, and tokenizes only " \
            "its partitions' pieces (1/1)" in result.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_a_kill_9_in_the_middle_of_a_run_in_shard_mode_resumes_to_the_same_run(tmp_path):
+    from test_resume import kill_group, rows_logged, wait_for
+    files = write_files(tmp_path / "text", FILES)
+    args = [*ARGS, f"--data.path={files[0].parent}", "--data.num_workers=2", "--train.max_steps=12"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_in_process([*args, f"--output_dir={reference}"]).returncode == 0
+    run = start_accelerate_launch([*args, f"--output_dir={out}"], tmp_path / "killed")
+    wait_for(lambda: rows_logged(out) >= 5)  # past the checkpoint of step 4, with the workers reading
+    kill_group(run, signal.SIGKILL)
+    run.wait()
+    assert not (out / "final").exists()
+    result = run_accelerate_launch([*args, f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/step_" in result.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(reference)]
