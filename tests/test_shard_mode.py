@@ -195,7 +195,8 @@ def test_a_position_without_a_mode_is_piece_mode_and_refused_in_shard_mode(corpu
         micro_batch_stream(config(corpus), tokenizer, micro_batch_size=N, rank=0, world_size=1, start=start)
 
 
-ARGS = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--data.partitions=4", "--data.block_chars=4000",
+# Blocks of about 50 bytes a partition (a document or two): a checkpoint's cursors stand past block 0.
+ARGS = [*TINY_LLAMA, f"--data.seq_len={SEQ_LEN}", "--data.partitions=4", "--data.block_chars=200",
         "--train.micro_batch_size=2", "--train.gradient_accumulation_steps=2", "--train.warmup_steps=1",
         "--train.min_lr_ratio=1", "--checkpoint.every=2", "--tracking.backends=[]", "--tracking.curves=false",
         "--sample.max_new_tokens=0", "--train.log_every=1000", "--eval.every=0"]
@@ -214,7 +215,7 @@ def test_a_run_in_shard_mode_resumes_exactly_and_refuses_a_changed_file_count(tm
                      r"\(shard mode\)", result.stdout)
     assert run_in_process([*ARGS, *data, "--train.max_steps=2", f"--output_dir={part}"]).returncode == 0
     saved = json.loads((part / "checkpoints" / "step_2" / "trainer_state.json").read_text())["data_position"]
-    assert saved["mode"] == "shards"
+    assert saved["mode"] == "shards" and max(cursor["block"] for cursor in saved["partitions"].values()) > 0
     resumed = run_in_process([*ARGS, *data, "--train.max_steps=4", f"--output_dir={part}",
                               f"--resume={part}/checkpoints/step_2"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
