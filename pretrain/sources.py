@@ -126,7 +126,10 @@ class Source:
 
     def split_row_groups(self) -> None:
         """Parquet: a shard per row group instead of per file (other formats stay as they are)."""
-        self.by_shard = self.dataset.reshard()
+        try:
+            self.by_shard = self.dataset.reshard()
+        except Exception as err:  # it reads each file's metadata: a damaged file, or a Hub file out of reach
+            raise self.read_error(err) from None
 
     def read_error(self, err: Exception) -> ConfigError:
         """A failure met while streaming, as one line: the file at fault where one is found, else the source."""

@@ -110,7 +110,8 @@ def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path
     (tmp_path / "parquet").mkdir()
     groups = []  # 2 files of 2 row groups each: 4 shards for 4 partitions
     for i, half in enumerate((texts[:len(texts) // 2], texts[len(texts) // 2:])):
-        pq.write_table(pa.table({"text": half}), tmp_path / "parquet" / f"{i}.parquet", row_group_size=len(half) // 2 + 1)
+        pq.write_table(pa.table({"text": half}), tmp_path / "parquet" / f"{i}.parquet",
+                       row_group_size=len(half) // 2 + 1)
         groups += [half[:len(half) // 2 + 1], half[len(half) // 2 + 1:]]
     files = [tmp_path / "parquet" / "0.parquet"]
     stats = [DataStats()]
@@ -121,6 +122,21 @@ def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path
     limit = 2 * len(got) // (N * 4) + 5
     assert global_order(rounds(config(files), tokenizer, 4, limit=limit)) == \
         global_order(rounds(config(files), tokenizer, 1, limit=limit * 4))[:limit * 4 * N]
+
+
+def test_parquet_files_whose_row_groups_cannot_be_read_are_one_line(tmp_path, tokenizer, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.table({"text": ["a document"] * 9}), tmp_path / "parquet" / "0.parquet", row_group_size=3)
+
+    def unreachable(self):
+        raise OSError("Connection reset by peer")
+    monkeypatch.setattr(datasets.IterableDataset, "reshard", unreachable)
+    with pytest.raises(ConfigError, match=r"^data.path: cannot read '.*parquet' \(Connection reset by peer\)$"):
+        micro_batch_stream(config([tmp_path / "parquet" / "0.parquet"]), tokenizer, micro_batch_size=N, rank=0,
+                           world_size=1)
 
 
 @pytest.mark.parametrize("processes, workers", [(2, 0), (4, 0), (2, 2)])
