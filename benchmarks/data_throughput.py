@@ -9,7 +9,8 @@ Figures, in one run on the same text:
   3. the pre-tokenized pipeline (token shards by memory map), in this process with torch on one thread;
   4. the default training run's consumption (scripts/pretrain.py, median tokens/s of steps 10-40);
   5. (alone with --processes-only) the raw-text pipeline of process 0 of P = 1, 2 and 4 over one epoch, side by
-     side: the share of the text it tokenized (its data.partitions) and the sequences/s it delivers.
+     side, on the corpus as one file (piece mode) and as 64 files (shard mode): the share of the text it read and
+     tokenized (its data.partitions) and the sequences/s it delivers.
 The corpus is ../shared/corpus/shakespeare when it exists (else data/shakespeare), cut into
 documents of about 3,000 characters, as in web-scale corpora.
 """
@@ -69,19 +70,30 @@ def pipeline_rate(cfg: DataConfig, tokenizer, micro_batch_size: int, max_tokens:
     return tokens / (time.perf_counter() - started)
 
 
-def process_shares(jsonl: str, tokenizer, seq_len: int, micro_batch_size: int) -> None:
-    """Process 0 of P's raw-text stream over one epoch, in this process: what it tokenized, and how fast."""
-    for processes in (1, 2, 4):
-        cfg, stats = DataConfig(path=jsonl, seq_len=seq_len, repeat=False), DataStats()
-        started, sequences = time.perf_counter(), 0
-        for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=micro_batch_size, rank=0,
-                                     world_size=processes, stats=stats):
-            sequences += mb.sequences
-        rate = sequences / (time.perf_counter() - started)
-        print(f"raw text, P={processes}: process 0 tokenized {stats.bytes_tokenized / 1e6:.2f} of the "
-              f"{stats.bytes_read / 1e6:.2f} MB it read ({stats.bytes_tokenized / stats.bytes_read:.1%}), "
-              f"{sequences:,} sequences at {rate:,.0f} sequences/s ({rate * seq_len / 1e6:.2f} M tokens/s; the P "
-              f"processes together {processes * rate * seq_len / 1e6:.2f} M)")
+def write_files(documents: list[str], folder: str, count: int = 64) -> None:
+    """The documents dealt round-robin into `count` JSONL files: a many-file source, read in shard mode."""
+    os.makedirs(folder)
+    for i in range(count):
+        with open(os.path.join(folder, f"part-{i:03d}.jsonl"), "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in documents[i::count])
+
+
+def process_shares(sources: dict[str, str], stream_bytes: int, tokenizer, seq_len: int, micro_batch_size: int) -> None:
+    """Process 0 of P's raw-text stream over one epoch, in this process: what it read and tokenized of the stream,
+    and how fast, for each source (one file: piece mode; 64 files: shard mode)."""
+    for label, path in sources.items():
+        for processes in (1, 2, 4):
+            cfg, stats = DataConfig(path=path, seq_len=seq_len, repeat=False), DataStats()
+            started, sequences = time.perf_counter(), 0
+            for mb in micro_batch_stream(cfg, tokenizer, micro_batch_size=micro_batch_size, rank=0,
+                                         world_size=processes, stats=stats):
+                sequences += mb.sequences
+            rate = sequences / (time.perf_counter() - started)
+            print(f"{label}, P={processes}: process 0 read {stats.bytes_read / 1e6:.2f} MB "
+                  f"({stats.bytes_read / stream_bytes:.1%} of the stream's {stream_bytes / 1e6:.2f}), tokenized "
+                  f"{stats.bytes_tokenized / 1e6:.2f} MB ({stats.bytes_tokenized / stream_bytes:.1%}); {sequences:,} "
+                  f"sequences at {rate:,.0f}/s ({rate * seq_len / 1e6:.2f} M tokens/s; the P processes together "
+                  f"{processes * rate * seq_len / 1e6:.2f} M)")
 
 
 def training_rate() -> float:
@@ -119,7 +131,9 @@ def main() -> int:
         bare = tokens / (time.perf_counter() - started)
         report("bare tokenizer (encode_batch_fast, all cores)", bare)
         if args.processes_only:  # (one pass for the bare tokenizer: the reference the lines below compare with)
-            process_shares(jsonl, tokenizer, args.seq_len, args.micro_batch_size)
+            write_files(documents, os.path.join(tmp, "files"))
+            process_shares({"1 file (piece mode)": jsonl, "64 files (shard mode)": os.path.join(tmp, "files")},
+                           sum(len(d.encode()) for d in documents), tokenizer, args.seq_len, args.micro_batch_size)
             return 0
 
         text_rates = {}

@@ -95,7 +95,8 @@ class DataConfig:
     """DataLoader worker processes that tokenize (raw text) or read (token shards)"""
     partitions: Annotated[int, AT_LEAST_1] = 64
     """raw text: canonical partitions of the stream, each packed alone; a process tokenizes only its own, so the
-    process count must divide it (the run is then the same on any such count: 64 fits 1, 2, 4 ... 64 processes)"""
+    process count must divide it (the run is then the same on any such count: 64 fits 1, 2, 4 ... 64 processes);
+    where it divides every source's file (or shard) count, each partition reads only its own files"""
 
     def __post_init__(self) -> None:
         """A mixture holds at least one source, and weights whose sum a float holds."""

@@ -89,7 +89,7 @@ def deal(local: LocalSequences, *, micro_batch_size: int, world_size: int, start
         sequences = [s for s in (local.next() for _ in range(micro_batch_size)) if s is not None]
         consumed += world_size * micro_batch_size
         batch = collate(sequences, pad_id) if sequences else empty_batch(pad_id)
-        yield MicroBatch(batch, epoch, DataPosition(consumed, local.cursors()), len(sequences))
+        yield MicroBatch(batch, epoch, DataPosition(consumed, local.cursors(), local.mode), len(sequences))
 
 
 def empty_batch(pad_id: int) -> dict[str, torch.Tensor]:
@@ -218,9 +218,27 @@ def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank
     blocks = TextBlocks(cfg, tokenizer, partitions=cursors, documents=documents, holdout_fraction=holdout_fraction,
                         repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
     source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
+    stats.layout = layout(blocks, world_size)
+    if start.mode not in (None, blocks.mode):
+        raise ConfigError(f"resume: the checkpoint's data position was saved in {start.mode.removesuffix('s')} mode, "
+                          f"but now {blocks.mode.removesuffix('s')} mode: {blocks.mode_reason}; resume with the "
+                          "files and data.partitions it was saved with")
+    if blocks.mode == "shards" and loader_args["num_workers"]:  # workers share the partitions evenly
+        loader_args = {**loader_args, "num_workers": max(w for w in range(1, loader_args["num_workers"] + 1)
+                                                         if len(cursors) % w == 0)}
     partitions = [PartitionSequences(c, cursor, cfg, source) for c, cursor in cursors.items()]
     loader = torch.utils.data.DataLoader(blocks, **loader_args)
-    return LocalSequences(_worker_errors_unwrapped(iter(loader)), partitions, stats, start.sequences // world_size)
+    return LocalSequences(_worker_errors_unwrapped(iter(loader)), partitions, stats, start.sequences // world_size,
+                          blocks.mode)
+
+
+def layout(blocks: TextBlocks, world_size: int) -> str:
+    """How the processes share the raw text, and why: the run's start line about it."""
+    if blocks.mode == "shards":
+        return (f"shard mode: {blocks.mode_reason}: each partition reads its own, and process 0 of {world_size} "
+                f"reads and tokenizes only its partitions' (1/{world_size} of the stream)")
+    return (f"piece mode: {blocks.mode_reason}: every process reads the whole stream, and tokenizes only its "
+            f"partitions' pieces (1/{world_size})")
 
 
 def with_document_positions(micro_batch: MicroBatch, eos_id: int) -> MicroBatch:

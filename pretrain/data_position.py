@@ -13,6 +13,7 @@ from typing import Any
 from pretrain.errors import ConfigError
 
 CURSOR_KEYS = ("epoch", "block", "carry", "taken")  # of each raw-text partition
+MODES = ("pieces", "shards")  # how raw text's partitions share the stream (pretrain.text_data)
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,16 @@ class DataPosition:
     # Raw text: partition -> its cursor (a process's stream holds its own; a checkpoint all of them, a partition
     # missing is at its start); None: read from token shards.
     text: dict[int, TextCursor] | None = field(default_factory=dict)
+    # Raw text: how the partitions share the stream ("pieces" or "shards", pretrain.text_data), which sets what a
+    # cursor means; None: not known yet (a fresh start). Positions saved before shard mode are in piece mode.
+    mode: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The form saved as trainer_state.json's data_position: `sequences`, and raw text's `partitions`."""
+        """The form saved as trainer_state.json's data_position: `sequences`, and raw text's `partitions` and
+        `mode`."""
         if self.text is None:
             return {"sequences": self.sequences}
-        return {"sequences": self.sequences, "partitions": {
+        return {"sequences": self.sequences, **({"mode": self.mode} if self.mode else {}), "partitions": {
             str(c): {"epoch": t.epoch, "block": t.block, "carry": list(t.carry), "taken": t.taken}
             for c, t in sorted(self.text.items())}}
 
@@ -49,7 +54,7 @@ class DataPosition:
         if "partitions" not in saved:
             return cls(saved["sequences"], text=None)
         return cls(saved["sequences"], {int(c): TextCursor(t["epoch"], t["block"], tuple(t["carry"]), t["taken"])
-                                        for c, t in saved["partitions"].items()})
+                                        for c, t in saved["partitions"].items()}, saved.get("mode", "pieces"))
 
     def epoch(self) -> int | None:
         """Raw text: the epoch of partition 0 (the run's epoch count), if this position holds it."""
@@ -60,7 +65,8 @@ def merged(positions: list[DataPosition]) -> DataPosition:
     """The positions of all processes after one round as one: the same count, every process's partitions."""
     if positions[0].text is None:
         return positions[0]
-    return DataPosition(positions[0].sequences, {c: t for p in positions for c, t in p.text.items()})
+    return DataPosition(positions[0].sequences, {c: t for p in positions for c, t in p.text.items()},
+                        positions[0].mode)
 
 
 START = DataPosition()  # a fresh run's position: every partition at its start
@@ -72,9 +78,11 @@ def _position_problem(saved: Any) -> str | None:
         return f"expected dict, got {type(saved).__name__} {saved!r}"
     if "sequences" not in saved:
         return "no 'sequences' key"
-    if set(saved) - {"sequences", "partitions"}:
+    if set(saved) - {"sequences", "partitions", "mode"}:
         return (f"has {sorted(saved)}: saved by an earlier version of the template (one raw-text stream, before "
                 "data.partitions), which cannot be resumed exactly; a position has sequences and partitions")
+    if saved.get("mode", "pieces") not in MODES or ("mode" in saved and "partitions" not in saved):
+        return f"mode: expected one of {', '.join(MODES)} beside partitions, got {saved['mode']!r}"
     if _not_count(saved["sequences"]):
         return f"sequences: expected an integer >= 0, got {saved['sequences']!r}"
     partitions = saved.get("partitions", {})

@@ -189,6 +189,8 @@ def build(accelerator: Accelerator, cfg: Config, inputs: Inputs) -> Built:
         set_cpu_threads(cfg.train.cpu_threads)
     say(to_yaml(cfg))
     say(describe_global_batch(inputs.plan, cfg.data.seq_len))
+    if inputs.stats.layout:  # raw text
+        say(f"data: {inputs.stats.layout}")
 
     set_seed(cfg.train.seed)  # same seed, same init and same sampling on every run
     with whole_model_init(accelerator):

@@ -53,6 +53,7 @@ class Source:
             self.dataset = self._with_text_column(raw)
         except Exception as err:  # a .json file holding one array, not one object a line
             raise ConfigError(f"{field}: cannot read {config.path!r} ({first_line(err)})") from None
+        self.by_shard = self.dataset  # what shard mode reads, one shard at a time
 
     def _first_row(self, files: list[str] | None,
                    name: str) -> tuple[datasets.IterableDataset | None, pa.Table | None]:
@@ -115,6 +116,21 @@ class Source:
             dataset = dataset.cast_column(self.column, datasets.Value("binary"))
         return dataset.rename_column(self.column, "text") if self.column != "text" else dataset
 
+    @property
+    def shards(self) -> int:
+        """Its shards (shard mode's unit): the files (local) or data files (Hub), or their row groups."""
+        return self.by_shard.n_shards
+
+    def shard(self, index: int) -> datasets.IterableDataset:
+        return self.by_shard.shard(num_shards=self.shards, index=index)
+
+    def split_row_groups(self) -> None:
+        """Parquet: a shard per row group instead of per file (other formats stay as they are)."""
+        try:
+            self.by_shard = self.dataset.reshard()
+        except Exception as err:  # it reads each file's metadata: a damaged file, or a Hub file out of reach
+            raise self.read_error(err) from None
+
     def read_error(self, err: Exception) -> ConfigError:
         """A failure met while streaming, as one line: the file at fault where one is found, else the source."""
         return self.file_at_fault() or ConfigError(f"{self.field}: cannot read {self.config.path!r} "
@@ -139,17 +155,64 @@ def epoch_texts(opened: list[Source], weights: list[float], seed: int, epoch: in
     """The documents of one epoch, in batches: each source's files in a seeded order, sources mixed by weight.
 
     The order depends only on (seed, epoch), so every worker and every process sees the same stream.
-    Documents are not shuffled here (sequences are, after packing). Mixing draws each next document's
-    source at random by weight, seeded, and the epoch ends when the first source runs out (as
-    interleave_datasets does with first_exhausted, which cannot join text files with JSONL or Parquet).
-    """
+    Documents are not shuffled here (sequences are, after packing)."""
     epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
-    batches = [_arrow_texts(source.epoch_order(epoch_seed + i, shuffle)) for i, source in enumerate(opened)]
+    yield from _mixed([_arrow_texts(source.epoch_order(epoch_seed + i, shuffle)) for i, source in enumerate(opened)],
+                  weights, np.random.default_rng([seed, epoch, len(opened)]))
+
+
+def partition_shards(shards: int, seed: int, epoch: int, source: int, partitions: int, partition: int,
+                     shuffle: bool) -> list[int]:
+    """Shard mode: the shards of source number `source` that `partition` reads in `epoch`, in order: the j-th of
+    the epoch's seeded order of all of them goes to partition j % partitions."""
+    order = np.random.default_rng([seed, epoch, source]).permutation(shards) if shuffle else np.arange(shards)
+    return order[partition::partitions].tolist()
+
+
+def partition_texts(opened: list[Source], weights: list[float], seed: int, epoch: int, partitions: int,
+                    partition: int, shuffle: bool) -> Iterator[list[str | bytes]]:
+    """Shard mode: the documents of one partition's epoch, in batches: its shards of each source read one after
+    the other (only those are opened), sources mixed by weight with a generator of its own."""
+    batches = [_shards_texts(source, partition_shards(source.shards, seed, epoch, i, partitions, partition, shuffle))
+               for i, source in enumerate(opened)]
+    yield from _mixed(batches, weights, np.random.default_rng([seed, epoch, len(opened), partition]))
+
+
+def _shards_texts(source: Source, shards: list[int]) -> Iterator[list[str | bytes]]:
+    """Batches of `text` of these shards of `source`, one shard opened after the other."""
+    for shard in shards:
+        yield from _arrow_texts(source.shard(shard))
+
+
+def shard_mode(opened: list[Source], partitions: int) -> tuple[bool, str]:
+    """Whether the partitions can each read their own shards, and why: every source needs a number of shards that
+    they share evenly (an uneven deal would repeat some files more often than others)."""
+    if partitions == 1:
+        return False, "data.partitions is 1"
+    counts = []
+    for source in opened:
+        files = source.shards
+        if files % partitions:  # Parquet's row groups may be enough
+            source.split_row_groups()
+        groups = f" ({source.shards} row groups)" if source.shards != files else ""
+        kind = "file" if source.files is not None else "data file"
+        counts.append(f"{source.field} {source.config.path!r} has {files} {kind}{'s' if files != 1 else ''}{groups}")
+    uneven = [count for count, source in zip(counts, opened) if source.shards % partitions]
+    if uneven:
+        return False, f"{uneven[0]}, which data.partitions={partitions} cannot share evenly (shard mode needs a " \
+                      "multiple of it)"
+    return True, f"{' and '.join(counts)}, which data.partitions={partitions} share evenly"
+
+
+def _mixed(batches: list[Iterator[list[str | bytes]]], weights: list[float],
+           rng: np.random.Generator) -> Iterator[list[str | bytes]]:
+    """The sources' batches mixed: each next document's source drawn at random by weight, seeded; the mixture
+    ends when the first source runs out (as interleave_datasets does with first_exhausted, which cannot join
+    text files with JSONL or Parquet)."""
     if len(batches) == 1:
         yield from batches[0]
         return
     documents = [itertools.chain.from_iterable(b) for b in batches]
-    rng = np.random.default_rng([seed, epoch, len(opened)])
     probabilities = np.asarray(weights) / sum(weights)
     mixed: list[str | bytes] = []
     for index in iter(lambda: int(rng.choice(len(documents), p=probabilities)), None):

@@ -11,14 +11,21 @@ c % P == p, which are exactly those of the sequences it trains on (pretrain.data
 Pieces are grouped into blocks of about data.block_chars bytes (of all partitions): the unit of worker
 parallelism (block b goes to worker b % W) and of shuffling (a partition's sequences from one block are
 permuted, seeded by (seed, epoch, block, partition)). Every process reads the whole stream, but decodes and
-tokenizes only its partitions' pieces.
+tokenizes only its partitions' pieces: this is piece mode.
+
+Shard mode, where every source has a number of shards (files; a Hub dataset's data files) that C divides: in
+each epoch the shards are dealt to the partitions (pretrain.sources.partition_shards), and a partition's
+documents are those of its shards, whole (not cut into pieces), cut into its own blocks of about
+data.block_chars / C bytes, numbered within the partition (so a cursor means the same for every P). A process
+then reads only its partitions' shards, and its workers share its partitions. The two modes give different
+streams; a checkpoint's data position records which one it was saved in.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,10 +36,12 @@ from transformers import PreTrainedTokenizerBase
 from pretrain.config import DataConfig
 from pretrain.data_position import TextCursor
 from pretrain.errors import ConfigError, first_line
-from pretrain.sources import REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, sources_of
+from pretrain.sources import (REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, partition_texts,
+                              shard_mode, sources_of)
 
 # Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
 Documents = Literal["all", "training", "held_out"]
+Mode = Literal["pieces", "shards"]  # how the partitions share the stream (see the module's docstring)
 PIECE_BYTES = 8192  # a longer document is cut into pieces of at least this size (a partition's unit)
 
 
@@ -42,15 +51,17 @@ class DataStats:
     documents: int = 0
     empty_documents: int = 0
     replaced_chars: int = 0  # U+FFFD in the text, almost always from invalid UTF-8
-    bytes_read: int = 0  # UTF-8 text this process read (the whole stream's, from where it started)
-    bytes_tokenized: int = 0  # of it, what this process tokenized (its partitions' pieces)
+    bytes_read: int = 0  # UTF-8 text this process read (piece mode: the whole stream's, from where it started)
+    bytes_tokenized: int = 0  # of it, what this process tokenized (its partitions' pieces, or shards)
+    layout: str = ""  # how the processes share the stream (piece or shard mode, and why), said at the start
 
     def describe(self, processes: int) -> str:
         """The run's end line about its raw text (the main process's figures)."""
         share = f" ({self.bytes_tokenized / self.bytes_read:.1%})" if self.bytes_read else ""
+        mode = f" ({self.layout.split(':')[0]})" if self.layout else ""
         return (f"data: {self.documents:,} documents read, {self.empty_documents:,} empty ones skipped, "
                 f"{self.replaced_chars:,} characters of invalid UTF-8 replaced by U+FFFD; process 0 of {processes} "
-                f"tokenized {self.bytes_tokenized:,} of the {self.bytes_read:,} bytes of text it read{share}")
+                f"tokenized {self.bytes_tokenized:,} of the {self.bytes_read:,} bytes of text it read{share}{mode}")
 
     def add(self, block: TokenBlock) -> None:
         self.documents += block.documents
@@ -71,6 +82,7 @@ class TokenBlock:
     replaced_chars: int = 0
     bytes_read: int = 0
     bytes_tokenized: int = 0
+    partition: int | None = None  # the partition whose epoch's end it marks (shard mode); None: every partition
 
 
 def pieces_of(text: bytes, size: int = PIECE_BYTES) -> list[bytes]:
@@ -91,8 +103,8 @@ def pieces_of(text: bytes, size: int = PIECE_BYTES) -> list[bytes]:
 
 
 class TextBlocks(torch.utils.data.IterableDataset):
-    """Token blocks of `partitions` (each from its cursor on), in order: every worker reads all documents, but
-    tokenizes only the blocks it owns."""
+    """Token blocks of `partitions` (each from its cursor on). Piece mode: every worker reads all documents, but
+    tokenizes only the blocks it owns. Shard mode: each worker reads and tokenizes only its partitions' shards."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, partitions: dict[int, TextCursor],
                  documents: Documents = "all", holdout_fraction: float = 0.0, repeat: bool, shuffle: bool,
@@ -105,42 +117,82 @@ class TextBlocks(torch.utils.data.IterableDataset):
         self.block_chars, self.seed, self.count = cfg.block_chars, cfg.seed, cfg.partitions
         self.documents, self.holdout_fraction = documents, holdout_fraction
         self.starts, self.repeat, self.shuffle = partitions, repeat, shuffle
+        shards, self.mode_reason = shard_mode(self.opened, self.count)
+        self.mode: Mode = "shards" if shards else "pieces"
 
     def __iter__(self) -> Iterator[TokenBlock]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self._piece_blocks(worker, workers) if self.mode == "pieces" else self._shard_blocks(worker, workers)
+
+    def _piece_blocks(self, worker: int, workers: int) -> Iterator[TokenBlock]:
         owned = (item % workers == worker for item in itertools.count())  # items are dealt round-robin
         epoch, first_block = min((c.epoch, c.block) for c in self.starts.values())
+        weights = [s.weight for s in self.sources]
         while True:
             blocks = 0
-            for block, (pieces, documents, empty) in enumerate(self._blocks(epoch)):
+            index = itertools.count()  # piece j of the epoch goes to partition j % C
+            texts = epoch_texts(self.opened, weights, self.seed, epoch, self.shuffle)
+            for block, (pieces, documents, empty) in enumerate(self._blocks(
+                    texts, lambda raw: [(next(index) % self.count, p) for p in pieces_of(raw)], self.block_chars)):
                 blocks += 1
                 # Blocks before the resume point are read (cheap) but not tokenized (dear).
                 if block >= first_block and next(owned):
-                    yield self._tokenize(epoch, block, pieces, documents, empty)
+                    wanted = {c for c, cursor in self.starts.items() if (epoch, block) >= (cursor.epoch, cursor.block)}
+                    yield self._tokenize(epoch, block, pieces, documents, empty, wanted)
             if next(owned):
                 yield TokenBlock(epoch, blocks, None)
             if not self.repeat:
                 return
             epoch, first_block = epoch + 1, 0
 
-    def _blocks(self, epoch: int) -> Iterator[tuple[list[tuple[int, bytes]], int, int]]:
-        """(pieces as (partition, text), documents, empty documents) of each block of the epoch."""
-        weights = [s.weight for s in self.sources]
-        pieces, size, documents, empty, index = [], 0, 0, 0, 0
-        for batch in self._read(epoch_texts(self.opened, weights, self.seed, epoch, self.shuffle)):
+    def _shard_blocks(self, worker: int, workers: int) -> Iterator[TokenBlock]:
+        """A block of each of this worker's partitions in turn (so that they advance together, as they are taken);
+        the workers share the partitions (pretrain.data makes their count divide the process's)."""
+        streams = [self._partition_blocks(c) for c in sorted(self.starts)[worker::workers]]
+        while streams:
+            for stream in list(streams):
+                block = next(stream, None)
+                if block is None:
+                    streams.remove(stream)
+                else:
+                    yield block
+
+    def _partition_blocks(self, partition: int) -> Iterator[TokenBlock]:
+        """Shard mode: one partition's blocks (numbered within it) from its cursor on, each epoch's end marked."""
+        epoch, first_block = self.starts[partition].epoch, self.starts[partition].block
+        weights, size = [s.weight for s in self.sources], max(1, self.block_chars // self.count)
+        while True:
+            blocks = 0
+            texts = partition_texts(self.opened, weights, self.seed, epoch, self.count, partition, self.shuffle)
+            for block, (pieces, documents, empty) in enumerate(self._blocks(texts, lambda raw: [(partition, raw)],
+                                                                            size)):
+                blocks += 1
+                if block >= first_block:  # (before it: read, not tokenized)
+                    yield self._tokenize(epoch, block, pieces, documents, empty, {partition})
+            yield TokenBlock(epoch, blocks, None, partition=partition)
+            if not self.repeat:
+                return
+            epoch, first_block = epoch + 1, 0
+
+    def _blocks(self, batches: Iterator[list], cut: Callable[[bytes], list[tuple[int, bytes]]],
+                size: int) -> Iterator[tuple[list[tuple[int, bytes]], int, int]]:
+        """(pieces as (partition, text), documents, empty documents) of each block of about `size` bytes of
+        `batches`' documents, each document `cut` into pieces."""
+        pieces, length, documents, empty = [], 0, 0, 0
+        for batch in self._read(batches):
             for text in batch:
                 raw = text if isinstance(text, bytes) else (text or "").encode("utf-8", "surrogatepass")
                 if self.documents != "all" and \
                         is_held_out(decode(raw), self.holdout_fraction) != (self.documents == "held_out"):
                     continue
                 documents, empty = documents + 1, empty + (not raw)
-                for piece in pieces_of(raw):
-                    pieces.append((index % self.count, piece))
-                    index, size = index + 1, size + len(piece)
-                if size >= self.block_chars:
+                for piece in cut(raw):
+                    pieces.append(piece)
+                    length += len(piece[1])
+                if length >= size:
                     yield pieces, documents, empty
-                    pieces, size, documents, empty = [], 0, 0, 0
+                    pieces, length, documents, empty = [], 0, 0, 0
         if pieces:
             yield pieces, documents, empty
 
@@ -160,9 +212,9 @@ class TextBlocks(torch.utils.data.IterableDataset):
             yield table
 
     def _tokenize(self, epoch: int, block: int, pieces: list[tuple[int, bytes]], documents: int,
-                  empty: int) -> TokenBlock:
-        """The pieces of the partitions whose cursor is at or before this block, tokenized; empty ones skipped."""
-        wanted = {c for c, cursor in self.starts.items() if (epoch, block) >= (cursor.epoch, cursor.block)}
+                  empty: int, wanted: set[int]) -> TokenBlock:
+        """The pieces of the `wanted` partitions (those whose cursor is at or before this block), tokenized; empty
+        ones skipped."""
         mine = [(c, decode(piece)) for c, piece in pieces if c in wanted and piece]
         # No BOS or other special tokens: pieces are joined by EOS only.
         encoded = self.tokenizer.encode_batch_fast([text for _, text in mine], add_special_tokens=False)
@@ -192,7 +244,7 @@ class PartitionSequences:
 
     def add(self, block: TokenBlock) -> None:
         if block.parts is None:
-            if block.epoch >= self.cursor.epoch:
+            if block.epoch >= self.cursor.epoch and block.partition in (None, self.index):
                 self.pending.append((block.epoch, block.block, None, None))
         elif self.index in block.parts:  # (blocks before its cursor do not hold it)
             self.pending.append((block.epoch, block.block, *block.parts[self.index]))
@@ -249,9 +301,9 @@ class LocalSequences:
     owned[l % len(owned)]), None in the turn of a partition whose data is over."""
 
     def __init__(self, blocks: Iterator[TokenBlock], partitions: list[PartitionSequences], stats: DataStats,
-                 taken: int = 0):
+                 taken: int = 0, mode: Mode = "pieces"):
         """`taken`: the local sequences (slots) taken before, which set whose turn is next."""
-        self.blocks, self.partitions, self.stats = blocks, partitions, stats
+        self.blocks, self.partitions, self.stats, self.mode = blocks, partitions, stats, mode
         self.turn = taken % len(partitions)
 
     def _fill(self, partition: PartitionSequences) -> None:

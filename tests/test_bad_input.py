@@ -109,6 +109,9 @@ def files(tmp_path):
                         "state_old_position": {"data_position": {"sequences": 8, "epoch": 0, "block": 0, "carry": [],
                                                                  "taken": 8}},
                         "state_bad_position": {"data_position": {"sequences": -3}},
+                        "state_bad_mode": {"data_position": {**START.to_json(), "mode": "tiles"}},
+                        "state_other_mode": {"data_position": {**START.to_json(), "mode": "shards", "partitions": {
+                            "3": {"epoch": 0, "block": 2, "carry": [], "taken": 1}}}},
                         "state_other_step": {"step": 9}, "state_not_json": None}.items():
         checkpoint = tmp_path / name / "checkpoints" / "step_4"
         fake_checkpoint(checkpoint, 4)
@@ -287,6 +290,17 @@ CASES = {
     "trainer state with a bad data position": (["--output_dir={tmp}/state_bad_position"], {},
                                                "resume: {tmp}/state_bad_position/checkpoints/step_4/trainer_state.json"
                                                ": data_position: sequences: expected an integer >= 0, got -3"),
+    "trainer state with an unknown data mode": (["--output_dir={tmp}/state_bad_mode"], {},
+                                                "resume: {tmp}/state_bad_mode/checkpoints/step_4/trainer_state.json: "
+                                                "data_position: mode: expected one of pieces, shards beside "
+                                                "partitions, got 'tiles'"),
+    "trainer state saved in shard mode on data in piece mode": (["--output_dir={tmp}/state_other_mode"], {},
+                                                                "resume: the checkpoint's data position was saved in "
+                                                                "shard mode, but now piece mode: data.path "
+                                                                "'data/shakespeare' has 7 files, which "
+                                                                "data.partitions=64 cannot share evenly (shard mode "
+                                                                "needs a multiple of it); resume with the files and "
+                                                                "data.partitions it was saved with"),
     "trainer state of another step": (["--output_dir={tmp}/state_other_step"], {},
                                       "resume: {tmp}/state_other_step/checkpoints/step_4/trainer_state.json: step 9 "
                                       "does not match the directory step_4"),

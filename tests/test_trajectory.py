@@ -75,12 +75,22 @@ def test_one_and_two_processes_with_the_global_batch_fixed_follow_the_same_traje
 
 
 @pytest.mark.slow
-def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_on_raw_text(tmp_path):
+@pytest.mark.parametrize("mode", ["pieces", "shards"])
+def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_on_raw_text(tmp_path, repo, mode):
     # Raw text in 8 partitions (few enough that the steps come back to each): 4 processes tokenize 2 each. Run a:
     # 1 process throughout; run b: 4 processes; run c: 3 steps on 2 processes, resumed on 1 (the reverse of the
-    # test above), then on 4: a checkpoint must hold every process's partitions.
+    # test above), then on 4: a checkpoint must hold every process's partitions. Pieces: the seven plays; shards:
+    # their paragraphs dealt into 8 files, each partition reading one.
     args = ["--train.global_batch_size=8", "--train.gradient_accumulation_steps=null", "--train.micro_batch_size=2",
             "--train.min_lr_ratio=1", "--data.partitions=8"]
+    if mode == "shards":
+        (tmp_path / "text").mkdir()
+        paragraphs = [p for play in sorted((repo / "data" / "shakespeare").glob("*.txt"))
+                      for p in play.read_text().split("\n\n")]
+        for i in range(8):
+            (tmp_path / "text" / f"{i}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n"
+                                                                 for p in paragraphs[i::8]))
+        args.append(f"--data.path={tmp_path / 'text'}")
     a, result_a = trained(tmp_path, "p1", [*args, "--train.max_steps=6"])
     b, result_b = trained(tmp_path, "p4", [*args, "--train.max_steps=6"], processes=4)
     c, _ = trained(tmp_path, "p2", [*args, "--train.max_steps=3"], processes=2)
@@ -89,10 +99,14 @@ def test_four_processes_and_resumes_across_p_follow_the_one_process_trajectory_o
     assert [r["gradient_accumulation_steps"] for r in read_metrics(c)] == [2, 2, 2, 4, 1, 1]
     assert_same_trajectory(a, b)
     assert_same_trajectory(a, c)
-    # The end line: process 0 of 4 tokenized about a quarter of the text it read (all of it, on one process).
-    shares = [float(re.search(r"tokenized [\d,]+ of the [\d,]+ bytes of text it read \((\S+)%\)", r.stdout)[1])
-              for r in (result_a, result_b)]
-    assert shares[0] == 100.0 and 20 < shares[1] < 30
+    # The end line: process 0 of 4 tokenized about a quarter of the text (pieces: of all it read; shards: it read
+    # only that quarter, and tokenized all it read).
+    ends = [re.search(r"tokenized ([\d,]+) of the ([\d,]+) bytes of text it read \((\S+)%\) \((\w+) mode\)", r.stdout)
+            for r in (result_a, result_b)]
+    assert [end[4] for end in ends] == [mode.removesuffix("s")] * 2
+    tokenized, read = [int(end[1].replace(",", "")) for end in ends], [int(end[2].replace(",", "")) for end in ends]
+    assert tokenized[0] == read[0] and 0.2 < tokenized[1] / tokenized[0] < 0.3
+    assert read[1] == read[0] if mode == "pieces" else read[1] == tokenized[1]
 
 
 @pytest.mark.slow
