@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from pretrain.config import DataConfig  # noqa: E402
-from pretrain.data import load_tokenizer, micro_batch_stream  # noqa: E402
-from pretrain.text_data import DataStats  # noqa: E402
+from pretrain.data.stream import load_tokenizer, micro_batch_stream  # noqa: E402
+from pretrain.data.text import DataStats  # noqa: E402
 
 
 def write_documents(corpus: str, out: str, chars: int = 3000) -> list[str]:

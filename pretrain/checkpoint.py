@@ -27,7 +27,7 @@ from safetensors import safe_open
 from pretrain.atomic import make_readable
 from pretrain.config import Config, TrainConfig, flat_dict, to_dict
 from pretrain.console import say
-from pretrain.data_position import START, DataPosition
+from pretrain.data.position import START, DataPosition
 from pretrain.distributed import all_true
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import AT_LEAST_1, COUNT, NON_NEGATIVE, from_mapping

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from pretrain.atomic import remove_leftovers, temporary, write_folder
 from pretrain.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dirs, listing, other_shapes, read_trainer_state
 from pretrain.config import ModelConfig
-from pretrain.data import load_tokenizer
+from pretrain.data.stream import load_tokenizer
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.folders import make_folders, remove_folders
 from pretrain.models import build_model, model_config_for, plain_name

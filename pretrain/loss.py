@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
 from pretrain.accumulation import IGNORE_INDEX, summed_token_loss
-from pretrain.document_masking import model_inputs
+from pretrain.data.masking import model_inputs
 from pretrain.errors import ConfigError
 
 # Tokens per chunk: the loss then holds one chunk's float32 logits (206 MB at a 50k vocabulary) whatever N is.

@@ -16,7 +16,7 @@ from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
 from pretrain.folders import make_folders, remove_folders
 from pretrain.paths import kind_of
-from pretrain.sources import may_read_below
+from pretrain.data.sources import may_read_below
 from pretrain.tracking import METRICS_FILE
 
 FINAL_DIR = "final"

@@ -24,14 +24,14 @@ from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, c
                                  use_older)
 from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
-from pretrain.data import DataStats, MicroBatch, check_partitions, load_tokenizer, micro_batch_stream
+from pretrain.data.stream import DataStats, MicroBatch, check_partitions, load_tokenizer, micro_batch_stream
 from pretrain.distributed import agree, from_main_process
-from pretrain.document_masking import check_model_honours_it
+from pretrain.data.masking import check_model_honours_it
 from pretrain.engines import (describe_engine, enable_activation_checkpointing, fit_engine_to_config,
                               parameter_count, whole_model_init, without_zero3_init)
 from pretrain.errors import ConfigError
-from pretrain.evaluation import eval_micro_batches
-from pretrain.tasks import Task, load_tasks
+from pretrain.evaluation.eval_loss import eval_micro_batches
+from pretrain.evaluation.tasks import Task, load_tasks
 from pretrain.folders import remove_folders
 from pretrain.loss import auto_loss, use_chunked_loss
 from pretrain.models import (build_model, check_activation_checkpointing, check_memory_fits, model_config_for,

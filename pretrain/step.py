@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from pretrain.accumulation import backward_scale, count_target_tokens, null_micro_batch
-from pretrain.data import MicroBatchReader
+from pretrain.data.stream import MicroBatchReader
 from pretrain.distributed import sum_over_processes
 from pretrain.engines import loss_divisor, steps_inside_backward
 from pretrain.loss import summed_loss

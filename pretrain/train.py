@@ -21,15 +21,15 @@ from pretrain.atomic import copy_file, make_readable, write_text
 from pretrain.checkpoint import CHECKPOINTS_DIR, OutputDirLock, TrainerState, save_checkpoint, set_aside_newer
 from pretrain.config import Config
 from pretrain.console import say
-from pretrain.data_passes import first_epoch_warning, shards_warning
-from pretrain.data import DataStats, MicroBatchReader
-from pretrain.data_position import merged
+from pretrain.data.passes import first_epoch_warning, shards_warning
+from pretrain.data.stream import DataStats, MicroBatchReader
+from pretrain.data.position import merged
 from pretrain.distributed import agree, all_true, from_every_process, from_main_process
 from pretrain.engines import build_accelerator, weights_are_finite, weights_are_sharded
 from pretrain.errors import RunError, Stopped, StoppedWhileStarting, first_line
-from pretrain.evaluation import evaluate
-from pretrain.task_scoring import evaluate_tasks
-from pretrain.tasks import Task
+from pretrain.evaluation.eval_loss import evaluate
+from pretrain.evaluation.task_scoring import evaluate_tasks
+from pretrain.evaluation.tasks import Task
 from pretrain.optim import lr_at, set_lr
 from pretrain.output_dir import CURVES_FILE, FINAL_DIR, FINAL_TMP, MODEL_CARD, missing_from_final, prepare_output_dir
 from pretrain.preemption import StopRequest

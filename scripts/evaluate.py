@@ -24,12 +24,12 @@ from accelerate import Accelerator  # noqa: E402
 
 from pretrain.checkpoint import STATE_FILE, read_trainer_state  # noqa: E402
 from pretrain.config import EvalConfig  # noqa: E402
-from pretrain.data import load_tokenizer  # noqa: E402
+from pretrain.data.stream import load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError, RunError, first_line  # noqa: E402
 from pretrain.export import model_config, read_weights, run_settings, load_weights  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
-from pretrain.task_scoring import evaluate_tasks  # noqa: E402
-from pretrain.tasks import load_tasks  # noqa: E402
+from pretrain.evaluation.task_scoring import evaluate_tasks  # noqa: E402
+from pretrain.evaluation.tasks import load_tasks  # noqa: E402
 
 
 def tokenizer_of(path: str) -> tuple[object, int | None]:

@@ -25,12 +25,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
-from pretrain.data import TextBlocks, as_is, load_tokenizer  # noqa: E402
-from pretrain.data_position import TextCursor  # noqa: E402
+from pretrain.data.stream import TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.data.position import TextCursor  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.folders import make_folders, remove_folders  # noqa: E402
 from pretrain.paths import kind_of  # noqa: E402
-from pretrain.token_shards import INDEX_FILE, ShardWriter  # noqa: E402
+from pretrain.data.shards import INDEX_FILE, ShardWriter  # noqa: E402
 
 
 def prepare(cfg: Config, tmp: str, out_dir: str, shard_tokens: int, max_tokens: float) -> None:

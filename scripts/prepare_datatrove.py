@@ -23,7 +23,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 sys.path.insert(0, os.path.dirname(_here))
 
-from pretrain.data import load_tokenizer  # noqa: E402
+from pretrain.data.stream import load_tokenizer  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 
 

@@ -55,7 +55,7 @@ def config_texts(argv: list[str]):
     """The documents a config's `data` section reads, decoded, in order (one epoch)."""
     from pretrain.config import load_config, parse_cli
     from pretrain.errors import ConfigError
-    from pretrain.sources import Source, decode, epoch_texts, sources_of
+    from pretrain.data.sources import Source, decode, epoch_texts, sources_of
 
     cfg = load_config(*parse_cli(argv))
     sources = sources_of(cfg.data)

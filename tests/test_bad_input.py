@@ -40,10 +40,10 @@ from pretrain.accumulation import AccumulationPlan
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
 from pretrain.config import Config, SourceConfig, load_config
-from pretrain.data_position import START
+from pretrain.data.position import START
 from pretrain.errors import ConfigError, RunError, first_line
 from pretrain.fields import Range
-from pretrain.sources import local_files, may_read_below
+from pretrain.data.sources import local_files, may_read_below
 from pretrain.tracking import MetricsLogger
 
 

@@ -18,12 +18,12 @@ import zstandard
 
 from conftest import run_script
 from pretrain.config import DataConfig, SourceConfig, load_config
-from pretrain.data import collate, load_tokenizer, micro_batch_stream, pack, split_documents
-from pretrain.text_data import DataStats, LocalSequences, PartitionSequences, TextBlocks
-from pretrain.data_position import TextCursor
+from pretrain.data.stream import collate, load_tokenizer, micro_batch_stream, pack, split_documents
+from pretrain.data.text import DataStats, LocalSequences, PartitionSequences, TextBlocks
+from pretrain.data.position import TextCursor
 from pretrain.errors import ConfigError
-from pretrain.evaluation import eval_micro_batches
-from pretrain.sources import is_held_out
+from pretrain.evaluation.eval_loss import eval_micro_batches
+from pretrain.data.sources import is_held_out
 
 
 @pytest.fixture(scope="module")

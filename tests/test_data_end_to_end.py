@@ -12,7 +12,7 @@ import pytest
 import pretrain.train
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.config import DataConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
 from pretrain.errors import ConfigError
 from pretrain.throughput import throughput
 from wandb_history import history_rows

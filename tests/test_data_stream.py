@@ -13,9 +13,9 @@ import pytest
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, run_accelerate_launch
 from pretrain.config import DataConfig
 from pretrain.errors import ConfigError
-from pretrain.text_data import DataStats
-from pretrain.data import TextBlocks, load_tokenizer, micro_batch_stream
-from pretrain.data_position import START, merged
+from pretrain.data.text import DataStats
+from pretrain.data.stream import TextBlocks, load_tokenizer, micro_batch_stream
+from pretrain.data.position import START, merged
 
 N = 2  # sequences per micro-batch
 SEQ_LEN = 32

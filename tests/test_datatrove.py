@@ -11,9 +11,9 @@ import pytest
 
 from conftest import QUIET, REPO, TINY_LLAMA, prepare_data, read_metrics, run_in_process
 from pretrain.config import DataConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
 from pretrain.errors import ConfigError
-from pretrain.token_shards import open_token_shards
+from pretrain.data.shards import open_token_shards
 
 pytest.importorskip("datatrove")
 TOKENIZER = str(REPO / "data" / "tokenizer")

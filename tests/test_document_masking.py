@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, prepare_data, read_metrics, run_in_process
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig, ModelConfig, load_config
-from pretrain.data import load_tokenizer, micro_batch_stream
-from pretrain.document_masking import document_positions, model_inputs
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
+from pretrain.data.masking import document_positions, model_inputs
 from pretrain.errors import ConfigError
 from pretrain.models import build_model, build_model_config
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, TINY_LLAMA, prepare_data, read_metrics, run_in_process
 from pretrain.config import DataConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
 
 SEQ_LEN = 32
 N = 4  # sequences per micro-batch: it does not divide the sequences of an epoch, so micro-batches straddle epochs

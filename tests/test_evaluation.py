@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO, fresh_accelerate_state, prepare_data
 from pretrain.config import load_config
-from pretrain.data import load_tokenizer
-from pretrain.evaluation import eval_micro_batches, evaluate
+from pretrain.data.stream import load_tokenizer
+from pretrain.evaluation.eval_loss import eval_micro_batches, evaluate
 from pretrain.loss import use_chunked_loss
 
 # Each document starts with "A " (its first token, "A", is one byte and never a target) and holds characters of

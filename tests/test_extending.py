@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutput
 
 import pretrain.setup
-import pretrain.sources
+import pretrain.data.sources
 import pretrain.train
 from conftest import TINY_LLAMA, read_metrics, run_in_process
 from wandb_history import offline_runs, run_history
@@ -86,7 +86,7 @@ def test_a_data_format_added_to_builders_is_read_as_documents(tmp_path, monkeypa
     refused = run_in_process([*args, f"--output_dir={tmp_path / 'refused'}"])
     assert refused.returncode == 2 and ".csv" in refused.stderr  # not yet a format the template reads
 
-    monkeypatch.setitem(pretrain.sources.BUILDERS, ".csv", "csv")
+    monkeypatch.setitem(pretrain.data.sources.BUILDERS, ".csv", "csv")
     result = run_in_process([*args, f"--output_dir={tmp_path / 'run'}"])
     assert result.returncode == 0, result.stderr
     assert "data: 300 documents read" in result.stdout  # one document a row, from data.text_column

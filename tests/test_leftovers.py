@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerFast
 
 from conftest import REPO, prepare_data
-from pretrain.token_shards import ShardWriter
+from pretrain.data.shards import ShardWriter
 from test_plots import make_run, plot_runs_main, rows
 
 

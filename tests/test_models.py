@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.config import ModelConfig
-from pretrain.data import load_tokenizer
+from pretrain.data.stream import load_tokenizer
 from pretrain.errors import ConfigError
 from pretrain.models import EmbeddingLinearForCausalLM, build_model, build_model_config
 

@@ -95,7 +95,7 @@ def test_estimates_match_the_closed_form_of_a_table_model():
 @pytest.mark.slow
 def test_estimates_match_brute_force_over_a_pool_of_corpus_micro_batches(repo):
     from pretrain.config import DataConfig
-    from pretrain.data import load_tokenizer, micro_batch_stream
+    from pretrain.data.stream import load_tokenizer, micro_batch_stream
 
     tokenizer = load_tokenizer(str(repo / "data" / "tokenizer"))
     stream = micro_batch_stream(DataConfig(path=str(repo / "data" / "shakespeare"), seq_len=32), tokenizer,

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, TINY_LLAMA, fresh_accelerate_state, read_metrics, run_in_process
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import DataConfig, ModelConfig, TrainConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
 from pretrain.models import build_model, build_model_config
 from pretrain.optim import lr_at
 from pretrain.step import optimizer_step

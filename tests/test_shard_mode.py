@@ -16,11 +16,11 @@ import pytest
 from conftest import (REPO, TINY_LLAMA, read_metrics, run_accelerate_launch, run_in_process,
                       start_accelerate_launch)
 from pretrain.config import DataConfig, SourceConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
-from pretrain.data_position import START, DataPosition, merged
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
+from pretrain.data.position import START, DataPosition, merged
 from pretrain.errors import ConfigError
-from pretrain.sources import Source
-from pretrain.text_data import DataStats
+from pretrain.data.sources import Source
+from pretrain.data.text import DataStats
 
 N = 2  # sequences per micro-batch
 SEQ_LEN = 32

@@ -18,9 +18,9 @@ from conftest import (QUIET, REPO, TINY_LLAMA, fresh_accelerate_state, read_metr
                       run_in_process)
 from pretrain.config import load_config
 from pretrain.plots import build_figure, read_runs
-from pretrain.data import load_tokenizer
-from pretrain.task_scoring import evaluate_tasks, rows_of, score_batch, task_sums
-from pretrain.tasks import Item, Task, load_task, tokenized
+from pretrain.data.stream import load_tokenizer
+from pretrain.evaluation.task_scoring import evaluate_tasks, rows_of, score_batch, task_sums
+from pretrain.evaluation.tasks import Item, Task, load_task, tokenized
 from test_evaluation import tiny_llama
 from test_trackers import tensorboard_rows
 

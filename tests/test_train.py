@@ -12,9 +12,9 @@ from accelerate import Accelerator
 from conftest import fresh_accelerate_state, read_metrics
 from pretrain.accumulation import count_target_tokens
 from pretrain.config import DataConfig, load_config
-from pretrain.data import load_tokenizer, micro_batch_stream
-from pretrain.evaluation import eval_micro_batches
-from pretrain.sources import is_held_out
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
+from pretrain.evaluation.eval_loss import eval_micro_batches
+from pretrain.data.sources import is_held_out
 from pretrain.setup import check_inputs
 from pretrain.train import train
 

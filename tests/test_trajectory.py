@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_accelerate_launch, run_in_process
 from pretrain.accumulation import summed_token_loss
 from pretrain.config import DataConfig
-from pretrain.data import load_tokenizer, micro_batch_stream
+from pretrain.data.stream import load_tokenizer, micro_batch_stream
 from test_export import assert_export_is_final
 from test_model_card import card_global_batch
 from test_noise_scale import assert_big_batch_is_the_whole_step

@@ -7,9 +7,9 @@ import math
 import torch
 from accelerate import Accelerator
 
-from pretrain.document_masking import model_inputs
+from pretrain.data.masking import model_inputs
 from pretrain.loss import CHUNK_TOKENS
-from pretrain.tasks import Task
+from pretrain.evaluation.tasks import Task
 
 # Per task, summed over items (then over processes): items, correct, correct when normalised per byte, bits of the
 # correct continuation, and its bytes.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pretrain.accumulation import AccumulationPlan
 from pretrain.config import Config
-from pretrain.data_position import DataPosition
-from pretrain.token_shards import is_token_shards, open_token_shards
+from pretrain.data.position import DataPosition
+from pretrain.data.shards import is_token_shards, open_token_shards
 
 
 def sequences_read(plan: AccumulationPlan, steps: int, per_epoch: int, seq_len: int) -> int:

@@ -5,7 +5,7 @@ sequences from where the run starts, process p of P takes the sequences i of a r
 optimizer step consumes the same consecutive block of sequences whatever P, K and N are, as long as
 P x K x N is. Two producers feed that stream:
 
-- Raw text (pretrain.text_data, tokenized on the fly): the stream is cut into data.partitions canonical
+- Raw text (pretrain.data.text, tokenized on the fly): the stream is cut into data.partitions canonical
   partitions, global sequence i being the next of partition i % C; process p reads the whole stream but
   tokenizes and packs only the partitions c with c % P == p (P must divide C), its DataLoader workers
   taking its blocks in turn.
@@ -32,14 +32,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import DataConfig
-from pretrain.data_position import START, DataPosition, TextCursor
-from pretrain.document_masking import document_positions
+from pretrain.data.position import START, DataPosition, TextCursor
+from pretrain.data.masking import document_positions
 from pretrain.errors import ConfigError, first_line
 from pretrain.paths import kind_of
 from pretrain.preemption import prepare_worker
-from pretrain.text_data import (DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks, pack,
+from pretrain.data.text import (DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks, pack,
                                 split_documents)
-from pretrain.token_shards import is_token_shards, open_token_shards
+from pretrain.data.shards import is_token_shards, open_token_shards
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a repo on the Hub: name or owner/name
 

@@ -13,9 +13,9 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pretrain.atomic import write_text
-from pretrain.datatrove_tokens import DatatroveTokens, is_datatrove_folder
+from pretrain.data.datatrove_folders import DatatroveTokens, is_datatrove_folder
 from pretrain.errors import ConfigError
-from pretrain.token_stream import TokenStream
+from pretrain.data.token_stream import TokenStream
 
 INDEX_FILE = "index.json"
 FORMAT = "pretrain-token-shards/1"

@@ -13,7 +13,7 @@ from typing import Any
 from pretrain.errors import ConfigError
 
 CURSOR_KEYS = ("epoch", "block", "carry", "taken")  # of each raw-text partition
-MODES = ("pieces", "shards")  # how raw text's partitions share the stream (pretrain.text_data)
+MODES = ("pieces", "shards")  # how raw text's partitions share the stream (pretrain.data.text)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DataPosition:
     # Raw text: partition -> its cursor (a process's stream holds its own; a checkpoint all of them, a partition
     # missing is at its start); None: read from token shards.
     text: dict[int, TextCursor] | None = field(default_factory=dict)
-    # Raw text: how the partitions share the stream ("pieces" or "shards", pretrain.text_data), which sets what a
+    # Raw text: how the partitions share the stream ("pieces" or "shards", pretrain.data.text), which sets what a
     # cursor means; None: not known yet (a fresh start). Positions saved before shard mode are in piece mode.
     mode: str | None = None
 

@@ -1,12 +1,12 @@
 """Raw text tokenized on the fly, in canonical partitions: each process tokenizes and packs only its own.
 
-The documents of an epoch (pretrain.sources) are cut into pieces: a document longer than PIECE_BYTES is cut at
+The documents of an epoch (pretrain.data.sources) are cut into pieces: a document longer than PIECE_BYTES is cut at
 line starts into pieces of PIECE_BYTES to about 1.5 x that, each then a document of its own (EOS after it).
 Piece j of an epoch belongs to partition j % C (C = data.partitions), and each partition packs its own pieces
 into sequences: its own carry, its own end-of-epoch tail, its own epochs (a partition whose epoch ends first
 starts its next one, so no sequence is missing while the data repeats). Global sequence i is sequence i // C
 of partition i % C. None of it depends on P: process p of P (P divides C) tokenizes the partitions c with
-c % P == p, which are exactly those of the sequences it trains on (pretrain.data.deal).
+c % P == p, which are exactly those of the sequences it trains on (pretrain.data.stream.deal).
 
 Pieces are grouped into blocks of about data.block_chars bytes (of all partitions): the unit of worker
 parallelism (block b goes to worker b % W) and of shuffling (a partition's sequences from one block are
@@ -14,7 +14,7 @@ permuted, seeded by (seed, epoch, block, partition)). Every process reads the wh
 tokenizes only its partitions' pieces: this is piece mode.
 
 Shard mode, where every source has a number of shards (files; a Hub dataset's data files) that C divides: in
-each epoch the shards are dealt to the partitions (pretrain.sources.partition_shards), and a partition's
+each epoch the shards are dealt to the partitions (pretrain.data.sources.partition_shards), and a partition's
 documents are those of its shards, whole (not cut into pieces), cut into its own blocks of about
 data.block_chars / C bytes, numbered within the partition (so a cursor means the same for every P). A process
 then reads only its partitions' shards, and its workers share its partitions. The two modes give different
@@ -34,9 +34,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pretrain.config import DataConfig
-from pretrain.data_position import TextCursor
+from pretrain.data.position import TextCursor
 from pretrain.errors import ConfigError, first_line
-from pretrain.sources import (REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, partition_texts,
+from pretrain.data.sources import (REPLACEMENT_CHAR, Source, decode, epoch_texts, is_held_out, partition_texts,
                               shard_mode, sources_of)
 
 # Which documents a raw-text stream reads: every one, all but the fraction held out for eval, or only that fraction.
@@ -148,7 +148,7 @@ class TextBlocks(torch.utils.data.IterableDataset):
 
     def _shard_blocks(self, worker: int, workers: int) -> Iterator[TokenBlock]:
         """A block of each of this worker's partitions in turn (so that they advance together, as they are taken);
-        the workers share the partitions (pretrain.data makes their count divide the process's)."""
+        the workers share the partitions (pretrain.data.stream makes their count divide the process's)."""
         streams = [self._partition_blocks(c) for c in sorted(self.starts)[worker::workers]]
         while streams:
             for stream in list(streams):

@@ -15,10 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX, count_target_tokens, null_micro_batch
 from pretrain.config import Config
-from pretrain.data import micro_batch_stream
+from pretrain.data.stream import micro_batch_stream
 from pretrain.errors import ConfigError
 from pretrain.loss import summed_loss
-from pretrain.token_shards import is_token_shards
+from pretrain.data.shards import is_token_shards
 
 
 def eval_micro_batches(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int,

@@ -15,7 +15,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pretrain.errors import ConfigError
-from pretrain.token_stream import TokenStream
+from pretrain.data.token_stream import TokenStream
 
 SUFFIX = ".ds"
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
