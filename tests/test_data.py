@@ -18,8 +18,8 @@ import zstandard
 
 from conftest import run_script
 from pretrain.config import DataConfig, SourceConfig, load_config
-from pretrain.data.stream import collate, load_tokenizer, micro_batch_stream, pack, split_documents
-from pretrain.data.text import DataStats, LocalSequences, PartitionSequences, TextBlocks
+from pretrain.data.stream import collate, load_tokenizer, micro_batch_stream
+from pretrain.data.text import DataStats, LocalSequences, PartitionSequences, TextBlocks, pack, split_documents
 from pretrain.data.position import TextCursor
 from pretrain.errors import ConfigError
 from pretrain.evaluation.eval_loss import eval_micro_batches

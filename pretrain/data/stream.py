@@ -23,8 +23,8 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +32,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import DataConfig
-from pretrain.data.position import START, DataPosition, TextCursor
 from pretrain.data.masking import document_positions
+from pretrain.data.position import START, DataPosition, TextCursor
+from pretrain.data.shards import is_token_shards, open_token_shards
+from pretrain.data.text import DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks
 from pretrain.errors import ConfigError, first_line
 from pretrain.paths import kind_of
 from pretrain.preemption import prepare_worker
-from pretrain.data.text import (DataStats, Documents, LocalSequences, PartitionSequences, TextBlocks, pack,
-                                split_documents)
-from pretrain.data.shards import is_token_shards, open_token_shards
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a repo on the Hub: name or owner/name
 
