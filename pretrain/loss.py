@@ -61,23 +61,22 @@ def _forward(self: nn.Module, *args, targets: torch.Tensor | None = None, **inpu
     return CausalLMOutput(loss=self.get_output_embeddings()(hidden, targets))
 
 
-# Options of transformers models that change the logits after hidden states x output weight (gemma2's softcapping,
-# cohere's and granite's scaling): `auto` keeps the full loss for them, `chunked` is refused (check_chunked_loss_fits).
-LOGIT_OPTIONS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+# Options of transformers models that change the logits after hidden states x output weight, with the value that
+# leaves them as they are: gemma2's softcapping, cohere's and granite's scaling, falcon_h1's multiplier.
+LOGIT_OPTIONS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0, "lm_head_multiplier": 1.0}
 
 
 def auto_loss(meta_model: nn.Module) -> str:
     """What train.loss: auto means for this model (built on the meta device): chunked where torch has the function
-    and the model's logits are hidden states x output weight, else full."""
-    config = meta_model.config
-    changes_logits = any(getattr(config, name, plain) not in (None, plain) for name, plain in LOGIT_OPTIONS.items())
-    usable = hasattr(F, "linear_cross_entropy") and not changes_logits and chunked_refusal(meta_model) is None
-    return "chunked" if usable else "full"
+    and nothing keeps the model from it (chunked_refusal), else full."""
+    return "chunked" if hasattr(F, "linear_cross_entropy") and chunked_refusal(meta_model) is None else "full"
 
 
 def chunked_refusal(model: nn.Module) -> str | None:
-    """Why the chunked loss cannot serve `model`'s structure, as the line that says so; None if it can."""
-    head, model_type = model.get_output_embeddings(), model.config.model_type
+    """Why the chunked loss cannot serve `model`, found from its structure and config, as the line that says so;
+    None if it can (a model that changes its logits in a way not known here is caught on its weights later)."""
+    head, config = model.get_output_embeddings(), model.config
+    model_type, text_config = config.model_type, config.get_text_config()
     if type(head) is not nn.Linear:
         what = "has none" if head is None else f"is a {type(head).__name__}"
         return (f"train.loss: chunked needs an output layer (get_output_embeddings) that is a plain linear layer, "
@@ -85,6 +84,11 @@ def chunked_refusal(model: nn.Module) -> str | None:
     if model.base_model is model and model_type != "embedding_linear":
         return (f"train.loss: chunked takes the final hidden states from the model's base model (base_model_prefix), "
                 f"and this {model_type} model has none; use train.loss: full")
+    changed = [f"{name}={getattr(text_config, name)!r}" for name, plain in LOGIT_OPTIONS.items()
+               if getattr(text_config, name, plain) not in (None, plain)]
+    if changed:
+        return (f"train.loss: chunked computes the logits as hidden states x output weight, and this {model_type} "
+                f"model changes them ({changed[0]}); use train.loss: full")
     return None
 
 

@@ -20,8 +20,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pretrain import auto_batch
 from pretrain.accumulation import AccumulationPlan, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
-                                 load_trainer_state, newest_loadable, resume_path, settings_of,
-                                 use_older)
+                                 load_trainer_state, newest_loadable, read_trainer_state, resume_path,
+                                 settings_of, use_older)
 from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
 from pretrain.data.stream import DataStats, MicroBatch, check_partitions, load_tokenizer, micro_batch_stream
@@ -74,12 +74,22 @@ class Built:
 
 
 def settle_loss(cfg: Config, accelerator: Accelerator) -> Config:
-    """`cfg` with train.loss: auto replaced by chunked or full (pretrain.loss.auto_loss), so that the config printed
-    and saved says which loss the run computes, and a resume on a torch or model that would pick the other one is
-    refused by name. Any other config is returned as it is."""
+    """`cfg` with train.loss: auto replaced by chunked or full, so that the config printed and saved says which loss
+    the run computes: the loss of the checkpoint it resumes (a run keeps its loss, also one saved before auto was
+    the default), else what auto means for this torch and model (pretrain.loss.auto_loss). Any other config is
+    returned as it is."""
     if cfg.train.loss != "auto":
         return cfg
-    loss = agree(accelerator, lambda: check_model(cfg, accelerator)).auto_loss
+
+    def chosen() -> str:
+        try:
+            path = resume_path(cfg)
+            saved = (read_trainer_state(path).config or {}).get("train", {}).get("loss") if path else None
+        except ConfigError:  # a checkpoint that cannot be resumed: said by the resume itself, later
+            saved = None
+        return saved if saved in ("full", "chunked") else check_model(cfg, accelerator).auto_loss
+
+    loss = agree(accelerator, chosen)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
 
 

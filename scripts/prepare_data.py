@@ -25,7 +25,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pretrain.atomic import remove_leftovers, write_folder  # noqa: E402
 from pretrain.config import Config, load_config, parse_cli  # noqa: E402
-from pretrain.data.stream import TextBlocks, as_is, load_tokenizer  # noqa: E402
+from pretrain.data.stream import as_is, load_tokenizer  # noqa: E402
+from pretrain.data.text import TextBlocks  # noqa: E402
 from pretrain.data.position import TextCursor  # noqa: E402
 from pretrain.errors import ConfigError  # noqa: E402
 from pretrain.folders import make_folders, remove_folders  # noqa: E402

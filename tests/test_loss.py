@@ -11,6 +11,7 @@ import yaml
 
 from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, read_metrics, run_in_process
 from pretrain import auto_batch
+from pretrain import loss as loss_module
 from pretrain.accumulation import IGNORE_INDEX
 from pretrain.config import ModelConfig, load_config
 from pretrain.errors import ConfigError
@@ -120,12 +121,17 @@ def test_in_bf16_the_chunked_loss_is_summed_in_float32(how):
     assert float(chunked) == pytest.approx(float(full), rel=1e-4)  # only the logits' rounding to bf16 differs
 
 
-def test_a_model_that_does_more_to_its_logits_is_refused():
+def test_a_model_that_does_more_to_its_logits_is_refused(monkeypatch):
     # granite divides its logits by logits_scaling: hidden x weight alone would give another loss.
     config = build_model_config(ModelConfig("granite", {"hidden_size": 32, "num_hidden_layers": 1,
                                                         "num_attention_heads": 2, "num_key_value_heads": 2,
                                                         "intermediate_size": 64, "logits_scaling": 4.0}), VOCAB, {})
     torch.manual_seed(0)
+    with pytest.raises(ConfigError, match=r"^train\.loss: chunked computes the logits as hidden states x output "
+                                          r"weight, and this granite model changes them \(logits_scaling=4\.0\); use "
+                                          r"train\.loss: full$"):
+        use_chunked_loss(build_model(config), check=False)  # from its config alone (DeepSpeed: no weights to try)
+    monkeypatch.setattr(loss_module, "LOGIT_OPTIONS", {})  # an option not known here: caught on the weights
     with pytest.raises(ConfigError, match=r"^train\.loss: chunked computes the logits as hidden states x output "
                                           r"weight, and a granite model does more to them .*; use train\.loss: full$"):
         use_chunked_loss(build_model(config))
@@ -169,6 +175,20 @@ def test_a_torch_without_linear_cross_entropy_refuses_the_key(monkeypatch):
     assert load_config(None, {"train.loss": "full"}).train.loss == "full"
 
 
+def test_auto_resumes_a_run_with_the_loss_it_trained_with(tmp_path, monkeypatch):
+    # A run saved with the full loss (as every run before auto was the default) continues with it under auto.
+    out = tmp_path / "run"
+    args = [*TINY_LLAMA, "--data.seq_len=32", "--tracking.backends=[]", "--tracking.curves=false",
+            "--sample.max_new_tokens=0", "--checkpoint.every=1", f"--output_dir={out}"]
+    assert run_in_process([*args, "--train.max_steps=1", "--train.loss=full"]).returncode == 0
+    calls, real = [], F.linear_cross_entropy
+    monkeypatch.setattr(F, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = run_in_process([*args, "--train.max_steps=2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2] and not calls
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["loss"] == "full"
+
+
 GRANITE = ["--model.type=granite", "--model.hidden_size=32", "--model.num_hidden_layers=1",
            "--model.num_attention_heads=2", "--model.num_key_value_heads=2", "--model.intermediate_size=64",
            "--model.max_position_embeddings=64", "--model.logits_scaling=4.0"]
@@ -197,7 +217,8 @@ def test_auto_trains_with_chunked_where_torch_and_the_model_allow_it_and_records
     (["--train.loss=chunky"], "train.loss: 'chunky' is not one of auto, full, chunked"),
     (["--train.loss=chunked", "--torch-without-it"], "train.loss: chunked needs torch.nn.functional.linear_cross_"),
     (["--train.loss=chunked", *GRANITE], "train.loss: chunked computes the logits as hidden states x output weight, "
-                                         "and a granite model does more to them"),
+                                         "and this granite model changes them (logits_scaling=4.0); use train.loss: "
+                                         "full"),
 ], ids=["not-a-choice", "old-torch", "logits-scaled"])
 def test_bad_input_through_the_entry_point_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, args, expected):
     if "--torch-without-it" in args:

@@ -20,7 +20,7 @@ from pretrain.data.stream import load_tokenizer, micro_batch_stream
 from pretrain.data.position import START, DataPosition, merged
 from pretrain.errors import ConfigError
 from pretrain.data.sources import Source
-from pretrain.data.text import DataStats
+from pretrain.data.text import PIECE_BYTES, DataStats, pieces_of
 
 N = 2  # sequences per micro-batch
 SEQ_LEN = 32
@@ -86,8 +86,9 @@ def reference_stream(shards, tokenizer, partitions, holdout_fraction=0.0):
             for text in texts:
                 if holdout_fraction and zlib.crc32(text.encode()) < holdout_fraction * 2**32:
                     continue
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                tokens += ids + [tokenizer.eos_token_id] if ids else []
+                for piece in pieces_of(text.encode()):  # a long document is cut, as in piece mode
+                    ids = tokenizer(piece.decode(), add_special_tokens=False)["input_ids"]
+                    tokens += ids + [tokenizer.eos_token_id] if ids else []
         per_partition.append([tuple(tokens[s:s + SEQ_LEN + 1]) for s in range(0, len(tokens) - SEQ_LEN, SEQ_LEN)])
     return [seq for turn in itertools.zip_longest(*per_partition) for seq in turn if seq is not None]
 
@@ -101,6 +102,18 @@ def test_one_epoch_is_each_partitions_files_packed_in_turn(corpus, tokenizer, ho
     got = [window(mb.batch, row) for mb in stream for row in range(mb.sequences)]
     expected = reference_stream([text_of(file) for file in corpus], tokenizer, 4, holdout_fraction)
     assert len(expected) > 100 and got == expected
+
+
+def test_a_long_document_is_cut_into_pieces_in_shard_mode_too(tmp_path, tokenizer):
+    files = write_files(tmp_path / "text", FILES)
+    play = (REPO / "data" / "shakespeare" / "hamlet.txt").read_text()[:4 * PIECE_BYTES]
+    with files[5].open("a") as f:
+        f.write(json.dumps({"text": play}) + "\n")
+    assert len(pieces_of(play.encode())) >= 3  # so that cutting it changes where EOS stands
+    cfg = config(files, repeat=False, shuffle=False)
+    stats = [DataStats()]
+    got = global_order(rounds(cfg, tokenizer, 1, stats=stats))
+    assert stats[0].layout.startswith("shard mode") and got == reference_stream([text_of(f) for f in files], tokenizer, 4)
 
 
 def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path, tokenizer):
@@ -202,13 +215,19 @@ def test_a_position_saved_by_p_processes_resumes_on_another_p(corpus, tokenizer,
     assert global_order(resumed) == global_order(saved[stop // saved_by:])
 
 
-def test_a_position_without_a_mode_is_piece_mode_and_refused_in_shard_mode(corpus, tokenizer):
-    saved = {"sequences": 8, "partitions": {"0": {"epoch": 0, "block": 1, "carry": [], "taken": 1}}}
-    start = DataPosition.from_json(saved, "x")
-    assert start.mode == "pieces"  # saved before shard mode existed
-    with pytest.raises(ConfigError, match=r"^resume: the checkpoint's data position was saved in piece mode, but now "
-                                          r"shard mode: data.path '.*' has 8 files, which data.partitions=4 share"):
-        micro_batch_stream(config(corpus), tokenizer, micro_batch_size=N, rank=0, world_size=1, start=start)
+def test_a_position_saved_in_piece_mode_continues_in_piece_mode_on_files_that_allow_shards(corpus, tokenizer,
+                                                                                           tmp_path):
+    # A run saved before shard mode existed (no mode: piece mode), on 8 files that 4 partitions could now share.
+    no_mode = DataPosition.from_json({"sequences": 0, "partitions": {}}, "x")
+    assert no_mode.mode == "pieces"
+    stats = [DataStats()]
+    got = global_order(rounds(config(corpus, repeat=False, shuffle=False), tokenizer, 1, start=no_mode, stats=stats))
+    assert stats[0].layout.startswith("piece mode: the checkpoint resumed was saved in piece mode")
+    one_file = tmp_path / "one" / "all.jsonl"  # the same documents in one file: piece mode by itself
+    one_file.parent.mkdir()
+    one_file.write_text("".join(file.read_text() for file in corpus))
+    assert got == global_order(rounds(config([one_file], repeat=False, shuffle=False), tokenizer, 1))
+    assert got != global_order(rounds(config(corpus, repeat=False, shuffle=False), tokenizer, 1))  # shard mode's
 
 
 # Blocks of about 50 bytes a partition (a document or two): a checkpoint's cursors stand past block 0.

@@ -125,7 +125,10 @@ class Source:
         return self.by_shard.shard(num_shards=self.shards, index=index)
 
     def split_row_groups(self) -> None:
-        """Parquet: a shard per row group instead of per file (other formats stay as they are)."""
+        """Parquet: a shard per row group instead of per file (other formats, and a datasets without reshard(),
+        keep their files: the run then stays in piece mode)."""
+        if self.builder not in ("parquet", None) or not hasattr(self.dataset, "reshard"):  # (None: the Hub's)
+            return
         try:
             self.by_shard = self.dataset.reshard()
         except Exception as err:  # it reads each file's metadata: a damaged file, or a Hub file out of reach

@@ -6,9 +6,9 @@ optimizer step consumes the same consecutive block of sequences whatever P, K an
 P x K x N is. Two producers feed that stream:
 
 - Raw text (pretrain.data.text, tokenized on the fly): the stream is cut into data.partitions canonical
-  partitions, global sequence i being the next of partition i % C; process p reads the whole stream but
-  tokenizes and packs only the partitions c with c % P == p (P must divide C), its DataLoader workers
-  taking its blocks in turn.
+  partitions, global sequence i being the next of partition i % C; process p tokenizes and packs only the
+  partitions c with c % P == p (P must divide C), reading only their files where the files can be dealt to
+  the partitions evenly (shard mode), else reading the whole stream (piece mode).
 - Token shards (scripts/prepare_data.py): sequence i of epoch e is window perm_e[i] of the token
   stream, read straight from memory-mapped files; each worker reads only the micro-batches it serves.
 
@@ -215,7 +215,7 @@ def local_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank
                           f"{len(tokenizer)}; it was not saved with this data.tokenizer")
     cursors = {c: start.text.get(c, TextCursor()) for c in range(rank, cfg.partitions, world_size)}
     blocks = TextBlocks(cfg, tokenizer, partitions=cursors, documents=documents, holdout_fraction=holdout_fraction,
-                        repeat=cfg.repeat, shuffle=cfg.shuffle, field=field)
+                        repeat=cfg.repeat, shuffle=cfg.shuffle, field=field, resumed_mode=start.mode)
     source = "data.mixture" if cfg.mixture else f"{field}: {cfg.path!r}"
     stats.layout = layout(blocks, world_size)
     if start.mode not in (None, blocks.mode):

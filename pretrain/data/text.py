@@ -15,7 +15,7 @@ tokenizes only its partitions' pieces: this is piece mode.
 
 Shard mode, where every source has a number of shards (files; a Hub dataset's data files) that C divides: in
 each epoch the shards are dealt to the partitions (pretrain.data.sources.partition_shards), and a partition's
-documents are those of its shards, whole (not cut into pieces), cut into its own blocks of about
+documents are those of its shards (cut into pieces as in piece mode), grouped into its own blocks of about
 data.block_chars / C bytes, numbered within the partition (so a cursor means the same for every P). A process
 then reads only its partitions' shards, and its workers share its partitions. The two modes give different
 streams; a checkpoint's data position records which one it was saved in.
@@ -108,7 +108,8 @@ class TextBlocks(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, partitions: dict[int, TextCursor],
                  documents: Documents = "all", holdout_fraction: float = 0.0, repeat: bool, shuffle: bool,
-                 field: str = "data.path"):
+                 field: str = "data.path", resumed_mode: Mode | None = None):
+        """`resumed_mode`: the mode of the data position resumed from (a run saved in piece mode stays in it)."""
         super().__init__()
         self.sources = sources_of(cfg)
         self.opened = [Source(s, f"data.mixture[{i}].path" if cfg.mixture else field)
@@ -117,7 +118,10 @@ class TextBlocks(torch.utils.data.IterableDataset):
         self.block_chars, self.seed, self.count = cfg.block_chars, cfg.seed, cfg.partitions
         self.documents, self.holdout_fraction = documents, holdout_fraction
         self.starts, self.repeat, self.shuffle = partitions, repeat, shuffle
-        shards, self.mode_reason = shard_mode(self.opened, self.count)
+        if resumed_mode == "pieces":  # piece mode reads any sources: a run saved in it (or before shards) continues
+            shards, self.mode_reason = False, "the checkpoint resumed was saved in piece mode"
+        else:
+            shards, self.mode_reason = shard_mode(self.opened, self.count)
         self.mode: Mode = "shards" if shards else "pieces"
 
     def __iter__(self) -> Iterator[TokenBlock]:
@@ -165,8 +169,9 @@ class TextBlocks(torch.utils.data.IterableDataset):
         while True:
             blocks = 0
             texts = partition_texts(self.opened, weights, self.seed, epoch, self.count, partition, self.shuffle)
-            for block, (pieces, documents, empty) in enumerate(self._blocks(texts, lambda raw: [(partition, raw)],
-                                                                            size)):
+            # Long documents are cut into pieces, as in piece mode: a block then stays about `size` bytes.
+            cut = lambda raw: [(partition, piece) for piece in pieces_of(raw)]  # noqa: E731
+            for block, (pieces, documents, empty) in enumerate(self._blocks(texts, cut, size)):
                 blocks += 1
                 if block >= first_block:  # (before it: read, not tokenized)
                     yield self._tokenize(epoch, block, pieces, documents, empty, {partition})
