@@ -40,9 +40,10 @@ def test_activation_checkpointing_recomputes_each_block_and_keeps_the_trajectory
         return forward(self, x, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting_forward)
-    plain = run(tmp_path, "plain")
+    full = {"train.loss": "full"}  # (chunked tries itself on the weights first: two more forward passes)
+    plain = run(tmp_path, "plain", **full)
     plain_calls, calls["n"] = calls["n"], 0
-    checkpointed = run(tmp_path, "checkpointed", **{"train.activation_checkpointing": True})
+    checkpointed = run(tmp_path, "checkpointed", **full, **{"train.activation_checkpointing": True})
     assert "activation checkpointing on" in capsys.readouterr().out
     # 3 steps x K=2 micro-batches x 2 blocks; recomputing each block in backward doubles that.
     assert plain_calls == 12 and calls["n"] == 24
