@@ -42,17 +42,18 @@ class StopRequest:
             return
         _STOPPING.value = 1
         if self.signal is not None:
+            # Every repeat within the window is the same request: a scheduler's SIGTERM to the group and to each
+            # process, and a launcher's forwarding of it, may reach a process three times.
             if time.monotonic() - self._since < DUPLICATE_WINDOW_S:
-                _say(f"received {signal.Signals(signum).name} again within {DUPLICATE_WINDOW_S:g} s: the same request "
-                     "(delivered twice); send it again to exit at once")
-                self._since = 0.0  # the next one exits, however soon
+                _say(f"received {signal.Signals(signum).name} again within {DUPLICATE_WINDOW_S:g} s of the first: "
+                     "the same request (delivered more than once); send it again after that to exit at once")
                 return
             _say(f"received {signal.Signals(signum).name} again: exiting now, without finishing the step or a "
                  "checkpoint being written")
             os._exit(128 + signum)
         self.signal, self._since = signal.Signals(signum), time.monotonic()
         _say(f"received {self.signal.name}: finishing this optimizer step, then saving a checkpoint "
-             "(send it again to exit at once)")
+             f"(send it again after {DUPLICATE_WINDOW_S:g} s to exit at once)")
 
     def loop_takes_over(self) -> None:
         """Start-up is over: from now on a signal finishes the current optimizer step and saves it. A signal that
