@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 def make_folders(path: str) -> list[str]:
     """Make `path` and whichever of its parents are missing; returns the folders made, outermost first. If one
-    cannot be made (a name too long, no permission), those made so far are removed and the OSError raised."""
+    cannot be made (a name too long, no permission), those made so far are removed and the OSError raised. One that
+    another process makes meanwhile (every process of a launch checks the output dir) is not counted as made here."""
     missing, head = [], os.path.abspath(path)
     while not os.path.lexists(head):
         missing.append(head)
@@ -17,7 +18,12 @@ def make_folders(path: str) -> list[str]:
     made = []
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
+                continue  # made by another process since we looked: it is that process's to remove
             made.append(folder)
     except BaseException:
         remove_folders(made)

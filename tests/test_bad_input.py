@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import (LAUNCH_TIMEOUT, REPO, clean_env, fresh_accelerate_state, read_metrics, run_in_process,
                       wait_for_handler)
-from pretrain import models
+from pretrain import folders, models
 from pretrain.accumulation import AccumulationPlan
 from pretrain.checkpoint import STATE_FILE, OutputDirLock, TrainerState, settings_of
 from pretrain.cli import main
@@ -908,3 +908,26 @@ def test_a_command_that_fails_removes_the_folders_it_made(command, finished_run,
     assert status == 2 and [line for line in err.splitlines() if line.startswith("error: ")] == [
         err.strip().splitlines()[-1]] and "Traceback" not in err, err
     assert sorted(tmp_path.iterdir()) == before  # no `missing/`, nor anything in it
+
+
+@pytest.mark.parametrize("other_makes", ["a folder", "a file"])
+def test_a_folder_another_process_makes_meanwhile_is_not_an_error(tmp_path, monkeypatch, other_makes):
+    # Every process of a launch checks (and makes) output_dir: two of them may both find it missing and both
+    # mkdir it. CI saw the slower one stop with "cannot write to ... (File exists)".
+    out, real_mkdir = tmp_path / "a" / "b" / "c", os.mkdir
+
+    def raced_mkdir(path, *args, **kwargs):
+        if path == str(tmp_path / "a" / "b"):  # another process gets there first
+            (real_mkdir(path) if other_makes == "a folder" else open(path, "w").close())
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(folders.os, "mkdir", raced_mkdir)
+    if other_makes == "a file":
+        with pytest.raises(FileExistsError):
+            folders.make_folders(str(out))
+        assert sorted(tmp_path.iterdir()) == [tmp_path / "a"] and (tmp_path / "a" / "b").is_file()
+        return
+    made = folders.make_folders(str(out))
+    assert made == [str(tmp_path / "a"), str(out)] and out.is_dir()  # a/b is the other process's, not this one's
+    folders.remove_folders(made)
+    assert (tmp_path / "a" / "b").is_dir() and not out.exists()
