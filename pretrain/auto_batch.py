@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from transformers import PretrainedConfig
 
-from pretrain.checkpoint import read_trainer_state, resume_path
+from pretrain.checkpoint import resumed_train_setting
 from pretrain.config import Config
 from pretrain.distributed import agree, max_over_processes
 from pretrain.engines import enable_activation_checkpointing
@@ -81,11 +81,10 @@ def check_engine(accelerator: Accelerator) -> None:
 
 def micro_batch_of_checkpoint(cfg: Config, num_processes: int) -> tuple[int, str] | None:
     """The N of the checkpoint this run resumes (and the line that says so), or None when it starts afresh."""
-    path = resume_path(cfg)
-    if path is None:
+    resumed = resumed_train_setting(cfg, "micro_batch_size")
+    if resumed is None:
         return None
-    saved = read_trainer_state(path).config or {}
-    n = saved.get("train", {}).get("micro_batch_size")
+    path, n = resumed
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"train.micro_batch_size: auto resumes with the N of {path!r}, which does not record it "
                           "(a checkpoint from before 2026-11); give that N by hand")

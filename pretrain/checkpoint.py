@@ -138,6 +138,13 @@ def resume_path(cfg: Config) -> str | None:
     return cfg.resume
 
 
+def resumed_train_setting(cfg: Config, key: str) -> tuple[str, object] | None:
+    """The checkpoint this run resumes and the train.`key` its config recorded (None where it records none), or None
+    when the run starts afresh."""
+    path = resume_path(cfg)
+    return None if path is None else (path, (read_trainer_state(path).config or {}).get("train", {}).get(key))
+
+
 def load_trainer_state(path: str, cfg: Config) -> TrainerState:
     """The trainer state saved in checkpoint `path`, checked against `cfg` before any model is built."""
     try:

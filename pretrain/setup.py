@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pretrain import auto_batch
 from pretrain.accumulation import AccumulationPlan, plan_accumulation
 from pretrain.checkpoint import (CHECKPOINTS_DIR, OutputDirLock, TrainerState, checkpoint_dirs, load_checkpoint,
-                                 load_trainer_state, newest_loadable, read_trainer_state, resume_path,
+                                 load_trainer_state, newest_loadable, resume_path, resumed_train_setting,
                                  settings_of, use_older)
 from pretrain.config import Config, check_lr_schedule, to_dict, to_yaml
 from pretrain.console import say
@@ -83,8 +83,7 @@ def settle_loss(cfg: Config, accelerator: Accelerator) -> Config:
 
     def chosen() -> str:
         try:
-            path = resume_path(cfg)
-            saved = (read_trainer_state(path).config or {}).get("train", {}).get("loss") if path else None
+            saved = (resumed_train_setting(cfg, "loss") or (None, None))[1]
         except ConfigError:  # a checkpoint that cannot be resumed: said by the resume itself, later
             saved = None
         return saved if saved in ("full", "chunked") else check_model(cfg, accelerator).auto_loss
