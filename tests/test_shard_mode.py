@@ -116,16 +116,21 @@ def test_a_long_document_is_cut_into_pieces_in_shard_mode_too(tmp_path, tokenize
     assert stats[0].layout.startswith("shard mode") and got == reference_stream([text_of(f) for f in files], tokenizer, 4)
 
 
-def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path, tokenizer):
+def write_parquet(folder: Path, texts: list[str]) -> list[list[str]]:
+    """2 Parquet files of 2 row groups each (4 shards for 4 partitions) holding `texts`; returns the row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    texts = [text for file in write_files(tmp_path / "jsonl", 4) for text in text_of(file)]
-    (tmp_path / "parquet").mkdir()
-    groups = []  # 2 files of 2 row groups each: 4 shards for 4 partitions
+    folder.mkdir()
+    groups = []
     for i, half in enumerate((texts[:len(texts) // 2], texts[len(texts) // 2:])):
-        pq.write_table(pa.table({"text": half}), tmp_path / "parquet" / f"{i}.parquet",
-                       row_group_size=len(half) // 2 + 1)
+        pq.write_table(pa.table({"text": half}), folder / f"{i}.parquet", row_group_size=len(half) // 2 + 1)
         groups += [half[:len(half) // 2 + 1], half[len(half) // 2 + 1:]]
+    return groups
+
+
+def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path, tokenizer):
+    texts = [text for file in write_files(tmp_path / "jsonl", 4) for text in text_of(file)]
+    groups = write_parquet(tmp_path / "parquet", texts)
     files = [tmp_path / "parquet" / "0.parquet"]
     stats = [DataStats()]
     got = global_order(rounds(config(files, repeat=False, shuffle=False), tokenizer, 1, stats=stats))
@@ -135,6 +140,22 @@ def test_parquet_files_too_few_for_the_partitions_are_read_by_row_group(tmp_path
     limit = 2 * len(got) // (N * 4) + 5
     assert global_order(rounds(config(files), tokenizer, 4, limit=limit)) == \
         global_order(rounds(config(files), tokenizer, 1, limit=limit * 4))[:limit * 4 * N]
+
+
+def test_parquet_row_groups_without_reshard_stay_in_piece_mode(tmp_path, tokenizer, monkeypatch):
+    # A datasets before IterableDataset.reshard() cannot split a file by row group: 2 files for 4 partitions is
+    # then piece mode, and each process still gets its share of the same sequences.
+    import datasets
+    texts = [text for file in write_files(tmp_path / "jsonl", 4) for text in text_of(file)]
+    write_parquet(tmp_path / "parquet", texts)
+    monkeypatch.delattr(datasets.IterableDataset, "reshard", raising=False)
+    files = [tmp_path / "parquet" / "0.parquet"]
+    stats = [DataStats()]
+    single = global_order(rounds(config(files, repeat=False), tokenizer, 1, stats=stats))
+    assert stats[0].layout.startswith(f"piece mode: data.path '{tmp_path / 'parquet'}' has 2 files, which "
+                                      "data.partitions=4 cannot share evenly"), stats[0].layout
+    assert Counter(global_order(rounds(config(files, repeat=False), tokenizer, 4))) == Counter(single)
+    assert len(single) > 100
 
 
 def test_parquet_files_whose_row_groups_cannot_be_read_are_one_line(tmp_path, tokenizer, monkeypatch):
