@@ -46,7 +46,7 @@ def model_card(cfg: Config, facts: RunFacts) -> ModelCard:
     evals = [row for row in facts.rows if "eval_loss" in row]
     ks = sorted({row.get("gradient_accumulation_steps", 0) for row in facts.rows}) or [0]
     batches = sorted({row.get("global_batch_size", 0) for row in facts.rows}) or [0]
-    k = str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} (train.gradient_accumulation_schedule)"
+    k = str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} ({what_changed_k(cfg)})"
     batch = " to ".join(f"{g:,}" for g in (batches[0], batches[-1])) if len(batches) > 1 else f"{batches[0]:,}"
     bpb = f", {evals[-1]['eval_bpb']:.4f} bits per byte" if evals and "eval_bpb" in evals[-1] else ""
     eval_line = (f"- Final eval loss: {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_perplexity']:.2f}"
@@ -159,6 +159,15 @@ def hardware(accelerator: Accelerator) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"a CPU ({platform.machine()})" if device.type == "cpu" else f"a {device.type} device"
     return f"1 process on {name}" if count == 1 else f"{count} processes, each on {name}"
+
+
+def what_changed_k(cfg: Config) -> str:
+    """Why K took several values over the run: the setting that schedules it, else a changed process count."""
+    train = cfg.train
+    return ("train.batch_warmup" if train.batch_warmup else
+            "train.gradient_accumulation_epoch_schedule" if train.gradient_accumulation_epoch_schedule else
+            "train.gradient_accumulation_schedule" if train.gradient_accumulation_schedule else
+            "K = G / (N x P), resumed on another number of processes P")
 
 
 def data_license(cfg: Config) -> str:

@@ -265,3 +265,16 @@ def test_the_cards_global_batch_counts_every_process():
                    **{"train.global_batch_size": 8, "train.gradient_accumulation_steps": None,
                       "train.micro_batch_size": 2, "data.seq_len": 32})
     assert card_global_batch(text) == (8, 2, 2, 2)
+
+
+@pytest.mark.parametrize("setting, label", [
+    ({"train.batch_warmup": {1: 8}}, "train.batch_warmup"),
+    ({"train.gradient_accumulation_schedule": {2: 4}}, "train.gradient_accumulation_schedule"),
+    ({"train.gradient_accumulation_epoch_schedule": {1: 4}}, "train.gradient_accumulation_epoch_schedule"),
+    ({}, "K = G / (N x P), resumed on another number of processes P")])
+def test_a_k_that_changed_is_labelled_with_what_changed_it(setting, label):
+    rows = [{"step": s, "loss": 5.0, "tokens": 256 * s, "gradient_accumulation_steps": k, "global_batch_size": 8}
+            for s, k in ((1, 2), (2, 4))]
+    text = card_of({"rows": rows}, **{"train.global_batch_size": 8, "train.gradient_accumulation_steps": None,
+                                      "train.micro_batch_size": 2, **setting})
+    assert f"K=2 to 4 ({label}) micro-batches" in text.replace("\n  ", " "), text
