@@ -157,6 +157,7 @@ def run_branch(cfg: Config, branch: Branch, main_process: bool, first: bool, las
         with contextlib.redirect_stdout(log), StopRequest() as stop_request:
             with setup(cfg, "", stop_request) as run:
                 run.ends_training = last
+                run.progress.leave = False  # the run's own bar, shown by setup: cleared, not left as a line
                 run.progress.close()
                 start = run.state.step + 1
                 run.progress = tqdm(range(start, start + branch.steps), desc=f"batch {branch.batch}", unit="step",
