@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import QUIET, TINY_LLAMA, assert_same_trajectory, read_metrics, run_in_process
+from conftest import TINY_LLAMA, assert_same_trajectory, read_metrics, run_in_process
 from pretrain import auto_batch
 from pretrain import loss as loss_module
 from pretrain.accumulation import IGNORE_INDEX

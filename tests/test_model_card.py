@@ -151,7 +151,7 @@ def test_a_full_disk_while_writing_the_card_leaves_no_half_file_and_a_rerun_writ
     assert rerun.returncode == 0 and "warning:" not in rerun.stderr, rerun.stderr[-3000:]
     assert (f"nothing left to do: {out}/checkpoints/step_4 is at step 4 and train.max_steps is 4; writing the "
             f"missing final/{name}") in rerun.stdout
-    assert f"final: wrote " in rerun.stdout and f"into {final}" in rerun.stdout
+    assert "final: wrote " in rerun.stdout and f"into {final}" in rerun.stdout
     assert (final / "curves.png").read_bytes() == (out / "curves.png").read_bytes()
     card = ModelCard.load(final / "README.md")
     assert "![Training curves](curves.png)" in card.text and "Final training loss" in card.text
