@@ -35,7 +35,7 @@ from pretrain.folders import remove_folders
 from pretrain.models import plain_name
 from pretrain.noise_scale import NoiseScale
 from pretrain.optim import lr_at
-from pretrain.paths import kind_of
+from pretrain.paths import kind_of, special_kind
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -388,6 +388,9 @@ class OutputDirLock:
         self.path, self.made_folders = os.path.join(output_dir, LOCK_FILE), list(made_folders)  # this run made them
         self.made_file = not os.path.lexists(self.path)
         self.written_over = None  # the line of the run that held it last, put back if this one never starts
+        if kind := special_kind(self.path):  # reading a FIFO opened as below would wait forever
+            raise ConfigError(f"output_dir: {self.path!r} is {kind}, not the run's lock file; it must be a plain "
+                              "file: move what is there, or choose another output_dir")
         try:  # never through a link: the pid line would be written into whatever it points at
             self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
         except OSError as err:

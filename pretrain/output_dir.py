@@ -15,7 +15,7 @@ from pretrain.checkpoint import CHECKPOINTS_DIR
 from pretrain.config import Config, to_yaml
 from pretrain.errors import ConfigError
 from pretrain.folders import make_folders, remove_folders
-from pretrain.paths import kind_of
+from pretrain.paths import kind_of, special_kind
 from pretrain.data.sources import may_read_below
 from pretrain.tracking import METRICS_FILE
 
@@ -24,6 +24,9 @@ FINAL_TMP = ".final.tmp"  # final/ is written here first: a kill mid-save leaves
 CONFIG_FILE = "config.yaml"
 CURVES_FILE = "curves.png"  # drawn from metrics.jsonl at the end of a run (tracking.curves)
 MODEL_CARD = "README.md"  # in final/
+# The files a run reads, appends to or writes whole in output_dir.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, os.path.join(FINAL_DIR, MODEL_CARD),
+             os.path.join(FINAL_DIR, CURVES_FILE))
 
 
 def check_output_dir(cfg: Config, resuming: bool) -> list[str]:
@@ -34,6 +37,10 @@ def check_output_dir(cfg: Config, resuming: bool) -> list[str]:
     if kind not in (None, "a directory"):
         raise ConfigError(f"output_dir: {cfg.output_dir!r} is {kind}, not a directory; give a directory (missing "
                           "ones are made)")
+    for name in RUN_FILES:  # opening a FIFO there would wait forever, reading /dev/zero never end
+        if special := special_kind(os.path.join(cfg.output_dir, name)):
+            raise ConfigError(f"output_dir: {os.path.join(cfg.output_dir, name)!r} is {special}, where a run keeps "
+                              f"its {name}; move what is there, or choose another output_dir")
     previous = [name for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)  # an empty metrics file holds no run
                 if os.path.exists(os.path.join(cfg.output_dir, name))
                 and (name != METRICS_FILE or os.path.getsize(os.path.join(cfg.output_dir, name)) > 0)]

@@ -931,3 +931,35 @@ def test_a_folder_another_process_makes_meanwhile_is_not_an_error(tmp_path, monk
     assert made == [str(tmp_path / "a"), str(out)] and out.is_dir()  # a/b is the other process's, not this one's
     folders.remove_folders(made)
     assert (tmp_path / "a" / "b").is_dir() and not out.exists()
+
+
+class Blocked(Exception):
+    """The run waited on a file in its output_dir past the test's alarm."""
+
+
+# What a run opens in an existing output_dir before or while it trains: a FIFO there would make it wait for a
+# writer forever, a link to /dev/zero read without end. Each is one line naming it, and left where it is.
+@pytest.mark.parametrize("name, special", [
+    ("config.yaml", "fifo"), ("metrics.jsonl", "/dev/zero"), (".lock", "fifo"),
+    *(pytest.param(name, special, marks=pytest.mark.slow) for name, special in [
+        ("metrics.jsonl", "fifo"), ("curves.png", "fifo"), ("final/README.md", "fifo"), ("final/curves.png", "fifo"),
+        ("config.yaml", "/dev/zero")])])
+def test_a_fifo_or_device_where_a_run_keeps_a_file_is_one_line_and_never_waits(name, special, tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    os.mkfifo(out / name) if special == "fifo" else (out / name).symlink_to(special)
+    kind = "a FIFO (named pipe)" if special == "fifo" else "a character device"
+
+    def blocked(signum, frame):
+        raise Blocked(name)
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(120)
+    try:
+        result = run_in_process(["--config=configs/embedding_linear.yaml", f"--output_dir={out}",
+                                 "--train.max_steps=1", "--tracking.backends=[]"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert one_error_line(result).startswith(f"error: output_dir: '{out / name}' is {kind}")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted({"final", name})
