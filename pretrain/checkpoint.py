@@ -183,8 +183,21 @@ def same_past_lrs(state: TrainerState, cfg: Config) -> bool:
     return all(lr_at(update, before) == lr_at(update, cfg.train) for update in range(state.updates))
 
 
+def special_file_in(path: str) -> tuple[str, str] | None:
+    """The first file under checkpoint `path` that is a FIFO, a device or a socket, and what it is: loading it would
+    wait for a writer forever, or never end."""
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            if kind := special_kind(os.path.join(root, name)):
+                return os.path.join(root, name), kind
+    return None
+
+
 def read_trainer_state(path: str) -> TrainerState:
-    """trainer_state.json of checkpoint `path`, every key and type checked like a config."""
+    """trainer_state.json of checkpoint `path`, every key and type checked like a config (and no file of the
+    checkpoint a FIFO or a device: every reader of a checkpoint starts here)."""
+    if special := special_file_in(path):
+        raise ConfigError(f"resume: {special[0]!r} is {special[1]}, not a file a checkpoint holds")
     file = os.path.join(path, STATE_FILE)
     try:
         with open(file, encoding="utf-8") as f:
@@ -388,7 +401,7 @@ class OutputDirLock:
         self.path, self.made_folders = os.path.join(output_dir, LOCK_FILE), list(made_folders)  # this run made them
         self.made_file = not os.path.lexists(self.path)
         self.written_over = None  # the line of the run that held it last, put back if this one never starts
-        if kind := special_kind(self.path):  # reading a FIFO opened as below would wait forever
+        if kind := special_kind(self.path):  # opening one as below fails with no reason to give, or waits
             raise ConfigError(f"output_dir: {self.path!r} is {kind}, not the run's lock file; it must be a plain "
                               "file: move what is there, or choose another output_dir")
         try:  # never through a link: the pid line would be written into whatever it points at
