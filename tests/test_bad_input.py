@@ -739,12 +739,19 @@ def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(ru
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_half_row(tmp_path):
+def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_half_row(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):  # every write to metrics.jsonl fails with ENOSPC, as on a full disk
+        # (opened through open(), not a link to /dev/full in output_dir: a device there is refused at start)
+        return real_open("/dev/full" if str(file) == f"{out}/metrics.jsonl" and "r" not in mode else file,
+                         mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", full_disk)
     line = one_error_line(run_in_process([*TINY_RUN, f"--output_dir={out}", "--resume=none", "--overwrite=true"]),
                           status=1)
+    monkeypatch.undo()
     assert line.startswith(f"error: metrics: cannot write step 1 to {out}/metrics.jsonl (No space left on device)")
 
 
